@@ -1,0 +1,149 @@
+"""The one definition of every run setting; flags, tests and saved runs all build these."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Literal
+
+Objective = Literal["grpo", "echo", "verifier_free"]
+OBJECTIVES: tuple[str, ...] = ("grpo", "echo", "verifier_free")
+WORLD_LOSS_TARGETS: tuple[str, ...] = ("env_only", "all")
+WORLD_LOSS_NORMALIZATIONS: tuple[str, ...] = ("full_observation_tokens", "token_mean")
+PG_LOSS_REDUCTIONS: tuple[str, ...] = ("sequence_mean", "token_mean")
+OVERFLOW_MODES: tuple[str, ...] = ("window", "truncate")
+DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+
+DEFAULT_DATA = ("data/awm_e_commerce_33_task0.json",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 128  # Residual stream width.
+    n_layers: int = 2  # Decoder blocks.
+    n_heads: int = 2  # Attention heads; d_model must divide evenly. CPU cost grows with heads·T².
+    d_ff: int = 512  # Hidden width of each block's MLP.
+    dtype: str = "float32"  # Compute dtype of activations ("bfloat16" on accelerators).
+    tie_embeddings: bool = True  # Share the input embedding with the output projection.
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    # Trains on 2 CPU cores in a minute or two; the default.
+    "tiny": ModelConfig(),
+    # Four times the tiny model's parameters (twice the width).
+    "small": ModelConfig(d_model=256, n_layers=2, n_heads=2, d_ff=1024),
+    # About 100M parameters with a 32k vocabulary; meant for an accelerator in bfloat16.
+    "gpu100m": ModelConfig(d_model=768, n_layers=12, n_heads=12, d_ff=3072, dtype="bfloat16"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    objective: str = "echo"  # "grpo" (action term), "echo" (both), "verifier_free" (env CE alone).
+    lam: float = 0.05  # λ: weight of the env cross-entropy under objective="echo".
+    world_loss_target: str = "env_only"  # "env_only" (ENV_OUTPUT) or "all" (+ WARNING).
+    world_loss_normalization: str = "full_observation_tokens"  # Or "token_mean".
+    pg_loss_reduction: str = "sequence_mean"  # Or "token_mean".
+    clip_eps: float = 0.2  # PPO clip range, used when old log-probs are given.
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    paths: tuple[str, ...] = DEFAULT_DATA  # Episode files or globs (.json, .jsonl, .jsonl.gz).
+    max_len: int = 1024  # T: tokens per row.
+    overflow: str = "window"  # Longer episodes: "window" (restart with CONTEXT) or "truncate".
+    vocab_size: int = 8192  # Cap on the compact vocabulary, PAD and the 256 byte tokens included.
+    vocab_min_count: int = 1  # A cl100k token needs this many training occurrences to get a row.
+    canonical_json: bool = False  # Re-serialise tool results as sorted, compact JSON.
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 100  # Optimiser steps.
+    batch_size: int = 4  # Rows per step (B).
+    learning_rate: float = 3e-3  # Peak AdamW learning rate.
+    warmup_steps: int = 10  # Linear warm-up, then cosine decay to 10% of the peak.
+    weight_decay: float = 0.01  # AdamW decoupled weight decay.
+    grad_clip: float = 1.0  # Global gradient-norm clip.
+    seed: int = 0  # Parameter init and data order.
+    log_every: int = 10  # Steps between metrics lines (means over the interval).
+    checkpoint_every: int = 50  # Steps between checkpoints; the last step is always saved.
+    keep_checkpoints: int = 2  # Checkpoints kept on disk.
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        data = dict(d["data"])
+        data["paths"] = tuple(data["paths"])
+        return cls(
+            model=ModelConfig(**d["model"]),
+            loss=LossConfig(**d["loss"]),
+            data=DataConfig(**data),
+            train=TrainConfig(**d["train"]),
+        )
+
+
+class ConfigError(ValueError):
+    """A setting, or a combination of settings, that cannot make a meaningful run."""
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+def validate(cfg: Config) -> Config:
+    """Rejects bad values before any work starts; returns cfg for chaining."""
+    loss, data, train, model = cfg.loss, cfg.data, cfg.train, cfg.model
+    _choice("objective", loss.objective, OBJECTIVES)
+    _choice("world_loss_target", loss.world_loss_target, WORLD_LOSS_TARGETS)
+    _choice("world_loss_normalization", loss.world_loss_normalization, WORLD_LOSS_NORMALIZATIONS)
+    _choice("pg_loss_reduction", loss.pg_loss_reduction, PG_LOSS_REDUCTIONS)
+    _choice("overflow", data.overflow, OVERFLOW_MODES)
+    _choice("dtype", model.dtype, DTYPES)
+    checks = [
+        (loss.lam >= 0, f"lam must be >= 0, got {loss.lam}"),
+        (0 < loss.clip_eps < 1, f"clip_eps must be in (0, 1), got {loss.clip_eps}"),
+        (len(data.paths) > 0, "no data paths given"),
+        (data.max_len >= 8, f"max_len must be >= 8, got {data.max_len}"),
+        (
+            data.vocab_size >= 258,
+            f"vocab_size must be >= 258 (PAD + 256 bytes + 1), got {data.vocab_size}",
+        ),
+        (data.vocab_min_count >= 1, "vocab_min_count must be >= 1"),
+        (train.steps >= 1, f"steps must be >= 1, got {train.steps}"),
+        (train.batch_size >= 1, f"batch_size must be >= 1, got {train.batch_size}"),
+        (train.learning_rate > 0, f"learning_rate must be > 0, got {train.learning_rate}"),
+        (train.warmup_steps >= 0, "warmup_steps must be >= 0"),
+        (train.log_every >= 1, "log_every must be >= 1"),
+        (train.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+        (
+            train.checkpoint_every % train.log_every == 0,
+            "checkpoint_every must be a multiple of log_every (a resumed run then starts on a "
+            "logging interval's boundary and logs exactly what an uninterrupted one would)",
+        ),
+        (train.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+        (
+            model.d_model % model.n_heads == 0,
+            f"d_model={model.d_model} is not divisible by n_heads={model.n_heads}",
+        ),
+        (
+            (model.d_model // model.n_heads) % 2 == 0,
+            "head dimension d_model/n_heads must be even (rotary embeddings)",
+        ),
+        (model.n_layers >= 1 and model.d_ff >= 1, "n_layers and d_ff must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return cfg

@@ -1,0 +1,17 @@
+"""From episode files to training arrays: load, render, tokenise, build the vocabulary, pack."""
+
+from __future__ import annotations
+
+from echo_jax.config import DataConfig
+from echo_jax.episodes import load_episodes
+from echo_jax.packing import PackedData, pack, tokenize_episodes
+from echo_jax.vocab import Vocab, build_vocab
+
+
+def load_packed(cfg: DataConfig, vocab: Vocab | None = None) -> tuple[PackedData, Vocab]:
+    """Packs cfg.paths; builds the vocabulary from them unless one is given (a resumed run's)."""
+    episodes = load_episodes(cfg.paths)
+    tokenized = tokenize_episodes(episodes, cfg.canonical_json)
+    if vocab is None:
+        vocab = build_vocab([t.ids for t in tokenized], cfg.vocab_size, cfg.vocab_min_count)
+    return pack(episodes, tokenized, vocab, cfg.max_len, cfg.overflow), vocab

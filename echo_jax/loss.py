@@ -1,0 +1,163 @@
+"""ECHO's objective: a policy-gradient term on ACTION targets plus λ · CE on ENV_OUTPUT targets.
+
+Position t predicts token t+1, so every mask below is taken from the *target* token's role.
+Each term is normalised over its own tokens, and empty masks give 0, never NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from echo_jax import roles
+from echo_jax.config import (
+    OBJECTIVES,
+    PG_LOSS_REDUCTIONS,
+    WORLD_LOSS_NORMALIZATIONS,
+    WORLD_LOSS_TARGETS,
+)
+
+# Added to each row's observation-token count in the paper's normalisation.
+FULL_OBS_EPS = 1e-3
+
+
+def label_logprobs(logits_BTV: Array, tokens_BT: Array) -> Array:
+    """log p(tokens[:, t+1] | ...) from logsumexp and the label logit; no [B, T, V] log-softmax."""
+    logits_BSV = logits_BTV[:, :-1].astype(jnp.float32)
+    labels_BS = tokens_BT[:, 1:]
+    label_logit_BS = jnp.take_along_axis(logits_BSV, labels_BS[..., None], axis=-1)[..., 0]
+    return label_logit_BS - jax.nn.logsumexp(logits_BSV, axis=-1)
+
+
+def _check_options(objective: str, world_loss_target: str, normalization: str, reduction: str):
+    for name, value, allowed in (
+        ("objective", objective, OBJECTIVES),
+        ("world_loss_target", world_loss_target, WORLD_LOSS_TARGETS),
+        ("world_loss_normalization", normalization, WORLD_LOSS_NORMALIZATIONS),
+        ("pg_loss_reduction", reduction, PG_LOSS_REDUCTIONS),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r} is not one of {allowed}")
+
+
+def _safe_div(num: Array, den: Array) -> Array:
+    return num / jnp.maximum(den, 1.0)
+
+
+def echo_loss_from_logprobs(
+    logp_BS: Array,
+    target_roles_BS: Array,
+    advantages_B: Array,
+    *,
+    objective: str = "echo",
+    lam: float = 0.05,
+    world_loss_target: str = "env_only",
+    world_loss_normalization: str = "full_observation_tokens",
+    pg_loss_reduction: str = "sequence_mean",
+    old_logp_BS: Array | None = None,
+    clip_eps: float = 0.2,
+    env_weight_B: Array | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """The objective given per-target log-probs; shared by the plain and the fused-vocab paths.
+
+    S = T - 1 targets per row; `target_roles_BS` are the roles of tokens[:, 1:].
+    """
+    _check_options(objective, world_loss_target, world_loss_normalization, pg_loss_reduction)
+    f32 = jnp.float32
+    logp_BS = logp_BS.astype(f32)
+    action_BS = (target_roles_BS == roles.ACTION).astype(f32)
+    env_BS = (target_roles_BS == roles.ENV_OUTPUT).astype(f32)
+    warning_BS = (target_roles_BS == roles.WARNING).astype(f32)
+    observation_BS = env_BS + warning_BS
+    selected_BS = observation_BS if world_loss_target == "all" else env_BS
+    if env_weight_B is not None:
+        selected_BS = selected_BS * env_weight_B.astype(f32)[:, None]
+
+    # Action (policy-gradient) term.
+    adv_B1 = advantages_B.astype(f32)[:, None]
+    if old_logp_BS is None:
+        pg_BS = -adv_B1 * logp_BS
+        clipped_BS = jnp.zeros_like(logp_BS)
+    else:
+        ratio_BS = jnp.exp(logp_BS - old_logp_BS.astype(f32))
+        clipped_ratio_BS = jnp.clip(ratio_BS, 1.0 - clip_eps, 1.0 + clip_eps)
+        pg_BS = -jnp.minimum(ratio_BS * adv_B1, clipped_ratio_BS * adv_B1)
+        clipped_BS = (jnp.abs(ratio_BS - 1.0) > clip_eps).astype(f32)
+    n_action_B = action_BS.sum(axis=1)
+    n_action = n_action_B.sum()
+    if pg_loss_reduction == "sequence_mean":
+        row_mean_B = _safe_div((pg_BS * action_BS).sum(axis=1), n_action_B)
+        has_action_B = (n_action_B > 0).astype(f32)
+        pg_loss = _safe_div((row_mean_B * has_action_B).sum(), has_action_B.sum())
+    else:
+        pg_loss = _safe_div((pg_BS * action_BS).sum(), n_action)
+
+    # Env (world-model) term.
+    ce_BS = -logp_BS
+    selected_ce_B = (ce_BS * selected_BS).sum(axis=1)
+    n_selected = selected_BS.sum()
+    if world_loss_normalization == "full_observation_tokens":
+        n_obs_B = observation_BS.sum(axis=1)
+        has_obs_B = (n_obs_B > 0).astype(f32)
+        if env_weight_B is not None:
+            has_obs_B = has_obs_B * (env_weight_B > 0).astype(f32)
+        env_loss = _safe_div(
+            (selected_ce_B / (n_obs_B + FULL_OBS_EPS) * has_obs_B).sum(), has_obs_B.sum()
+        )
+    else:
+        env_loss = _safe_div(selected_ce_B.sum(), n_selected)
+
+    if objective == "grpo":
+        loss = pg_loss
+    elif objective == "echo":
+        loss = pg_loss + lam * env_loss
+    else:
+        loss = env_loss
+
+    metrics = {
+        "loss": loss,
+        "pg_loss": pg_loss,
+        "env_loss": env_loss,
+        "env_ce": _safe_div(selected_ce_B.sum(), n_selected),
+        "action_ce": _safe_div((ce_BS * action_BS).sum(), n_action),
+        "clip_frac": _safe_div((clipped_BS * action_BS).sum(), n_action),
+        "n_action": n_action,
+        "n_env": n_selected,
+    }
+    return loss, metrics
+
+
+def echo_loss(
+    logits_BTV: Array,
+    tokens_BT: Array,
+    roles_BT: Array,
+    advantages_B: Array,
+    *,
+    objective: str = "echo",
+    lam: float = 0.05,
+    world_loss_target: str = "env_only",
+    world_loss_normalization: str = "full_observation_tokens",
+    pg_loss_reduction: str = "sequence_mean",
+    old_logp_BT: Array | None = None,
+    clip_eps: float = 0.2,
+    env_weight_B: Array | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """L = L_pg(ACTION targets) + λ · CE(ENV_OUTPUT targets), as a pure function of arrays.
+
+    `old_logp_BT` has shape [B, T-1], aligned with tokens_BT[:, 1:]; given, the action term is
+    the PPO-clip surrogate, otherwise REINFORCE-style -A·log p. Returns (loss, metrics).
+    """
+    return echo_loss_from_logprobs(
+        label_logprobs(logits_BTV, tokens_BT),
+        roles_BT[:, 1:],
+        advantages_B,
+        objective=objective,
+        lam=lam,
+        world_loss_target=world_loss_target,
+        world_loss_normalization=world_loss_normalization,
+        pg_loss_reduction=pg_loss_reduction,
+        old_logp_BS=old_logp_BT,
+        clip_eps=clip_eps,
+        env_weight_B=env_weight_B,
+    )

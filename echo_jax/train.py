@@ -1,0 +1,244 @@
+"""Training: a pure, jitted `(state, batch) -> (state, metrics)` step and the loop around it."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from echo_jax import roles
+from echo_jax.config import Config, LossConfig, TrainConfig, validate
+from echo_jax.dataset import load_packed
+from echo_jax.loss import echo_loss
+from echo_jax.model import Transformer
+from echo_jax.packing import PackedData
+from echo_jax.run_dir import RunDir
+from echo_jax.vocab import Vocab
+
+Batch = dict[str, jax.Array]
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 scalar: optimiser updates applied
+    params: Any  # pure-dict pytree of the model's parameters
+    opt_state: Any
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient; the state and checkpoints stay at the last good step."""
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=max(cfg.steps, warmup + 1),
+        end_value=0.1 * cfg.learning_rate,
+    )
+    decay_mask = functools.partial(jax.tree.map, lambda p: p.ndim >= 2)
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decay_mask),
+    )
+
+
+def init_model(cfg: Config, vocab_size: int, seed: int) -> tuple[nnx.GraphDef, Any]:
+    """The model's static graph and its parameters as a pure dict (what optax and orbax see)."""
+    model = Transformer(cfg.model, vocab_size, rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def loss_kwargs(cfg: LossConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cfg: LossConfig):
+    """Jitted once; the incoming state's buffers are donated to the outgoing one.
+
+    A non-finite loss or gradient leaves the state unchanged and sets metrics["nonfinite"], so a
+    divergence never poisons the parameters that the loop may checkpoint.
+    """
+    kwargs = loss_kwargs(loss_cfg)
+
+    def loss_fn(params, batch: Batch):
+        logits_BTV = nnx.merge(graphdef, params)(batch["tokens"])
+        return echo_loss(logits_BTV, batch["tokens"], batch["roles"], batch["advantage"], **kwargs)
+
+    def step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = TrainState(state.step + 1, params, opt_state)
+        state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
+        counts = jnp.bincount(batch["roles"][:, 1:].ravel(), length=roles.NUM_ROLES)
+        metrics = dict(metrics, grad_norm=grad_norm, nonfinite=~ok)
+        metrics.update({f"targets_{n}": counts[i] for i, n in enumerate(roles.NAMES)})
+        return state, metrics
+
+    return jax.jit(step_fn, donate_argnums=0)
+
+
+def batch_indices(step: int, num_rows: int, batch_size: int, seed: int) -> np.ndarray:
+    """Row indices of a step's batch: a fresh permutation per epoch, a pure function of step.
+
+    Being a function of (step, seed) alone is what makes a resumed run see the same batches as
+    an uninterrupted one.
+    """
+    positions = step * batch_size + np.arange(batch_size)
+    epochs, offsets = np.divmod(positions, num_rows)
+    out = np.empty(batch_size, np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(num_rows)
+        sel = epochs == epoch
+        out[sel] = perm[offsets[sel]]
+    return out
+
+
+def make_batch(data: PackedData, index: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "tokens": data.tokens[index],
+        "roles": data.roles[index].astype(np.int32),
+        "advantage": data.advantage[index],
+    }
+
+
+class MetricsLog:
+    """Per-step host metrics averaged over each logging interval, then reset."""
+
+    def __init__(self, run: RunDir, tokens_per_step: int):
+        self.run = run
+        self.tokens_per_step = tokens_per_step
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.count += 1
+
+    def flush(self, step: int) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        line = {"step": step, **{k: v / self.count for k, v in self.sums.items()}}
+        line["steps_per_s"] = self.count / elapsed
+        line["tokens_per_s"] = self.count * self.tokens_per_step / elapsed
+        self.run.append_metrics(line)
+        self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
+        return line
+
+
+def _check_finite(step: int, metrics: dict[str, float], run: RunDir) -> None:
+    if metrics["nonfinite"] or not math.isfinite(metrics["loss"]):
+        last = run.latest_checkpoint_step()
+        raise TrainingDiverged(
+            f"non-finite {'loss' if not math.isfinite(metrics['loss']) else 'gradient'} at step "
+            f"{step} (loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); stopped without "
+            f"applying it. Last good checkpoint: "
+            f"{'none' if last is None else f'step {last}'} in {run.checkpoint_dir}"
+        )
+
+
+def _progress(line: dict[str, float], total: int) -> str:
+    return (
+        f"step {line['step']:>5}/{total}  loss {line['loss']:.4f}  pg {line['pg_loss']:+.4f}  "
+        f"env_ce {line['env_ce']:.3f}  action_ce {line['action_ce']:.3f}  "
+        f"{line['steps_per_s']:.1f} steps/s  {line['tokens_per_s']:.0f} tok/s"
+    )
+
+
+def train(cfg: Config, data: PackedData, vocab_size: int, run: RunDir, log=print) -> dict[str, Any]:
+    """Trains to cfg.train.steps, resuming from the run's latest checkpoint if there is one."""
+    validate(cfg)
+    tcfg = cfg.train
+    tx = make_optimizer(tcfg)
+    graphdef, params = init_model(cfg, vocab_size, tcfg.seed)
+    state = init_state(params, tx)
+    start = run.latest_checkpoint_step() or 0
+    if start:
+        state, meta = run.restore(state, start)
+        log(f"resumed from step {start} (data position {meta['data_position']})")
+    run.truncate_metrics(after_step=start)
+    train_step = make_train_step(graphdef, tx, cfg.loss)
+    b, t = tcfg.batch_size, data.tokens.shape[1]
+    metrics_log = MetricsLog(run, tokens_per_step=b * t)
+    t_start = time.perf_counter()
+    last_line: dict[str, float] = {}
+
+    def finish(step: int, metrics) -> None:
+        nonlocal last_line
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(step, host, run)
+        metrics_log.add(host)
+        if step % tcfg.log_every == 0 or step == tcfg.steps:
+            last_line = metrics_log.flush(step)
+            log(_progress(last_line, tcfg.steps))
+
+    pending = None
+    for step in range(start, tcfg.steps):
+        batch = make_batch(data, batch_indices(step, data.num_rows, b, tcfg.seed))
+        state, metrics = train_step(state, batch)  # Dispatched before the last step is read.
+        if pending is not None:
+            finish(*pending)
+        pending = (step + 1, metrics)
+        if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.steps:
+            finish(*pending)
+            pending = None
+            run.save(state, step + 1, {"data_position": (step + 1) * b, "seed": tcfg.seed})
+    if pending is not None:
+        finish(*pending)
+    wall = time.perf_counter() - t_start
+    summary = {
+        "steps": tcfg.steps,
+        "resumed_from": start,
+        "wall_s": wall,
+        "final": last_line,
+        "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+        "data": data.stats.as_dict(),
+    }
+    run.write_json("summary.json", summary)
+    if last_line:
+        log(
+            f"done: {tcfg.steps - start} steps in {wall:.1f}s; final loss {last_line['loss']:.4f}, "
+            f"env_ce {last_line['env_ce']:.3f} nats/token; workdir {run.path}"
+        )
+    else:
+        log(f"done: the run in {run.path} had already reached step {tcfg.steps}")
+    return summary
+
+
+def run_experiment(cfg: Config, workdir: str, resume: bool = False, log=print) -> dict[str, Any]:
+    """The whole job behind `experiments.train`: claim the workdir, pack the data, train."""
+    validate(cfg)
+    run = RunDir.open(workdir, cfg, resume)
+    vocab_path = run.file(RunDir.VOCAB)
+    saved_vocab = Vocab.load(vocab_path) if os.path.exists(vocab_path) else None
+    data, vocab = load_packed(cfg.data, saved_vocab)
+    run.claim()
+    if saved_vocab is None:
+        vocab.save(vocab_path)
+    stats = data.stats.as_dict()
+    log(
+        f"data: {stats['episodes']} episodes -> {stats['rows']} rows of {cfg.data.max_len} tokens; "
+        f"vocab {vocab.size}; kept/dropped per role: "
+        + ", ".join(f"{n} {stats[f'kept_{n}']}/{stats[f'dropped_{n}']}" for n in roles.NAMES[1:])
+        + f"; straddles {stats['straddles']}"
+    )
+    return train(cfg, data, vocab.size, run, log)

@@ -1,0 +1,223 @@
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from echo_jax import roles
+from echo_jax.config import Config, DataConfig, LossConfig, ModelConfig, TrainConfig
+from echo_jax.dataset import load_packed
+from echo_jax.loss import echo_loss
+from echo_jax.run_dir import RunDir, RunDirError
+from echo_jax.train import (
+    batch_indices,
+    init_model,
+    init_state,
+    make_batch,
+    make_optimizer,
+    make_train_step,
+    run_experiment,
+)
+from echo_jax.vocab import Vocab
+from tests.test_data import small_episode, write_jsonl
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden_one_step.json")
+TINY_MODEL = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32)
+
+
+@pytest.fixture(scope="module")
+def episodes_path(tmp_path_factory):
+    records = [small_episode(task_idx=i % 3, reward=float(i % 2)) for i in range(6)]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "eps.jsonl", records)
+
+
+def tiny_config(paths, **train) -> Config:
+    return Config(
+        model=TINY_MODEL,
+        loss=LossConfig(objective="echo", lam=0.1),
+        data=DataConfig(paths=(paths,), max_len=128),
+        train=TrainConfig(
+            **{"steps": 6, "batch_size": 3, "log_every": 1, "checkpoint_every": 3, **train}
+        ),
+    )
+
+
+def one_step(cfg: Config):
+    data, vocab = load_packed(cfg.data)
+    tx = make_optimizer(cfg.train)
+    graphdef, params = init_model(cfg, vocab.size, cfg.train.seed)
+    state = init_state(params, tx)
+    batch = make_batch(data, batch_indices(0, data.num_rows, cfg.train.batch_size, 0))
+    return graphdef, tx, state, batch
+
+
+def test_golden_one_step(episodes_path):
+    """Loss and parameter norm after one step, against numbers recorded when the step was
+    written. A change here means training changed: re-record only on purpose."""
+    cfg = tiny_config(episodes_path)
+    graphdef, tx, state, batch = one_step(cfg)
+    step = make_train_step(graphdef, tx, cfg.loss)
+    state, metrics = step(state, batch)
+    got = {
+        "loss": float(metrics["loss"]),
+        "env_ce": float(metrics["env_ce"]),
+        "pg_loss": float(metrics["pg_loss"]),
+        "param_norm": float(optax.tree.norm(state.params)),
+    }
+    if os.environ.get("ECHO_REGENERATE_GOLDEN"):
+        with open(GOLDEN, "w") as f:
+            json.dump(got, f, indent=2)
+    with open(GOLDEN) as f:
+        want = json.load(f)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=2e-4, err_msg=key)
+
+
+def test_train_step_equals_a_plain_optax_update(episodes_path):
+    cfg = tiny_config(episodes_path)
+    graphdef, tx, state, batch = one_step(cfg)
+
+    def loss_fn(params):
+        logits = nnx.merge(graphdef, params)(batch["tokens"])
+        return echo_loss(
+            logits,
+            batch["tokens"],
+            batch["roles"],
+            batch["advantage"],
+            **dataclasses.asdict(cfg.loss),
+        )[0]
+
+    grads = jax.grad(loss_fn)(state.params)
+    updates, _ = tx.update(grads, state.opt_state, state.params)
+    want = optax.apply_updates(state.params, updates)
+    want = jax.tree.map(np.asarray, want)  # The step donates `state`; copy first.
+    new_state, metrics = make_train_step(graphdef, tx, cfg.loss)(state, batch)
+    chex.assert_trees_all_close(new_state.params, want, rtol=1e-5, atol=1e-6)
+    assert int(new_state.step) == 1
+    counts = sum(int(metrics[f"targets_{n}"]) for n in roles.NAMES)
+    assert counts == batch["tokens"].shape[0] * (batch["tokens"].shape[1] - 1)
+
+
+def test_non_finite_loss_leaves_state_untouched(episodes_path):
+    cfg = tiny_config(episodes_path)
+    graphdef, tx, state, batch = one_step(cfg)
+    before = jax.tree.map(np.asarray, state.params)
+    batch = dict(batch, advantage=np.full_like(batch["advantage"], np.nan))
+    new_state, metrics = make_train_step(graphdef, tx, cfg.loss)(state, batch)
+    assert bool(metrics["nonfinite"])
+    assert int(new_state.step) == 0
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, new_state.params), before)
+
+
+def test_batch_indices_are_deterministic_permutations():
+    n, b = 7, 3
+    seen = np.concatenate([batch_indices(s, n, b, seed=5) for s in range(7)])  # 3 epochs
+    for epoch in range(3):
+        assert sorted(seen[epoch * n : (epoch + 1) * n]) == list(range(n))
+    np.testing.assert_array_equal(batch_indices(4, n, b, 5), batch_indices(4, n, b, 5))
+    assert not np.array_equal(batch_indices(0, n, b, 5), batch_indices(0, n, b, 6))
+
+
+def test_end_to_end_resume_matches_uninterrupted_run(episodes_path, tmp_path):
+    cfg = tiny_config(episodes_path)
+    full = run_experiment(cfg, str(tmp_path / "full"), log=lambda _: None)
+    assert full["final"]["step"] == 6 and np.isfinite(full["final"]["loss"])
+    full_run = RunDir(tmp_path / "full")
+    assert full_run.latest_checkpoint_step() == 6
+
+    # Interrupt a second run after step 3: drop its last checkpoint and metrics beyond it.
+    cut = tmp_path / "cut"
+    run_experiment(cfg, str(cut), log=lambda _: None)
+    cut_run = RunDir(cut)
+    cut_run.manager.delete(6)
+    cut_run.truncate_metrics(after_step=3)
+    with pytest.raises(RunDirError, match="--resume"):
+        run_experiment(cfg, str(cut), log=lambda _: None)
+    resumed = run_experiment(cfg, str(cut), resume=True, log=lambda _: None)
+    assert resumed["resumed_from"] == 3
+
+    template = init_state(
+        init_model(cfg, Vocab.load(cut / "vocab.json").size, 0)[1],
+        make_optimizer(cfg.train),
+    )
+    a, meta_a = full_run.restore(template, 6)
+    b, meta_b = RunDir(cut).restore(template, 6)
+    chex.assert_trees_all_close(a.params, b.params, rtol=1e-6, atol=1e-7)
+    assert meta_a == meta_b == {"data_position": 18, "seed": 0}
+    strip = ("steps_per_s", "tokens_per_s")
+    lines_a = [{k: v for k, v in m.items() if k not in strip} for m in full_run.read_metrics()]
+    lines_b = [{k: v for k, v in m.items() if k not in strip} for m in cut_run.read_metrics()]
+    assert [m["step"] for m in lines_b] == [1, 2, 3, 4, 5, 6]
+    for la, lb in zip(lines_a, lines_b, strict=True):
+        for key in la:
+            np.testing.assert_allclose(la[key], lb[key], rtol=1e-5, err_msg=key)
+
+
+def test_resume_with_a_different_config_is_refused(episodes_path, tmp_path):
+    cfg = tiny_config(episodes_path, steps=2, checkpoint_every=2)
+    run_experiment(cfg, str(tmp_path / "w"), log=lambda _: None)
+    other = dataclasses.replace(cfg, loss=LossConfig(objective="echo", lam=0.5))
+    with pytest.raises(RunDirError, match=r"loss\.lam: 0\.1 -> 0\.5"):
+        run_experiment(other, str(tmp_path / "w"), resume=True, log=lambda _: None)
+
+
+def _cli(*args, cwd=ROOT):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("objective", ["grpo", "echo", "verifier_free"])
+def test_cli_trains_each_objective_on_the_shipped_episode(objective, tmp_path):
+    work = tmp_path / objective
+    proc = _cli(
+        f"--objective={objective}",
+        "--steps=3",
+        f"--workdir={work}",
+        "--log_every=1",
+        "--checkpoint_every=3",
+        "--d_model=16",
+        "--n_layers=1",
+        "--max_len=512",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = RunDir(work).read_metrics()
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    assert all(np.isfinite(m[k]) for m in lines for k in ("loss", "env_ce", "action_ce"))
+    assert os.path.isdir(work / "checkpoints" / "3")
+    with open(work / "config.json") as f:
+        saved = json.load(f)
+    assert saved["loss"]["objective"] == objective
+    assert "done: 3 steps" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--objective=ppo"], "flag --objective=ppo"),
+        (["--objective=grpo", "--lam=0.1"], "--lam only applies to --objective=echo"),
+        (["--lam=-1"], "lam must be >= 0"),
+        (["--data=/nonexistent/*.jsonl"], "no episode file matches"),
+        (["--max_len=100"], "context prefix"),
+    ],
+)
+def test_cli_rejects_bad_flags_before_any_work(args, message, tmp_path):
+    proc = _cli(*args, f"--workdir={tmp_path / 'w'}")
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "w" / "checkpoints")
