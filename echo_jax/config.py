@@ -12,6 +12,7 @@ WORLD_LOSS_TARGETS: tuple[str, ...] = ("env_only", "all")
 WORLD_LOSS_NORMALIZATIONS: tuple[str, ...] = ("full_observation_tokens", "token_mean")
 PG_LOSS_REDUCTIONS: tuple[str, ...] = ("sequence_mean", "token_mean")
 OVERFLOW_MODES: tuple[str, ...] = ("window", "truncate")
+SPLITS: tuple[str, ...] = ("train", "heldout_tasks", "heldout_scenarios")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 
 DEFAULT_DATA = ("data/awm_e_commerce_33_task0.json",)
@@ -49,7 +50,8 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    paths: tuple[str, ...] = DEFAULT_DATA  # Episode files or globs (.json, .jsonl, .jsonl.gz).
+    paths: tuple[str, ...] = DEFAULT_DATA  # Episode files, globs or corpus folders.
+    split: str = "train"  # Which split of a corpus folder to use; plain files are used whole.
     max_len: int = 1024  # T: tokens per row.
     overflow: str = "window"  # Longer episodes: "window" (restart with CONTEXT) or "truncate".
     vocab_size: int = 8192  # Cap on the compact vocabulary, PAD and the 256 byte tokens included.
@@ -110,6 +112,7 @@ def validate(cfg: Config) -> Config:
     _choice("world_loss_normalization", loss.world_loss_normalization, WORLD_LOSS_NORMALIZATIONS)
     _choice("pg_loss_reduction", loss.pg_loss_reduction, PG_LOSS_REDUCTIONS)
     _choice("overflow", data.overflow, OVERFLOW_MODES)
+    _choice("split", data.split, SPLITS)
     _choice("dtype", model.dtype, DTYPES)
     checks = [
         (loss.lam >= 0, f"lam must be >= 0, got {loss.lam}"),

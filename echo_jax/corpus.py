@@ -1,0 +1,92 @@
+"""A captured corpus folder: episode shards, a manifest, and the fixed train / held-out splits.
+
+    corpus/manifest.json            how it was made, counts, and "splits"
+    corpus/episodes/<scenario>.jsonl.gz
+
+Splits are fixed once, in the manifest, so every run and every evaluation agrees on them:
+  heldout_scenarios  whole scenarios of each domain (unseen data, known tools)
+  heldout_tasks      some task indices of every remaining scenario (unseen parameters)
+  train              everything else
+The real e_commerce_33 capture (data/awm_e_commerce_33_task0.json) is one more held-out case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+
+import numpy as np
+
+from echo_jax.config import SPLITS
+from echo_jax.episodes import Episode, EpisodeError
+
+MANIFEST = "manifest.json"
+EPISODES_DIR = "episodes"
+REAL_EPISODE = os.path.join("data", "awm_e_commerce_33_task0.json")
+
+
+def domain_of(scenario: str) -> str:
+    """AWM-style names end in a number: e_commerce_33 -> e_commerce."""
+    return re.sub(r"_\d+$", "", scenario)
+
+
+def assign_splits(
+    tasks_per_scenario: dict[str, int],
+    seed: int,
+    scenarios_per_domain: int = 2,
+    tasks_per_scenario_held: int = 2,
+) -> dict[str, object]:
+    """Chooses the held-out scenarios (per domain) and held-out task indices, deterministically."""
+    rng = np.random.default_rng(seed)
+    by_domain: dict[str, list[str]] = {}
+    for name in sorted(tasks_per_scenario):
+        by_domain.setdefault(domain_of(name), []).append(name)
+    held_scenarios = []
+    for domain in sorted(by_domain):
+        names = by_domain[domain]
+        k = min(scenarios_per_domain, len(names) - 1)
+        held_scenarios += sorted(rng.choice(names, size=max(k, 0), replace=False).tolist())
+    held_tasks = {}
+    for name in sorted(tasks_per_scenario):
+        if name not in held_scenarios:
+            n = tasks_per_scenario[name]
+            k = min(tasks_per_scenario_held, n - 1)
+            held_tasks[name] = sorted(int(i) for i in rng.choice(n, size=k, replace=False))
+    return {"heldout_scenarios": sorted(held_scenarios), "heldout_tasks": held_tasks}
+
+
+def read_manifest(corpus_dir: str) -> dict:
+    path = os.path.join(corpus_dir, MANIFEST)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise EpisodeError(path, "<manifest>", f"cannot be read ({e})") from None
+    if "splits" not in manifest:
+        raise EpisodeError(path, "splits", "missing: the corpus has no train/held-out splits")
+    return manifest
+
+
+def is_corpus(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, MANIFEST))
+
+
+def shard_files(corpus_dir: str) -> list[str]:
+    folder = os.path.join(corpus_dir, EPISODES_DIR)
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".jsonl.gz"))
+
+
+def split_of(splits: dict, scenario: str, task_idx: int) -> str:
+    if scenario in splits["heldout_scenarios"]:
+        return "heldout_scenarios"
+    if task_idx in splits["heldout_tasks"].get(scenario, ()):
+        return "heldout_tasks"
+    return "train"
+
+
+def select(episodes: Iterable[Episode], splits: dict, split: str) -> list[Episode]:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not one of {SPLITS}")
+    return [ep for ep in episodes if split_of(splits, ep.scenario, ep.task_idx) == split]
