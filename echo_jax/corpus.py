@@ -19,8 +19,10 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from echo_jax import roles
 from echo_jax.config import SPLITS
-from echo_jax.episodes import Episode, EpisodeError
+from echo_jax.episodes import Episode, EpisodeError, load_episodes
+from echo_jax.packing import tokenize_episodes
 
 MANIFEST = "manifest.json"
 EPISODES_DIR = "episodes"
@@ -90,3 +92,33 @@ def select(episodes: Iterable[Episode], splits: dict, split: str) -> list[Episod
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not one of {SPLITS}")
     return [ep for ep in episodes if split_of(splits, ep.scenario, ep.task_idx) == split]
+
+
+def describe(corpus_dir: str, splits: dict) -> dict[str, object]:
+    """Per-split episode counts and success rates, and cl100k token counts per role."""
+    episodes = load_episodes(shard_files(corpus_dir))
+    tokenized = tokenize_episodes(episodes, canonical_json=False)
+    per_role = np.zeros(roles.NUM_ROLES, np.int64)
+    for tok in tokenized:
+        per_role += np.bincount(tok.roles, minlength=roles.NUM_ROLES)
+    split_stats = {}
+    for split in SPLITS:
+        chosen = select(episodes, splits, split)
+        groups = {(ep.scenario, ep.task_idx) for ep in chosen}
+        split_stats[split] = {
+            "episodes": len(chosen),
+            "tasks": len(groups),
+            "success_rate": float(np.mean([ep.reward >= 1.0 for ep in chosen])) if chosen else 0.0,
+        }
+    rewards_by_group: dict[tuple[str, int], set[float]] = {}
+    for ep in episodes:
+        rewards_by_group.setdefault(ep.group_key, set()).add(ep.reward)
+    mixed = sum(len(r) > 1 for r in rewards_by_group.values())
+    return {
+        "split_stats": split_stats,
+        "tokens_per_role": {
+            n: int(c) for n, c in zip(roles.NAMES, per_role, strict=True) if n != "pad"
+        },
+        "straddles": int(sum(t.straddles for t in tokenized)),
+        "groups_with_mixed_rewards": mixed / max(len(rewards_by_group), 1),
+    }

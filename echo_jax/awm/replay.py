@@ -1,0 +1,98 @@
+"""Re-run a captured episode's actions against a fresh world and compare what comes back.
+
+A corpus is only evidence if its rewards can be reproduced: replaying every recorded action
+through the same harness must give the same step reward types, the same observations and the
+same final reward.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+from echo_jax.awm.capture import read_shard
+from echo_jax.awm.harness import INVALID_ACTION_TOOL, HarnessConfig, run_episode
+from echo_jax.awm.mcp_client import McpClient
+from echo_jax.awm.world_format import World, load_worlds
+from echo_jax.awm.world_server import WorldServer
+
+_COMPARED_FIELDS = ("reward_type", "tool_result", "error", "warning")
+
+
+class ReplayPolicy:
+    """Plays back recorded actions in order; a recorded invalid action is replayed as invalid."""
+
+    def __init__(self, actions: Sequence[dict[str, Any]]):
+        self.actions = list(actions)
+
+    def next_action(self, steps: list[dict[str, Any]]) -> dict[str, Any]:
+        action = self.actions[len(steps)]
+        if action["tool_name"] == INVALID_ACTION_TOOL:
+            return {"tool_name": ""}  # Rejected by the harness exactly as the original was.
+        return {"tool_name": action["tool_name"], "arguments": action.get("arguments", {})}
+
+
+def differences(recorded: dict[str, Any], replayed: dict[str, Any]) -> list[str]:
+    """What differs between two episodes of one task; empty when the replay reproduced it."""
+    diffs = []
+    if recorded["reward"] != replayed["reward"]:
+        diffs.append(f"reward {recorded['reward']} != {replayed['reward']}")
+    if len(recorded["steps"]) != len(replayed["steps"]):
+        diffs.append(f"{len(recorded['steps'])} steps != {len(replayed['steps'])}")
+    for i, (a, b) in enumerate(zip(recorded["steps"], replayed["steps"], strict=False)):
+        for key in _COMPARED_FIELDS:
+            if a["observation"].get(key) != b["observation"].get(key):
+                diffs.append(f"steps[{i}].observation.{key} differs")
+        result_a = a["observation"].get("verify_result", {}).get("result")
+        result_b = b["observation"].get("verify_result", {}).get("result")
+        if result_a != result_b:
+            diffs.append(f"steps[{i}].verify_result.result {result_a} != {result_b}")
+    return diffs
+
+
+def replay_scenario(
+    world: World, episodes: Sequence[dict[str, Any]], config: HarnessConfig | None = None
+) -> list[tuple[dict[str, Any], list[str]]]:
+    """Replays each episode of one scenario on one fresh server (reset between episodes)."""
+    config = config or HarnessConfig()
+    out = []
+    with WorldServer(world) as server:
+        client = McpClient(server.mcp_url)
+        try:
+            client.initialize()
+            for recorded in episodes:
+                policy = ReplayPolicy([step["action"] for step in recorded["steps"]])
+                replayed = run_episode(server, client, world, recorded["task_idx"], policy, config)
+                out.append((recorded, differences(recorded, replayed)))
+        finally:
+            client.close()
+    return out
+
+
+def _replay_shard(worlds_dir: str, shard: str) -> dict[str, Any]:
+    episodes = list(read_shard(shard))
+    if not episodes:
+        return {"shard": shard, "episodes": 0, "mismatches": []}
+    scenario = episodes[0]["scenario"]
+    world = load_worlds(worlds_dir, [scenario])[scenario]
+    mismatches = [
+        {"task_idx": ep["task_idx"], "k": ep.get("capture", {}).get("k"), "diffs": diffs}
+        for ep, diffs in replay_scenario(world, episodes)
+        if diffs
+    ]
+    return {"shard": shard, "episodes": len(episodes), "mismatches": mismatches}
+
+
+def check_corpus(worlds_dir: str, shards: Sequence[str], workers: int = 2) -> dict[str, Any]:
+    """Replays every episode of every shard; returns counts and every mismatch found."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        results = list(pool.map(_replay_shard, [worlds_dir] * len(shards), shards))
+    mismatches = [{"shard": r["shard"], **m} for r in results for m in r["mismatches"]]
+    return {
+        "replayed": sum(r["episodes"] for r in results),
+        "reproduced": sum(r["episodes"] - len(r["mismatches"]) for r in results),
+        "mismatches": mismatches,
+    }

@@ -1,0 +1,158 @@
+"""Run an AWM task verifier out of process, on read-only copies of the initial and final DBs.
+
+Verifier code comes with the world data, so it runs in a fresh `python -I -S` child (see
+`verifier_runner`) with a wall-clock timeout, CPU/memory/file-size/process rlimits, a clean
+environment and a parent-death signal. It only ever sees snapshot copies of the databases, so it
+can neither corrupt the live world nor the pristine initial state.
+
+The returned dict has the shape of OpenEnv's AWM `verify_result` (the real capture's last step):
+    {"result": "complete" | "others", "execution_status": "success", "raw_result": <returned>}
+or, when the verifier failed, {"result": "others", "execution_status": "error" | "timeout",
+"error_message": str}. As in OpenEnv, a verifier result other than "complete"/"others" counts as
+"others".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import secrets
+import select
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from echo_jax.awm import verifier_runner
+from echo_jax.awm.world_server import copy_database, kill_process_group, parent_death_hook
+
+VERIFIER_RESULTS = ("complete", "others")
+_TAIL_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class VerifierLimits:
+    """Per-verification limits; AWM verifiers are a few SQL queries, so these are generous."""
+
+    timeout_s: float = 10.0
+    cpu_seconds: int = 10
+    address_space_bytes: int = 1 << 30
+    file_size_bytes: int = 16 << 20
+    open_files: int = 64
+
+
+def _read_only_snapshot(source: str | Path, target: Path) -> None:
+    """Snapshot a DB (WAL pages included) into a rollback-journal file and make it read-only."""
+    copy_database(source, target)
+    with contextlib.closing(sqlite3.connect(target)) as connection:
+        connection.execute("PRAGMA journal_mode=DELETE")
+    target.chmod(0o444)
+
+
+def _limiting_preexec(limits: VerifierLimits):
+    set_death_signal = parent_death_hook()
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds,) * 2)
+        resource.setrlimit(resource.RLIMIT_AS, (limits.address_space_bytes,) * 2)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size_bytes,) * 2)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files,) * 2)
+        # No new processes. Linux does not enforce this for root, hence the import allow-list.
+        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+        set_death_signal()
+
+    return apply
+
+
+def _tail(path: Path) -> str:
+    with path.open("rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, handle.tell() - _TAIL_BYTES))
+        return handle.read().decode("utf-8", errors="replace")
+
+
+def _exited_within(process: subprocess.Popen, timeout_s: float) -> bool:
+    """Wait for exit on a pidfd; Popen.wait(timeout) sleep-polls, adding ~25 ms per verify."""
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout_s)
+    finally:
+        os.close(pidfd)
+    if ready:
+        process.wait()
+    return bool(ready)
+
+
+def _failure(status: str, message: str) -> dict[str, Any]:
+    return {"result": "others", "execution_status": status, "error_message": message}
+
+
+def _interpret(outcome: dict[str, Any]) -> dict[str, Any]:
+    if outcome["status"] != "success":
+        return _failure("error", outcome["error"])
+    raw = outcome["raw_result"]
+    if not isinstance(raw, dict) or "result" not in raw:
+        return _failure("error", f"Invalid return format: {type(raw).__name__}")
+    result = raw["result"] if raw["result"] in VERIFIER_RESULTS else "others"
+    return {"result": result, "execution_status": "success", "raw_result": raw}
+
+
+def run_verifier(
+    code: str,
+    initial_db_path: str | Path,
+    final_db_path: str | Path,
+    final_answer: str | None = None,
+    limits: VerifierLimits | None = None,
+) -> dict[str, Any]:
+    """Run `verify_task_completion` from `code` against copies of the two databases."""
+    limits = limits or VerifierLimits()
+    with tempfile.TemporaryDirectory(prefix="awm_verify_") as tmp:
+        folder = Path(tmp)
+        initial, final = folder / "initial.db", folder / "final.db"
+        _read_only_snapshot(initial_db_path, initial)
+        _read_only_snapshot(final_db_path, final)
+        marker = f"@@awm-verify-{secrets.token_hex(16)}@@"
+        payload = {
+            "code": code,
+            "initial_db_path": str(initial),
+            "final_db_path": str(final),
+            "final_answer": final_answer,
+            "marker": marker,
+        }
+        payload_path = folder / "payload.json"
+        payload_path.write_text(json.dumps(payload), encoding="utf-8")
+        stdout_path, stderr_path = folder / "stdout", folder / "stderr"
+        with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-I", "-S", verifier_runner.__file__, str(payload_path)],
+                cwd=folder,
+                env={"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": tmp},
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                start_new_session=True,
+                preexec_fn=_limiting_preexec(limits),
+            )
+            if not _exited_within(process, limits.timeout_s):
+                kill_process_group(process, grace_s=0.0)
+                return _failure("timeout", f"verifier exceeded {limits.timeout_s:g}s wall-clock")
+        for line in reversed(_tail(stdout_path).splitlines()):
+            if line.startswith(marker):
+                return _interpret(json.loads(line[len(marker) :]))
+        return _failure(
+            "error",
+            f"verifier process exited with code {process.returncode} without a result; "
+            f"stderr tail: {_tail(stderr_path)[-2000:]}",
+        )

@@ -1,0 +1,76 @@
+"""Capture behaviour-policy episodes from AWM worlds (logic in echo_jax.awm.capture).
+
+    python -m experiments.capture --worlds=data/awm_worlds --episodes_per_task=4 --seed=0 \
+        --out=runs/capture0 [--scenarios=a,b] [--workers=2]
+"""
+
+import shlex
+import sys
+
+from absl import app, flags, logging
+
+from echo_jax import corpus
+from echo_jax.awm.capture import CaptureConfig, run_capture, write_manifest
+from echo_jax.awm.harness import HarnessConfig
+from echo_jax.awm.replay import check_corpus
+from echo_jax.awm.world_format import load_worlds
+
+_WORLDS = flags.DEFINE_string("worlds", None, "AWM-format world folder.", required=True)
+_EPISODES = flags.DEFINE_integer("episodes_per_task", 1, "Episodes per (scenario, task).")
+_SEED = flags.DEFINE_integer("seed", 0, "Root seed; episode seeds derive from it.")
+_OUT = flags.DEFINE_string(
+    "out", None, "Output folder (episodes/ and manifest.json).", required=True
+)
+_SCENARIOS = flags.DEFINE_list("scenarios", None, "Only these scenarios (default: all).")
+_WORKERS = flags.DEFINE_integer("workers", 2, "Worker processes, one world server each.")
+_MAX_TOOL_CALLS = flags.DEFINE_integer("max_tool_calls", 30, "Step limit before a forced verify.")
+_REPLAY = flags.DEFINE_bool(
+    "replay_check", True, "Replay every episode against a fresh world and record the result."
+)
+_POLICY_MODULE = flags.DEFINE_string(
+    "policy_module", "echo_jax.awm.policies", "Module providing the behaviour policies."
+)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config = CaptureConfig(
+        worlds_dir=_WORLDS.value,
+        out_dir=_OUT.value,
+        episodes_per_task=_EPISODES.value,
+        seed=_SEED.value,
+        scenarios=tuple(_SCENARIOS.value) if _SCENARIOS.value else None,
+        workers=_WORKERS.value,
+        policy_module=_POLICY_MODULE.value,
+        harness=HarnessConfig(max_tool_calls=_MAX_TOOL_CALLS.value),
+        command=shlex.join([sys.executable, "-m", "experiments.capture", *sys.argv[1:]]),
+    )
+    manifest = run_capture(config)
+    worlds = load_worlds(config.worlds_dir, config.scenarios)
+    manifest["splits"] = corpus.assign_splits(
+        {name: len(world.tasks) for name, world in worlds.items()}, seed=config.seed
+    )
+    manifest.update(corpus.describe(config.out_dir, manifest["splits"]))
+    if _REPLAY.value:
+        manifest["replay"] = check_corpus(
+            config.worlds_dir, corpus.shard_files(config.out_dir), workers=config.workers
+        )
+        logging.info(
+            "replay: %d of %d episodes reproduced",
+            manifest["replay"]["reproduced"],
+            manifest["replay"]["replayed"],
+        )
+    write_manifest(config.out_dir, manifest)
+    logging.info(
+        "%d episodes, success rate %.3f, %.2f episodes/s; failed scenarios: %s",
+        manifest["n_episodes"],
+        manifest["success_rate"],
+        manifest["episodes_per_s"],
+        sorted(manifest["failed_scenarios"]) or "none",
+    )
+    if manifest["failed_scenarios"] or manifest["failed_episodes"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)
