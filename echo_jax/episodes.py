@@ -3,23 +3,48 @@
 The canonical shape is the real AWM capture's (data/awm_e_commerce_33_task0.json):
 {scenario, task, task_idx, tools, steps: [{action: {tool_name, arguments}, observation}], reward}.
 Optional keys (tool_schemas, step_reward_types, metadata, ...) are kept in `extras`.
+
+Every problem is an EpisodeError naming the file (and line), the field and what is wrong:
+invalid JSON or UTF-8, a truncated gzip, a missing or mistyped key, an empty `steps`, a reward
+that is not a finite number in [-MAX_ABS_REWARD, MAX_ABS_REWARD], a string over the per-field
+size cap, nesting deeper than MAX_NESTING, a lone surrogate (text that cannot be UTF-8), and the
+same episode (by content hash) given twice. With `skip_invalid=True` bad episodes are skipped
+instead, and a report groups them by reason.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import gzip
+import hashlib
 import json
+import logging
 import math
 import os
+import re
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 # Observation fields rendered as world output, in this order; `warning` is harness boilerplate.
 ENV_OUTPUT_FIELDS = ("tool_result", "error", "verify_result")
 WARNING_FIELD = "warning"
+
+# Longest string value (characters) anywhere in an episode: the harness clips tool results to
+# 16,000 characters, so a megabyte is a broken or hostile file, not an episode.
+DEFAULT_MAX_FIELD_CHARS = 1 << 20
+# A record's raw bytes may be this many times the field cap (64 MiB by default; JSON escapes
+# take up to 12 bytes per character); beyond that it is refused before it is parsed.
+RECORD_BYTES_PER_FIELD_CHAR = 64
+MAX_NESTING = 64  # Deepest JSON nesting accepted (objects and arrays).
+MAX_ABS_REWARD = 1e6  # Rewards are O(1); this keeps float32 group statistics finite.
+
+log = logging.getLogger(__name__)
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_INDEX = re.compile(r"\[\d+\]")
 
 
 class EpisodeError(ValueError):
@@ -30,6 +55,13 @@ class EpisodeError(ValueError):
         self.field = field
         self.problem = problem
         super().__init__(f"{source}: field '{field}': {problem}")
+
+    @property
+    def reason(self) -> str:
+        """The kind of problem without positions or values, for grouping skipped episodes."""
+        return (
+            f"field '{_INDEX.sub('[]', self.field)}': {re.split(r'[:(]', self.problem)[0].strip()}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +81,45 @@ class Episode:
     reward: float
     source: str  # "file:line" or "file"; where errors and reports point.
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    content_hash: str = ""  # Of the record's canonical JSON; equal hashes mean a duplicate.
 
     @property
     def group_key(self) -> tuple[str, int]:
         """Episodes of one scenario and task form a GRPO group."""
         return (self.scenario, self.task_idx)
+
+
+@dataclasses.dataclass
+class SkipReport:
+    """Episodes left out under skip_invalid, with the error that excluded each."""
+
+    skipped: list[EpisodeError] = dataclasses.field(default_factory=list)
+    loaded: int = 0
+
+    def add(self, error: EpisodeError) -> None:
+        self.skipped.append(error)
+
+    def by_reason(self) -> dict[str, list[EpisodeError]]:
+        groups: dict[str, list[EpisodeError]] = collections.defaultdict(list)
+        for error in self.skipped:
+            groups[error.reason].append(error)
+        return dict(sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])))
+
+    def log(self, where: str) -> None:
+        """A warning naming what was skipped and why; nothing when nothing was."""
+        if self.skipped:
+            log.warning("%s: %s", where, self.summary())
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return f"loaded {self.loaded} episodes, skipped none"
+        parts = [
+            f"{len(errors)} x {reason} (first: {errors[0].source})"
+            for reason, errors in self.by_reason().items()
+        ]
+        return f"loaded {self.loaded} episodes, skipped {len(self.skipped)} invalid: " + "; ".join(
+            parts
+        )
 
 
 _REQUIRED = {"scenario": str, "task": str, "task_idx": int, "tools": list, "steps": list}
@@ -63,7 +129,49 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def parse_episode(record: Any, source: str) -> Episode:
+def content_hash(record: Any) -> str:
+    """A hash of the record's canonical JSON: key order and whitespace do not matter."""
+    text = json.dumps(record, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def _check_values(value: Any, source: str, where: str, depth: int, max_field_chars: int) -> None:
+    """Every string within the size cap and encodable as UTF-8; nesting within MAX_NESTING."""
+    if isinstance(value, str):
+        if len(value) > max_field_chars:
+            raise EpisodeError(
+                source,
+                where,
+                f"too large: {len(value):,} characters, over the limit of {max_field_chars:,} "
+                "(max_field_chars)",
+            )
+        match = _SURROGATE.search(value)
+        if match:
+            raise EpisodeError(
+                source, where, f"not valid text: lone surrogate at character {match.start()}"
+            )
+        return
+    if not isinstance(value, dict | list):
+        return
+    if depth >= MAX_NESTING:
+        short = where if len(where) <= 80 else where[:80] + "..."
+        raise EpisodeError(source, short, f"nested deeper than {MAX_NESTING} levels")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_values(
+                key, source, f"{where}.<key>" if where else "<key>", depth + 1, max_field_chars
+            )
+            _check_values(
+                item, source, f"{where}.{key}" if where else key, depth + 1, max_field_chars
+            )
+    else:
+        for i, item in enumerate(value):
+            _check_values(item, source, f"{where}[{i}]", depth + 1, max_field_chars)
+
+
+def parse_episode(
+    record: Any, source: str, max_field_chars: int = DEFAULT_MAX_FIELD_CHARS
+) -> Episode:
     """Validates one decoded JSON record; raises EpisodeError naming the bad field."""
     if not isinstance(record, dict):
         raise EpisodeError(source, "<episode>", f"expected a JSON object, got {_type_name(record)}")
@@ -73,6 +181,8 @@ def parse_episode(record: Any, source: str) -> Episode:
         value = record[key]
         if not isinstance(value, typ) or isinstance(value, bool):
             raise EpisodeError(source, key, f"expected {typ.__name__}, got {_type_name(value)}")
+    if record["task_idx"] < 0:
+        raise EpisodeError(source, "task_idx", f"must be >= 0 (got {record['task_idx']})")
     if "reward" not in record:
         raise EpisodeError(source, "reward", "missing")
     reward = record["reward"]
@@ -80,11 +190,14 @@ def parse_episode(record: Any, source: str) -> Episode:
         raise EpisodeError(source, "reward", f"expected a number, got {_type_name(reward)}")
     if not math.isfinite(reward):
         raise EpisodeError(source, "reward", f"not finite: {reward}")
+    if abs(reward) > MAX_ABS_REWARD:
+        raise EpisodeError(source, "reward", f"out of range: {reward} (|reward| <= 1e6)")
     for i, tool in enumerate(record["tools"]):
         if not isinstance(tool, str):
             raise EpisodeError(source, f"tools[{i}]", f"expected str, got {_type_name(tool)}")
     if not record["steps"]:
         raise EpisodeError(source, "steps", "empty: an episode needs at least one step")
+    _check_values(record, source, "", 0, max_field_chars)
     steps = tuple(_parse_step(s, source, f"steps[{i}]") for i, s in enumerate(record["steps"]))
     extras = {k: v for k, v in record.items() if k not in _REQUIRED and k != "reward"}
     return Episode(
@@ -96,6 +209,7 @@ def parse_episode(record: Any, source: str) -> Episode:
         reward=float(reward),
         source=source,
         extras=extras,
+        content_hash=content_hash(record),
     )
 
 
@@ -139,36 +253,60 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
     return files
 
 
-def _records(path: str) -> Iterator[tuple[Any, str]]:
-    """(decoded record, source) pairs; one per .json file, one per .jsonl(.gz) line."""
+def _raw_records(path: str, max_record_bytes: int) -> Iterator[tuple[bytes | EpisodeError, str]]:
+    """(raw bytes or the error reading them, source): one per .json file, one per line.
+
+    Errors are yielded, not raised, so that the caller can skip one bad line and go on; an
+    unreadable rest of a file (a truncated gzip) is yielded last.
+    """
     if not os.path.isfile(path):
         raise EpisodeError(path, "<file>", "does not exist")
     if path.endswith(".json"):
-        yield _decode(_read_text(path), path), path
+        if os.path.getsize(path) > max_record_bytes:
+            yield _too_big(path, os.path.getsize(path), max_record_bytes), path
+            return
+        with open(path, "rb") as f:
+            yield f.read(), path
         return
     if not path.endswith((".jsonl", ".jsonl.gz")):
         raise EpisodeError(path, "<file>", "unknown extension (expected .json, .jsonl, .jsonl.gz)")
     opener = gzip.open if path.endswith(".gz") else open
+    lineno = 0
     try:
         with opener(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                if raw.strip():
-                    source = f"{path}:{lineno}"
-                    yield _decode(_utf8(raw, source), source), source
+            while True:
+                raw = f.readline(max_record_bytes + 1)
+                if not raw:
+                    break
+                lineno += 1
+                source = f"{path}:{lineno}"
+                if len(raw) > max_record_bytes and not raw.endswith(b"\n"):
+                    size = len(raw)
+                    while raw and not raw.endswith(b"\n"):  # Skip the rest of the long line.
+                        raw = f.readline(max_record_bytes)
+                        size += len(raw)
+                    yield _too_big(source, size, max_record_bytes), source
+                elif raw.strip():
+                    yield raw, source
     except (OSError, EOFError, zlib.error) as e:
-        raise EpisodeError(path, "<file>", f"cannot be read ({e})") from None
+        where = f"after line {lineno}" if lineno else "at the start"
+        yield EpisodeError(path, "<file>", f"cannot be read: {e} ({where})"), path
 
 
-def _read_text(path: str) -> str:
-    with open(path, "rb") as f:
-        return _utf8(f.read(), path)
+def _too_big(source: str, size: int, limit: int) -> EpisodeError:
+    return EpisodeError(
+        source,
+        "<record>",
+        f"too large: {size:,} bytes, over the limit of {limit:,} "
+        f"({RECORD_BYTES_PER_FIELD_CHAR} x max_field_chars)",
+    )
 
 
 def _utf8(raw: bytes, source: str) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise EpisodeError(source, "<bytes>", f"not UTF-8 at byte {e.start}") from None
+        raise EpisodeError(source, "<bytes>", f"not UTF-8 (at byte {e.start})") from None
 
 
 def _decode(text: str, source: str) -> Any:
@@ -176,10 +314,75 @@ def _decode(text: str, source: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise EpisodeError(source, "<json>", f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise EpisodeError(source, "<json>", "invalid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer literal past Python's digit limit
+        raise EpisodeError(source, "<json>", f"invalid JSON: {e}") from None
 
 
-def load_episodes(patterns: Sequence[str]) -> list[Episode]:
-    """Every episode under `patterns`, validated; the first bad one raises EpisodeError."""
-    return [
-        parse_episode(rec, src) for path in expand_paths(patterns) for rec, src in _records(path)
-    ]
+def iter_episodes(
+    patterns: Sequence[str],
+    max_field_chars: int = DEFAULT_MAX_FIELD_CHARS,
+) -> Iterator[Episode | EpisodeError]:
+    """Every episode under `patterns` in order, or the error that makes it invalid."""
+    if max_field_chars < 1:
+        raise ValueError(f"max_field_chars must be >= 1, got {max_field_chars}")
+    max_record_bytes = RECORD_BYTES_PER_FIELD_CHAR * max_field_chars
+    for path in expand_paths(patterns):
+        for raw, source in _raw_records(path, max_record_bytes):
+            if isinstance(raw, EpisodeError):
+                yield raw
+                continue
+            try:
+                yield parse_episode(_decode(_utf8(raw, source), source), source, max_field_chars)
+            except EpisodeError as e:
+                yield e
+
+
+def dedupe(
+    episodes: Iterable[Episode], skip_invalid: bool = False, report: SkipReport | None = None
+) -> list[Episode]:
+    """Refuses (or, with skip_invalid, drops) an episode whose content was seen before."""
+    first: dict[str, str] = {}
+    kept = []
+    for ep in episodes:
+        seen = first.get(ep.content_hash) if ep.content_hash else None
+        if seen is None:
+            first[ep.content_hash] = ep.source
+            kept.append(ep)
+            continue
+        error = EpisodeError(ep.source, "<episode>", f"duplicate (same content as {seen})")
+        if not skip_invalid:
+            raise error
+        if report is not None:
+            report.add(error)
+    return kept
+
+
+def load_episodes(
+    patterns: Sequence[str],
+    skip_invalid: bool = False,
+    max_field_chars: int = DEFAULT_MAX_FIELD_CHARS,
+    report: SkipReport | None = None,
+) -> list[Episode]:
+    """Every episode under `patterns`, validated; the first bad one raises EpisodeError.
+
+    With `skip_invalid`, bad and duplicate episodes are left out and recorded in `report`
+    (logged as a warning, grouped by reason, when no report is passed). A missing file or an
+    empty glob is always an error.
+    """
+    own_report = report is None
+    report = SkipReport() if report is None else report
+    episodes = []
+    for item in iter_episodes(patterns, max_field_chars):
+        if isinstance(item, EpisodeError):
+            if not skip_invalid:
+                raise item
+            report.add(item)
+        else:
+            episodes.append(item)
+    episodes = dedupe(episodes, skip_invalid, report)
+    report.loaded += len(episodes)
+    if own_report:
+        report.log(",".join(patterns))
+    return episodes

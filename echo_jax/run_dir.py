@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -15,6 +16,8 @@ import orbax.checkpoint as ocp
 
 from echo_jax.atomic import atomic_open, atomic_write_text
 from echo_jax.config import Config
+
+CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"  # Orbax writes it into every finished step dir.
 
 
 class RunDirError(ValueError):
@@ -76,9 +79,26 @@ class RunDir:
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
 
+    def _drop_partial_checkpoints(self) -> None:
+        """Removes what a kill mid-save can leave: orbax temp dirs and step dirs without metadata.
+
+        Orbax renames a finished temp dir into place, so neither can hold a usable checkpoint;
+        left there, a metadata-less step dir would be taken for the latest one.
+        """
+        if not os.path.isdir(self.checkpoint_dir):
+            return
+        for name in os.listdir(self.checkpoint_dir):
+            path = os.path.join(self.checkpoint_dir, name)
+            partial = ".orbax-checkpoint-tmp" in name or (
+                name.isdigit() and not os.path.exists(os.path.join(path, CHECKPOINT_METADATA))
+            )
+            if partial and os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+
     @property
     def manager(self) -> ocp.CheckpointManager:
         if self._manager is None:
+            self._drop_partial_checkpoints()
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=self._keep, create=True, enable_async_checkpointing=False
             )

@@ -187,7 +187,7 @@ def test_groups_rewards_and_advantages(tmp_path):
         small_episode(reward=0.0),
         small_episode(task_idx=1, reward=0.0),
         small_episode(scenario="shop_2", reward=0.5),
-        small_episode(scenario="shop_2", reward=0.5),
+        small_episode(scenario="shop_2", reward=0.5, capture={"k": 1}),  # Not a duplicate.
     ]
     path = write_jsonl(tmp_path / "e.jsonl.gz", records, gz=True)
     data, _ = load_packed(DataConfig(paths=(path,), max_len=128))

@@ -120,6 +120,7 @@ def run_verifier(
     limits = limits or VerifierLimits()
     with tempfile.TemporaryDirectory(prefix="awm_verify_") as tmp:
         folder = Path(tmp)
+        folder.chmod(0o711)  # The runner may drop to its own user id: it must reach the copies.
         initial, final = folder / "initial.db", folder / "final.db"
         _read_only_snapshot(initial_db_path, initial)
         _read_only_snapshot(final_db_path, final)

@@ -1,27 +1,48 @@
 """Child-process side of `verifier.run_verifier`: run one verifier's code and print its result.
 
 Started as `python -I -S verifier_runner.py PAYLOAD.json` (no site-packages, no paths taken from
-the environment) by the parent, which has already applied resource limits. It executes the
-verifier with restricted builtins and an import allow-list, calls `verify_task_completion`, and
-prints the outcome as the last stdout line prefixed with the parent's random marker, so whatever
-the verifier itself prints cannot be mistaken for the result.
+the environment) by the parent, which has already applied resource limits (CPU, address space,
+file size, open files, processes) and a clean environment. Before the verifier's code runs, this
+process locks itself down, in this order:
 
-The restrictions are defence in depth, not a sandbox: Python code can reach unrestricted objects
-through introspection. The process boundary, rlimits, clean environment and database copies are
-what keep a hostile verifier away from the capture.
+1. reads the payload and imports everything a verifier may use (later imports are refused);
+2. caps what the verifier can print (its output never hides the result line);
+3. when running as root, switches to an unprivileged user id of its own (1,000,000 + pid), so the
+   file permissions hold again (the 0444 database copies become read-only, root-only files
+   unreadable) and RLIMIT_NPROC=0 is enforced (root ignores it); then re-arms the parent-death
+   signal, which a change of user id clears;
+4. makes `sqlite3.connect` open only the two database copies, read-only (`mode=ro`), with
+   ATTACH (and so VACUUM INTO, which attaches its target) disabled;
+5. installs an audit hook (`sys.addaudithook`, which cannot be removed) that refuses, however
+   they are reached (a module attribute, `object.__subclasses__()`, a function's `__globals__`):
+   process creation (fork, exec, spawn, system, Popen), `open` of any file except reading the
+   standard library (lazy imports), directory listings outside it, imports outside the
+   allow-list, ctypes, sockets, file-system changes, any other SQLite database, and loading
+   SQLite extensions.
+
+It then executes the verifier with restricted builtins and an import allow-list, calls
+`verify_task_completion`, and prints the outcome as the last stdout line prefixed with the
+parent's random marker.
+
+What this does not cover (see docs/RELIABILITY.md): a verifier can undo the SQLite connection
+settings of step 4 on its own connection (set_authorizer / setlimit) and then write new SQLite
+files where its user id may (world-writable folders such as /tmp; 16 MB each, RLIMIT_FSIZE); it
+can burn its CPU and memory allowance; it can read world-readable files through SQLite (an
+ATTACH, once re-enabled, of another SQLite database); and it decides its own verdict, as every
+verifier does. No seccomp filter or namespace isolates it from the kernel.
 """
 
 import builtins
-import collections
-import datetime
+import collections  # noqa: F401 -- imported before lock-down, so a verifier's import is cached
+import datetime  # noqa: F401
 import json
-import math
-import re
+import math  # noqa: F401
+import os
+import re  # noqa: F401
 import sqlite3
 import sys
 
 ALLOWED_MODULES = frozenset({"sqlite3", "json", "math", "re", "datetime", "collections"})
-_ALLOWED_LOADED = (sqlite3, json, math, re, datetime, collections)  # imported before lock-down
 _DENIED_BUILTINS = frozenset(
     {
         "open",
@@ -41,6 +62,63 @@ _DENIED_BUILTINS = frozenset(
     }
 )
 VERIFY_FUNCTION = "verify_task_completion"
+SANDBOX_UID_BASE = 1_000_000
+MAX_PRINTED_CHARS = 64 * 1024
+_PR_SET_PDEATHSIG = 1
+_SIGKILL = 9
+
+# Audit events refused outright, and refused by prefix.
+_DENIED_EVENTS = frozenset(
+    {
+        "os.system",
+        "os.exec",
+        "os.posix_spawn",
+        "os.spawn",
+        "os.fork",
+        "os.forkpty",
+        "os.startfile",
+        "pty.spawn",
+        "subprocess.Popen",
+        "os.kill",
+        "os.killpg",
+        "os.remove",
+        "os.rename",
+        "os.rmdir",
+        "os.mkdir",
+        "os.chmod",
+        "os.chown",
+        "os.chflags",
+        "os.link",
+        "os.symlink",
+        "os.truncate",
+        "os.utime",
+        "os.putenv",
+        "os.unsetenv",
+        "os.setxattr",
+        "os.removexattr",
+        "os.mkfifo",
+        "os.mknod",
+        "sqlite3.enable_load_extension",
+        "sqlite3.load_extension",
+        "sys.addaudithook",
+        "resource.setrlimit",
+        "resource.prlimit",
+        "fcntl.ioctl",
+        "mmap.__new__",
+        "webbrowser.open",
+        "urllib.Request",
+        "ftplib.connect",
+        "http.client.connect",
+        "smtplib.connect",
+    }
+)
+_DENIED_PREFIXES = ("ctypes.", "socket.", "shutil.", "winreg.", "_winapi.")
+# Lazy imports that the allowed modules make (datetime.strptime, codecs by name).
+_EXTRA_IMPORTS = frozenset({"encodings", "_strptime", "locale", "_locale", "calendar"})
+
+
+class SandboxViolation(PermissionError):
+    """Raised by the audit hook: the verifier tried something the sandbox refuses."""
 
 
 def _guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
@@ -53,6 +131,108 @@ def _restricted_builtins() -> dict:
     allowed = {k: v for k, v in vars(builtins).items() if k not in _DENIED_BUILTINS}
     allowed["__import__"] = _guarded_import
     return allowed
+
+
+def _read_only_uri(path: str) -> str:
+    quoted = path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
+    return f"file:{quoted}?mode=ro"
+
+
+def _install_read_only_sqlite(paths: list[str]) -> frozenset:
+    """sqlite3.connect opens only `paths`, read-only and unable to attach; returns the URIs."""
+    uris = {path: _read_only_uri(path) for path in paths}
+    real_connect = sqlite3.connect
+
+    def connect(database, *args, **kwargs):
+        uri = uris.get(str(database), str(database) if str(database) in uris.values() else None)
+        if uri is None:
+            raise SandboxViolation(
+                f"blocked by the verifier sandbox: sqlite3.connect({str(database)!r}); only "
+                "initial_db_path and final_db_path can be opened"
+            )
+        kwargs["uri"] = True
+        connection = real_connect(uri, *args, **kwargs)
+        connection.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)  # No ATTACH, no VACUUM INTO.
+        return connection
+
+    sqlite3.connect = connect
+    sqlite3.dbapi2.connect = connect
+    return frozenset(uris.values())
+
+
+def _drop_privileges() -> str:
+    """As root: become a user id of our own and re-arm the parent-death signal."""
+    if os.geteuid() != 0:
+        return "unprivileged"
+    parent = os.getppid()
+    uid = SANDBOX_UID_BASE + os.getpid()
+    try:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    except OSError:  # e.g. a container without CAP_SETUID: the audit hook still applies.
+        return "root"
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, _SIGKILL)
+    except (ImportError, OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # The parent died before the signal was re-armed.
+        os._exit(1)
+    return f"uid {uid}"
+
+
+def _make_audit_hook(allowed_db_uris: frozenset):
+    stdlib = os.path.dirname(os.__file__) + os.sep
+    allowed_imports = ALLOWED_MODULES | _EXTRA_IMPORTS
+
+    def deny(event: str, detail: str = ""):
+        raise SandboxViolation(f"blocked by the verifier sandbox: {event}{detail}")
+
+    def in_stdlib(path) -> bool:
+        if not isinstance(path, str | bytes):
+            return False
+        text = path.decode("utf-8", "replace") if isinstance(path, bytes) else path
+        return os.path.normpath(text).startswith(stdlib)
+
+    def hook(event: str, args: tuple) -> None:
+        if event in _DENIED_EVENTS or event.startswith(_DENIED_PREFIXES):
+            deny(event)
+        elif event == "open":
+            path, mode, flags = args
+            read_only = (
+                mode is None or ("r" in str(mode) and "+" not in str(mode))
+            ) and flags & os.O_ACCMODE == os.O_RDONLY
+            if not (read_only and in_stdlib(path)):
+                deny("open", f"({path!r}, {mode!r})")
+        elif event in ("os.listdir", "os.scandir"):
+            if not in_stdlib(args[0]):
+                deny(event, f"({args[0]!r})")
+        elif event == "import":
+            if args[0].split(".")[0] not in allowed_imports:
+                deny("import", f" of {args[0]!r}")
+        elif event == "sqlite3.connect" and str(args[0]) not in allowed_db_uris:
+            deny("sqlite3.connect", f"({str(args[0])!r})")
+
+    return hook
+
+
+class _CappedOutput:
+    """Stands in for stdout/stderr: passes the first MAX_PRINTED_CHARS through, drops the rest."""
+
+    def __init__(self, target):
+        self._target = target
+        self._left = MAX_PRINTED_CHARS
+
+    def write(self, text: str) -> int:
+        if self._left > 0:
+            self._target.write(text[: self._left])
+        self._left -= len(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
 
 def _call(function, initial_db_path, final_db_path, final_answer):
@@ -78,12 +258,17 @@ def _json_safe(value):
     return json.loads(json.dumps(value, default=str))
 
 
+def _error(prefix: str, error: BaseException) -> dict:
+    return {"status": "error", "error": f"{prefix}: {type(error).__name__}: {error}"}
+
+
 def run(payload: dict) -> dict:
+    """Compiles and runs the verifier; any failure of the untrusted code becomes an error."""
     namespace = {"__builtins__": _restricted_builtins(), "__name__": "__verifier__"}
     try:
         exec(compile(payload["code"], "<verifier>", "exec"), namespace)
     except BaseException as error:  # noqa: BLE001 -- any failure of untrusted code is reported
-        return {"status": "error", "error": f"Compile error: {type(error).__name__}: {error}"}
+        return _error("Compile error", error)
     function = namespace.get(VERIFY_FUNCTION)
     if not callable(function):
         return {"status": "error", "error": f"Function '{VERIFY_FUNCTION}' not found"}
@@ -96,16 +281,31 @@ def run(payload: dict) -> dict:
         )
         return {"status": "success", "raw_result": _json_safe(result)}
     except BaseException as error:  # noqa: BLE001
-        return {"status": "error", "error": f"Execution error: {type(error).__name__}: {error}"}
+        return _error("Execution error", error)
+
+
+def lock_down(payload: dict) -> str:
+    """Steps 2-5 of the module docstring; returns who the verifier runs as."""
+    import _strptime  # noqa: F401 -- datetime.strptime imports it lazily
+    import encodings.ascii  # noqa: F401
+    import encodings.latin_1  # noqa: F401
+
+    sys.stdout = _CappedOutput(sys.__stdout__)
+    sys.stderr = _CappedOutput(sys.__stderr__)
+    who = _drop_privileges()
+    uris = _install_read_only_sqlite([payload["initial_db_path"], payload["final_db_path"]])
+    sys.addaudithook(_make_audit_hook(uris))
+    return who
 
 
 def main() -> None:
     with open(sys.argv[1], encoding="utf-8") as handle:
         payload = json.load(handle)
+    real_stdout = sys.__stdout__
+    lock_down(payload)
     outcome = run(payload)
-    sys.stdout.flush()
-    sys.__stdout__.write("\n" + payload["marker"] + json.dumps(outcome) + "\n")
-    sys.__stdout__.flush()
+    real_stdout.write("\n" + payload["marker"] + json.dumps(outcome) + "\n")
+    real_stdout.flush()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import re
 import resource
 import shutil
 import signal
@@ -197,7 +198,9 @@ class WorldServer:
         """Build the databases, launch the server and wait until /mcp answers."""
         if self._process is not None:
             raise WorldServerError(f"{self.world.name}: server already started")
-        self._dir = Path(tempfile.mkdtemp(prefix=f"awm_{self.world.name}_"))
+        # The name only decorates the folder, and only when it cannot leave the temp dir.
+        safe = self.world.name if re.fullmatch(r"[a-z0-9_]{1,64}", self.world.name) else "world"
+        self._dir = Path(tempfile.mkdtemp(prefix=f"awm_{safe}_"))
         atexit.register(self.stop)
         try:
             build_database(self.world, self.initial_db_path)

@@ -1,0 +1,154 @@
+"""Interrupted and failing runs: SIGKILL mid-training then --resume; a diverging run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from echo_jax import train as train_module
+from echo_jax.config import Config, DataConfig, LossConfig, TrainConfig
+from echo_jax.run_dir import RunDir, RunDirError
+from echo_jax.train import TrainingDiverged, init_model, init_state, make_optimizer, run_experiment
+from echo_jax.vocab import Vocab
+from tests.test_data import small_episode, write_jsonl
+from tests.test_train import TINY_MODEL
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+STEPS, EVERY = 16, 4
+FLAGS = [
+    "--d_model=16",
+    "--n_layers=1",
+    "--max_len=512",
+    "--batch_size=2",
+    f"--steps={STEPS}",
+    "--log_every=1",
+    f"--checkpoint_every={EVERY}",
+    "--eval_splits=",
+]
+
+
+def _train(workdir, *extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", *FLAGS, f"--workdir={workdir}", *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _checkpoints(workdir) -> list[int]:
+    folder = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(folder):
+        return []
+    return sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    reference = _train(full)  # Runs alongside the one that gets killed.
+    victim = _train(cut)
+    try:
+        deadline = time.monotonic() + 240
+        while not _checkpoints(cut) and victim.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)  # Somewhere after the first checkpoint: mid-step, mid-save or mid-log.
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert victim.returncode == -signal.SIGKILL, victim.stderr.read()[-2000:]
+    killed_at = max(_checkpoints(cut), default=0)
+    assert 0 < killed_at < STEPS, "the run was not interrupted mid-way"
+
+    saved = Config.from_dict(json.loads((cut / "config.json").read_text()))
+    with pytest.raises(RunDirError, match="already holds a run"):  # Not without --resume.
+        RunDir.open(cut, saved, resume=False)
+
+    # What a kill mid-save can leave behind, beyond the last checkpoint.
+    later = cut / "checkpoints" / str(killed_at + EVERY)
+    (later / "state").mkdir(parents=True)  # A step dir without orbax's metadata file.
+    tmp_dir = cut / "checkpoints" / f"{killed_at + 2 * EVERY}.orbax-checkpoint-tmp-1"
+    (tmp_dir / "state").mkdir(parents=True)
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"step": 99, "loss": 0.')  # A metrics line cut short.
+
+    resumed = _train(cut, "--resume")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert f"resumed from step {killed_at}" in out
+    out_full, err_full = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err_full[-3000:]
+
+    vocab = Vocab.load(full / "vocab.json")
+    assert (cut / "vocab.json").read_text() == (full / "vocab.json").read_text()
+    saved = Config.from_dict(json.loads((full / "config.json").read_text()))
+    template = init_state(init_model(saved, vocab.size, 0)[1], make_optimizer(saved.train))
+    a, meta_a = RunDir(full).restore(template, STEPS)
+    b, meta_b = RunDir(cut).restore(template, STEPS)
+    chex.assert_trees_all_close(a.params, b.params, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(a.opt_state, b.opt_state, rtol=1e-6, atol=1e-7)
+    assert meta_a == meta_b
+    timing = ("steps_per_s", "tokens_per_s")
+    lines = [
+        [{k: v for k, v in m.items() if k not in timing} for m in RunDir(d).read_metrics()]
+        for d in (full, cut)
+    ]
+    assert [m["step"] for m in lines[1]] == list(range(1, STEPS + 1))  # Each step once.
+    for la, lb in zip(*lines, strict=True):
+        for key in la:
+            np.testing.assert_allclose(la[key], lb[key], rtol=1e-5, err_msg=key)
+    leftovers = [n for n in os.listdir(cut) + os.listdir(cut / "checkpoints") if "tmp" in n]
+    assert leftovers == []
+
+
+@pytest.fixture(scope="module")
+def episodes_path(tmp_path_factory):
+    records = [small_episode(task_idx=i % 3, reward=float(i % 2)) for i in range(6)]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "eps.jsonl", records)
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(
+    episodes_path, tmp_path, monkeypatch
+):
+    cfg = Config(
+        model=TINY_MODEL,
+        loss=LossConfig(objective="echo", lam=0.1),
+        data=DataConfig(paths=(episodes_path,), max_len=128),
+        train=TrainConfig(steps=6, batch_size=3, log_every=1, checkpoint_every=2),
+    )
+    real_make_batch = train_module.make_batch
+    calls = []
+
+    def poisoned(data, index):  # Step 5's batch carries a NaN advantage.
+        batch = real_make_batch(data, index)
+        calls.append(1)
+        if len(calls) == 5:
+            batch = dict(batch, advantage=np.full_like(batch["advantage"], np.nan))
+        return batch
+
+    monkeypatch.setattr(train_module, "make_batch", poisoned)
+    with pytest.raises(TrainingDiverged) as err:
+        run_experiment(cfg, str(tmp_path / "w"), log=lambda _: None)
+    message = str(err.value)
+    assert message.startswith("non-finite loss at step 5 (loss=nan")
+    assert "Last good checkpoint: step 4" in message
+    run = RunDir(tmp_path / "w")
+    assert run.latest_checkpoint_step() == 4
+    assert [m["step"] for m in run.read_metrics()] == [1, 2, 3, 4]
+    assert not os.path.exists(tmp_path / "w" / "summary.json")
+    vocab = Vocab.load(tmp_path / "w" / "vocab.json")
+    template = init_state(init_model(cfg, vocab.size, 0)[1], make_optimizer(cfg.train))
+    state, _ = run.restore(template, 4)
+    assert int(state.step) == 4
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
