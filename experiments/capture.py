@@ -13,7 +13,7 @@ from echo_jax import corpus
 from echo_jax.awm.capture import CaptureConfig, run_capture, write_manifest
 from echo_jax.awm.harness import HarnessConfig
 from echo_jax.awm.replay import check_corpus
-from echo_jax.awm.world_format import load_worlds
+from echo_jax.awm.world_format import WorldFormatError, load_worlds
 
 _WORLDS = flags.DEFINE_string("worlds", None, "AWM-format world folder.", required=True)
 _EPISODES = flags.DEFINE_integer("episodes_per_task", 1, "Episodes per (scenario, task).")
@@ -33,6 +33,13 @@ _POLICY_MODULE = flags.DEFINE_string(
 
 
 def main(argv: list[str]) -> None:
+    try:
+        _main(argv)
+    except WorldFormatError as e:  # A broken world folder is the user's input, not a crash.
+        raise SystemExit(f"error: {e}") from None
+
+
+def _main(argv: list[str]) -> None:
     del argv
     config = CaptureConfig(
         worlds_dir=_WORLDS.value,

@@ -22,6 +22,7 @@ import importlib
 import json
 import logging
 import multiprocessing
+import os
 import sqlite3
 import subprocess
 import time
@@ -37,12 +38,12 @@ from echo_jax.atomic import atomic_open, atomic_write_text
 from echo_jax.awm.harness import HarnessConfig, run_episode
 from echo_jax.awm.mcp_client import McpClient, WorldUnavailable
 from echo_jax.awm.world_format import World, load_worlds
-from echo_jax.awm.world_server import WorldServer, WorldServerError
+from echo_jax.awm.world_server import WorldServer, WorldServerError, parent_death_hook
 
 log = logging.getLogger(__name__)
 
 SHARD_SUFFIX = ".jsonl.gz"
-_WORLD_FAILURES = (WorldUnavailable, WorldServerError, sqlite3.Error)
+WORLD_FAILURES = (WorldUnavailable, WorldServerError, sqlite3.Error)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class CaptureConfig:
     scenarios: tuple[str, ...] | None = None
     workers: int = 2
     episode_attempts: int = 3
+    request_timeout_s: float = 30.0  # A world that answers no MCP request within this is hung.
     policy_module: str = "echo_jax.awm.policies"
     harness: HarnessConfig = field(default_factory=HarnessConfig)
     command: str = ""
@@ -106,17 +108,18 @@ def _policy_source(module_name: str, worlds_dir: str) -> tuple[Any, Any]:
     return module, module.load_task_params(worlds_dir)
 
 
-class _LiveWorld:
+class LiveWorld:
     """A started server with an initialised client, restartable after a failure."""
 
-    def __init__(self, world: World):
+    def __init__(self, world: World, timeout_s: float = 30.0):
         self.world = world
+        self.timeout_s = timeout_s
         self.server: WorldServer | None = None
         self.client: McpClient | None = None
 
     def open(self) -> None:
         self.server = WorldServer(self.world).start()
-        self.client = McpClient(self.server.mcp_url)
+        self.client = McpClient(self.server.mcp_url, timeout_s=self.timeout_s)
         self.client.initialize()
 
     def close(self) -> None:
@@ -133,7 +136,7 @@ class _LiveWorld:
 
 
 def _capture_episode(
-    live: _LiveWorld, config: CaptureConfig, task_idx: int, k: int
+    live: LiveWorld, config: CaptureConfig, task_idx: int, k: int
 ) -> tuple[dict[str, Any] | None, str | None]:
     """Run one episode, restarting the world after a failure; return (episode, last error)."""
     policies, params = _policy_source(config.policy_module, config.worlds_dir)
@@ -146,7 +149,7 @@ def _capture_episode(
             episode = run_episode(
                 live.server, live.client, live.world, task_idx, policy, config.harness
             )
-        except _WORLD_FAILURES as error:
+        except WORLD_FAILURES as error:
             last_error = f"{type(error).__name__}: {error}"
             log.warning("%s task %d k %d: %s; restarting", live.world.name, task_idx, k, error)
             live.restart()
@@ -160,7 +163,7 @@ def capture_scenario(config: CaptureConfig, scenario: str) -> dict[str, Any]:
     """Capture and write one scenario's shard; returns a summary for the progress log."""
     started = time.monotonic()
     world = load_worlds(config.worlds_dir, [scenario])[scenario]
-    live = _LiveWorld(world)
+    live = LiveWorld(world, config.request_timeout_s)
     episodes, failures = [], []
     try:
         live.open()
@@ -194,11 +197,23 @@ def _run_shards(config: CaptureConfig, scenarios: list[str]) -> Iterator[tuple[s
     # spawn, not fork: forked children would inherit the parent's threads and sockets.
     context = multiprocessing.get_context("spawn")
     workers = min(config.workers, len(scenarios))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        initializer=_die_with_parent,
+        initargs=(os.getpid(),),
+    ) as pool:
         futures = {pool.submit(capture_scenario, config, s): s for s in scenarios}
         for future in as_completed(futures):
             error = future.exception()
             yield futures[future], (error if error is not None else future.result())
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: a killed capture takes its workers (and so their servers) with it."""
+    parent_death_hook()()
+    if os.getppid() != parent_pid:  # The parent died before the signal was armed.
+        os._exit(1)
 
 
 def git_commit() -> str:

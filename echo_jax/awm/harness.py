@@ -47,6 +47,9 @@ from echo_jax.awm.world_server import WorldServer
 
 VERIFY_TOOL = "verify"
 INVALID_ACTION_TOOL = "invalid_action"
+# A policy whose output is no tool call (a model's unparsable text) returns
+# {PARSE_ERROR_KEY: why, "raw": its text}; the harness rejects it like any invalid action.
+PARSE_ERROR_KEY = "parse_error"
 _HTTP_ERROR = re.compile(r"Error calling \S+\. Status code: (\d{3})\.")
 _JSON_RPC_INVALID_PARAMS = -32602
 
@@ -92,6 +95,8 @@ def _verify_reward_type(verify_result: dict[str, Any]) -> str:
 def _invalid_action_reason(action: Any) -> str | None:
     if not isinstance(action, dict):
         return f"action must be a dict, got {type(action).__name__}"
+    if isinstance(action.get(PARSE_ERROR_KEY), str):
+        return action[PARSE_ERROR_KEY]
     if not isinstance(action.get("tool_name"), str) or not action["tool_name"]:
         return "action needs a non-empty string 'tool_name'"
     if not isinstance(action.get("arguments", {}), dict):

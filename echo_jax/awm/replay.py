@@ -12,11 +12,9 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from echo_jax.awm.capture import read_shard
+from echo_jax.awm.capture import LiveWorld, read_shard
 from echo_jax.awm.harness import INVALID_ACTION_TOOL, HarnessConfig, run_episode
-from echo_jax.awm.mcp_client import McpClient
 from echo_jax.awm.world_format import World, load_worlds
-from echo_jax.awm.world_server import WorldServer
 
 _COMPARED_FIELDS = ("reward_type", "tool_result", "error", "warning")
 
@@ -58,16 +56,17 @@ def replay_scenario(
     """Replays each episode of one scenario on one fresh server (reset between episodes)."""
     config = config or HarnessConfig()
     out = []
-    with WorldServer(world) as server:
-        client = McpClient(server.mcp_url)
-        try:
-            client.initialize()
-            for recorded in episodes:
-                policy = ReplayPolicy([step["action"] for step in recorded["steps"]])
-                replayed = run_episode(server, client, world, recorded["task_idx"], policy, config)
-                out.append((recorded, differences(recorded, replayed)))
-        finally:
-            client.close()
+    live = LiveWorld(world)
+    try:
+        live.open()
+        for recorded in episodes:
+            policy = ReplayPolicy([step["action"] for step in recorded["steps"]])
+            replayed = run_episode(
+                live.server, live.client, world, recorded["task_idx"], policy, config
+            )
+            out.append((recorded, differences(recorded, replayed)))
+    finally:
+        live.close()
     return out
 
 

@@ -1,0 +1,272 @@
+"""The closed-loop agent: a trained model that writes tool calls for the AWM harness.
+
+Each turn renders the episode so far with THE renderer (`echo_jax.render`), appends the call
+marker, tokenises with the run's compact vocabulary exactly as training does, generates until
+the closing marker (`echo_jax.decoding`), and parses the call. Text that is no call becomes an
+invalid action for the harness (`PARSE_ERROR_KEY`), which records the world's own error
+observation, as for any behaviour policy; an unknown tool goes to the world, which answers
+"Unknown tool". A history longer than the context keeps the CONTEXT prefix and the most recent
+steps, cut at step starts like training windows.
+
+Every generated call is logged in `ModelAgent.records` -- tokens, text, per-token log-probs
+under the model (`logp`, PPO's old_logp) and under the sampling distribution (`sample_logp`) --
+and `attach_records` puts them on the episode's steps under "policy".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from echo_jax import roles
+from echo_jax.awm.harness import PARSE_ERROR_KEY
+from echo_jax.config import Config
+from echo_jax.decoding import Decoder, Generation
+from echo_jax.episodes import Episode, Step
+from echo_jax.model import Transformer
+from echo_jax.packing import to_compact
+from echo_jax.render import CALL_MARK, END_CALL, Rendered, render_episode
+from echo_jax.run_dir import RunDir
+from echo_jax.tokenizer import tokenize_rendered
+from echo_jax.train import init_state, make_optimizer
+from echo_jax.vocab import Vocab
+
+CALL_KEYS = ("tool_name", "arguments")
+POLICY_KEY = "policy"  # Step key under which `attach_records` stores a generated call's record.
+
+
+class ActionParseError(ValueError):
+    """Generated text that is not one well-formed tool call; the message says why."""
+
+
+def parse_action(text: str) -> dict[str, Any]:
+    """Generated call text (up to its closing marker) -> {"tool_name", "arguments"}.
+
+    The format is `render.render_action`'s: one JSON object with a non-empty string tool_name
+    and an object of arguments, then END_CALL. Raises ActionParseError otherwise.
+    """
+    end = text.find(END_CALL)
+    if end < 0:
+        raise ActionParseError("the call was not closed with <|end_call|>")
+    body = text[:end]
+    try:
+        call = json.loads(body)
+    except json.JSONDecodeError as e:
+        why = f"the call is not valid JSON ({e.msg} at character {e.pos})"
+        raise ActionParseError(why) from None
+    if not isinstance(call, dict):
+        raise ActionParseError(f"the call must be a JSON object, got {type(call).__name__}")
+    extra = sorted(set(call) - set(CALL_KEYS))
+    if extra:
+        raise ActionParseError(f"the call has unexpected keys {extra}")
+    name, arguments = call.get("tool_name"), call.get("arguments", {})
+    if not isinstance(name, str) or not name:
+        raise ActionParseError("the call needs a non-empty string 'tool_name'")
+    if not isinstance(arguments, dict):
+        raise ActionParseError("the call's 'arguments' must be a JSON object")
+    return {"tool_name": name, "arguments": arguments}
+
+
+def as_step(step: Step | dict[str, Any]) -> Step:
+    """A harness step dict ({"action", "observation"}) or an episode Step, as a Step."""
+    if isinstance(step, Step):
+        return step
+    action = step["action"]
+    return Step(
+        tool_name=action["tool_name"],
+        arguments=action.get("arguments", {}),
+        observation=step["observation"],
+    )
+
+
+def build_prompt(
+    task: str,
+    tools: Sequence[str],
+    steps: Sequence[Step | dict[str, Any]],
+    vocab: Vocab,
+    max_prompt_len: int,
+    canonical_json: bool = False,
+) -> tuple[np.ndarray, bool]:
+    """Compact ids of the episode so far plus the next call marker, and whether history was cut.
+
+    When it is longer than max_prompt_len, the CONTEXT prefix is kept and the body starts at the
+    earliest step that fits (the last step cut from the left if even it alone does not).
+    """
+    episode = Episode(
+        scenario="",
+        task=task,
+        task_idx=0,
+        tools=tuple(tools),
+        steps=tuple(as_step(s) for s in steps),
+        reward=0.0,
+        source="agent",
+    )
+    rendered = render_episode(episode, canonical_json)
+    rendered = Rendered(
+        segments=(*rendered.segments, (CALL_MARK, roles.CONTEXT)),
+        prefix_segments=rendered.prefix_segments,
+        step_starts=(*rendered.step_starts, len(rendered.segments)),
+    )
+    compact = to_compact(tokenize_rendered(rendered), vocab)
+    ids, n, prefix = compact.ids, compact.ids.size, compact.prefix_len
+    if n <= max_prompt_len:
+        return ids, False
+    room = max_prompt_len - prefix
+    marker = n - int(compact.step_starts[-1])  # Tokens of the final call marker.
+    if room < marker:
+        raise ValueError(
+            f"the task and tool list take {prefix} tokens; with the call marker they do not fit "
+            f"a prompt of {max_prompt_len} (max_len minus max_new_tokens)"
+        )
+    fitting = [int(s) for s in compact.step_starts if n - s <= room]
+    start = fitting[0] if fitting else n - room
+    return np.concatenate([ids[:prefix], ids[start:]]), True
+
+
+GenerateFn = Callable[[Sequence[np.ndarray], jax.Array], list[Generation]]
+
+
+class ModelAgent:
+    """A harness policy (`next_action(steps)`) for one episode of one task."""
+
+    def __init__(
+        self,
+        generate: GenerateFn,
+        task: str,
+        tools: Sequence[str],
+        vocab: Vocab,
+        max_prompt_len: int,
+        key: jax.Array,
+        canonical_json: bool = False,
+    ):
+        self.generate = generate
+        self.task = task
+        self.tools = tuple(tools)
+        self.vocab = vocab
+        self.max_prompt_len = max_prompt_len
+        self.key = key
+        self.canonical_json = canonical_json
+        self.records: list[dict[str, Any]] = []
+
+    def next_action(self, steps: list[dict[str, Any]]) -> dict[str, Any]:
+        prompt, cut = build_prompt(
+            self.task, self.tools, steps, self.vocab, self.max_prompt_len, self.canonical_json
+        )
+        self.key, sub = jax.random.split(self.key)
+        (gen,) = self.generate([prompt], sub)
+        try:
+            action = parse_action(gen.text)
+            error = None
+        except ActionParseError as e:
+            error = str(e)
+            action = {PARSE_ERROR_KEY: f"unparsable call: {error}", "raw": gen.text[:2000]}
+        self.records.append(
+            {
+                "text": gen.text,
+                "tokens": gen.tokens.tolist(),
+                "logp": [round(float(x), 6) for x in gen.logp],
+                "sample_logp": [round(float(x), 6) for x in gen.sample_logp],
+                "closed": gen.stopped,
+                "parse_error": error,
+                "prompt_tokens": gen.prompt_len,
+                "history_cut": cut,
+            }
+        )
+        return action
+
+
+def attach_records(episode: dict[str, Any], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stores each generated call's record on its step (the harness asks the policy once per
+    step, except a forced verify at the step limit, which gets none)."""
+    steps = episode["steps"]
+    if not len(steps) - 1 <= len(records) <= len(steps):
+        raise ValueError(f"{len(records)} policy records for an episode of {len(steps)} steps")
+    for step, record in zip(steps, records, strict=False):
+        step[POLICY_KEY] = record
+    return episode
+
+
+def load_run(
+    workdir: str | os.PathLike, step: int | None = None
+) -> tuple[Config, Vocab, Any, Any, int]:
+    """(config, vocab, graphdef, params, checkpoint step) of a training run's latest (or given)
+    checkpoint. Nothing is initialised: the restore template is shapes only."""
+    run = RunDir(workdir)
+    with open(run.file(RunDir.CONFIG)) as f:
+        cfg = Config.from_dict(json.load(f))
+    vocab = Vocab.load(run.file(RunDir.VOCAB))
+    step = run.latest_checkpoint_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{run.checkpoint_dir} holds no checkpoint")
+    tx = make_optimizer(cfg.train)
+    graphdef, template = _abstract_model(cfg, vocab.size)
+    state, _ = run.restore(jax.eval_shape(lambda p: init_state(p, tx), template), step)
+    return cfg, vocab, graphdef, state.params, step
+
+
+def _abstract_model(cfg: Config, vocab_size: int) -> tuple[Any, Any]:
+    """The model's graph and its parameters' shapes, without running any initialiser."""
+    abstract = nnx.eval_shape(lambda: Transformer(cfg.model, vocab_size, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def _same_call(parsed: dict[str, Any], step: Step) -> tuple[bool, bool]:
+    name_ok = parsed["tool_name"] == step.tool_name
+    return name_ok, name_ok and parsed["arguments"] == step.arguments
+
+
+def tool_call_accuracy(
+    decoder: Decoder,
+    episodes: Sequence[Episode],
+    *,
+    success_reward: float = 1.0,
+    batch_size: int = 8,
+    max_positions: int | None = None,
+    canonical_json: bool = False,
+) -> dict[str, float]:
+    """Teacher-forced greedy calls at every action position of the successful episodes.
+
+    Each position's prompt is the recorded history before it (windowed like the agent's); the
+    greedy call is parsed and compared with the recorded one, tool name and arguments as parsed
+    JSON values. Returns shares over positions: tool_name_acc, call_acc (name and arguments),
+    parse_error_rate, and positions.
+    """
+    max_prompt_len = decoder.max_len - decoder.max_new_tokens
+    positions = [
+        (ep, i) for ep in episodes if ep.reward >= success_reward for i in range(len(ep.steps))
+    ]
+    if max_positions is not None:
+        positions = positions[:max_positions]
+    names = calls = errors = 0
+    for lo in range(0, len(positions), batch_size):
+        chunk = positions[lo : lo + batch_size]
+        prompts = [
+            build_prompt(
+                ep.task, ep.tools, ep.steps[:i], decoder.vocab, max_prompt_len, canonical_json
+            )[0]
+            for ep, i in chunk
+        ]
+        prompts += [prompts[0]] * (batch_size - len(prompts))  # One shape, one compilation.
+        gens = decoder.generate(prompts, jax.random.key(0), temperature=0.0)
+        for (ep, i), gen in zip(chunk, gens, strict=False):
+            try:
+                name_ok, call_ok = _same_call(parse_action(gen.text), ep.steps[i])
+            except ActionParseError:
+                errors += 1
+                continue
+            names += name_ok
+            calls += call_ok
+    n = len(positions)
+    return {
+        "positions": n,
+        "tool_name_acc": names / n if n else float("nan"),
+        "call_acc": calls / n if n else float("nan"),
+        "parse_error_rate": errors / n if n else float("nan"),
+    }

@@ -1,0 +1,69 @@
+"""Closed-loop evaluation of a training run's agent in the local AWM worlds.
+
+    python -m experiments.evaluate --checkpoint=runs/echo_x --split=heldout_tasks --samples=4 \
+        [--temperature=1.0 --top_p=1.0 --max_steps=30 --max_tasks=N] \
+        [--worlds=data/awm_worlds --corpus=data/corpus --out=DIR]
+
+Logic in echo_jax.closed_loop.evaluate_checkpoint; metrics are printed as JSON and written with
+the rollouts (capture format) to --out (default CHECKPOINT/closed_loop/<split>_step<step>).
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags, logging
+
+from echo_jax import config as C
+from echo_jax.closed_loop import evaluate_checkpoint
+
+_A = C.AgentConfig()
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training run workdir.", required=True)
+_SPLIT = flags.DEFINE_enum("split", "heldout_tasks", C.SPLITS, "Corpus split whose tasks to run.")
+_SAMPLES = flags.DEFINE_integer("samples", 4, "Sampled episodes per task (K), besides greedy.")
+_TEMPERATURE = flags.DEFINE_float("temperature", _A.temperature, "Sampling temperature.")
+_TOP_P = flags.DEFINE_float("top_p", _A.top_p, "Nucleus sampling mass.")
+_MAX_STEPS = flags.DEFINE_integer("max_steps", _A.max_steps, "Tool calls before forced verify.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", _A.max_new_tokens, "Token budget per call.")
+_MAX_TASKS = flags.DEFINE_integer("max_tasks", None, "Evaluate a fixed random subset of tasks.")
+_WORLDS = flags.DEFINE_string("worlds", "data/awm_worlds", "AWM-format world folder.")
+_CORPUS = flags.DEFINE_string("corpus", "data/corpus", "Corpus folder ('' : all world tasks).")
+_SCENARIOS = flags.DEFINE_list("scenarios", None, "Only these scenarios.")
+_POSITIONS = flags.DEFINE_integer(
+    "tool_call_positions", 64, "Teacher-forced positions for tool-call accuracy (0: skip)."
+)
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling and task-subset seed.")
+_OUT = flags.DEFINE_string("out", None, "Output folder for rollouts and metrics.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    agent = C.AgentConfig(
+        temperature=_TEMPERATURE.value,
+        top_p=_TOP_P.value,
+        max_new_tokens=_MAX_NEW.value,
+        max_steps=_MAX_STEPS.value,
+    )
+    metrics = evaluate_checkpoint(
+        _CHECKPOINT.value,
+        _SPLIT.value,
+        _SAMPLES.value,
+        worlds=_WORLDS.value,
+        corpus_dir=_CORPUS.value or None,
+        agent=agent,
+        max_tasks=_MAX_TASKS.value,
+        scenarios=_SCENARIOS.value,
+        tool_call_positions=_POSITIONS.value,
+        seed=_SEED.value,
+        out=_OUT.value,
+        step=_STEP.value,
+    )
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,140 @@
+"""The λ ablation: grpo, echo at each λ, verifier_free; several seeds; one results table.
+
+    python -m experiments.sweep                    # the default grid, resumable; writes results/
+    python -m experiments.sweep --report_only      # tables, plots, README section from the CSV
+    python -m experiments.sweep --closed_loop=agent   # fill pass@1 / pass@k of finished runs
+
+Every arm shares the training flags of experiments.train (--data, --steps, --model_size, ...);
+--objectives, --lams and --seeds choose the grid, which replaces --objective, --lam, --seed and
+--workdir. Runs live in <root>/<arm>_seed<s>; a finished run is skipped, an interrupted one
+resumed. Outputs in --results: ablation.csv, ABLATION.md, README_results.md, *.png.
+
+Default size, for 2 CPU cores: 7 arms × 3 seeds = 21 runs of SWEEP_STEPS=150 steps of the tiny
+model at batch 4 × 1024 tokens (600 rows per run), with held-out evaluation at steps 50, 100
+and 150 on at most 16 rows per set. Budget per run: 80 min / 21 ≈ 230 s. Measured cost on
+this machine: ~1 s per training step when idle (~2 CPU-s per step), one eval row ≈ 7% of a
+step (≈ 6 s per evaluation of the four sets), compile ≈ 15 s for an arm's first run and a few
+seconds for its other seeds (persistent XLA cache, --jax_cache), packed data cached after the
+first run (--cache_dir). Estimate ≈ 150 + 18 + 20 ≈ 190 s per run, ≈ 65 min for the grid,
+leaving slack for a shared machine. On an accelerator raise --steps (and --model_size).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+from absl import app, flags, logging
+
+from echo_jax import config as C
+from echo_jax import results, sweep
+from echo_jax.episodes import EpisodeError
+from echo_jax.run_dir import RunDirError
+from experiments import train as train_cli  # Defines the shared training flags.
+
+# Sized for 2 CPU cores: 21 runs × (SWEEP_STEPS steps + 4 evals + start-up) in ~80 minutes.
+SWEEP_STEPS = 150
+SWEEP_EVAL_EVERY = 50
+SWEEP_EVAL_MAX_ROWS = 16
+
+flags.DEFINE_list("objectives", list(C.OBJECTIVES), "Objectives of the grid.")
+flags.DEFINE_list("lams", ["0.005", "0.01", "0.05", "0.1", "0.5"], "λ values of the echo arms.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every arm runs each.")
+flags.DEFINE_string("root", "runs/sweep", "Folder holding one workdir per run.")
+flags.DEFINE_string("results", "results", "Folder for ablation.csv, ABLATION.md and plots.")
+flags.DEFINE_bool("report_only", False, "Regenerate the report from <results>/ablation.csv.")
+flags.DEFINE_enum(
+    "closed_loop",
+    "none",
+    ["none", "agent"],
+    "pass@1 / pass@k per finished run: none (empty columns) or the agent in the AWM worlds "
+    "(echo_jax.closed_loop); rerun with 'agent' to fill them in for finished runs.",
+)
+flags.DEFINE_enum("closed_loop_split", "heldout_tasks", C.SPLITS, "Tasks the agent is run on.")
+flags.DEFINE_integer("closed_loop_samples", 4, "K sampled episodes per task (pass@K), + greedy.")
+flags.DEFINE_integer("closed_loop_max_tasks", 8, "Fixed random subset of tasks (0: all).")
+flags.DEFINE_string("worlds", "data/awm_worlds", "AWM-format world folder for --closed_loop.")
+flags.DEFINE_string(
+    "jax_cache",
+    "runs/.jax_cache",
+    "Persistent XLA compilation cache shared by the runs ('' turns it off).",
+)
+FLAGS = flags.FLAGS
+FLAGS.set_default("data", ["data/corpus"])
+FLAGS.set_default("steps", SWEEP_STEPS)
+FLAGS.set_default("eval_every", SWEEP_EVAL_EVERY)
+FLAGS.set_default("eval_max_rows", SWEEP_EVAL_MAX_ROWS)
+FLAGS.set_default("checkpoint_every", SWEEP_EVAL_EVERY)
+
+_PER_RUN = ("objective", "lam", "seed", "workdir", "resume")
+
+
+def command_line() -> str:
+    """The invocation as typed (absl leaves sys.argv alone), for the report."""
+    return shlex.join(["python", "-m", "experiments.sweep", *sys.argv[1:]])
+
+
+def specs_from_flags() -> list[sweep.RunSpec]:
+    given = [f"--{name}" for name in _PER_RUN if FLAGS[name].present]
+    if given:
+        raise C.ConfigError(
+            f"{', '.join(given)} set per run by the sweep; use --objectives/--lams/--seeds/--root"
+        )
+    for objective in FLAGS.objectives:
+        if objective not in C.OBJECTIVES:
+            raise C.ConfigError(f"objective {objective!r} is not one of {', '.join(C.OBJECTIVES)}")
+    try:
+        lams, seeds = [float(x) for x in FLAGS.lams], [int(x) for x in FLAGS.seeds]
+    except ValueError as e:
+        raise C.ConfigError(f"--lams must be numbers and --seeds integers ({e})") from None
+    base = train_cli.config_from_flags()
+    return sweep.grid(base, sweep.arms(FLAGS.objectives, lams), seeds, FLAGS.root)
+
+
+def closed_loop_from_flags() -> sweep.ClosedLoopFn | None:
+    if FLAGS.closed_loop == "none":
+        return None
+    return sweep.agent_closed_loop(
+        split=FLAGS.closed_loop_split,
+        samples=FLAGS.closed_loop_samples,
+        max_tasks=FLAGS.closed_loop_max_tasks or None,
+        worlds=FLAGS.worlds,
+    )
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    out = FLAGS.results
+    try:
+        if FLAGS.report_only:
+            if not os.path.exists(os.path.join(out, results.CSV_NAME)):
+                raise C.ConfigError(f"--report_only: no {results.CSV_NAME} in {out}; run the sweep")
+            for path in results.regenerate(out):
+                print(f"wrote {path}")
+            return
+        specs = specs_from_flags()
+        hook = closed_loop_from_flags()
+        if FLAGS.jax_cache:
+            sweep.enable_compilation_cache(FLAGS.jax_cache)
+        command = command_line()
+        print(f"sweep: {len(specs)} runs under {FLAGS.root}", flush=True)
+        sweep.write_meta(os.path.join(out, results.META_NAME), command, specs)
+        csv_path = os.path.join(out, results.CSV_NAME)
+        rows = sweep.run_sweep(
+            specs,
+            closed_loop=hook,
+            log=lambda m: print(m, flush=True),
+            after_each=lambda rows: results.write_csv(rows, csv_path),  # --report_only mid-way
+        )
+        results.write_csv(rows, csv_path)
+        for path in results.write_report(rows, out, command):
+            print(f"wrote {path}")
+    except (C.ConfigError, EpisodeError, RunDirError, sweep.SweepError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    app.run(main)
