@@ -1,0 +1,162 @@
+"""A full train step (forward, echo loss, backward, global-norm clip, AdamW) in echo_jax against
+the equivalent PyTorch eager model (`benchmarks/torch_reference.py`), in tokens/s on CPU.
+
+python -m benchmarks.train_step_vs_torch                    # presets tiny (default) and small
+python -m benchmarks.train_step_vs_torch --preset=small --repeats=9
+
+Synthetic batch: B=4 rows of T=1024 random tokens over V=8192 (the default vocabulary cap)
+with a realistic role mix. Each side runs in its own process; timed steps alternate sides.
+Target: JAX >= 1.5x PyTorch's tokens/s at both presets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from benchmarks import common
+
+NAME = "train_step_vs_torch"
+LOSS_KWARGS = dict(
+    objective="echo",
+    lam=0.05,
+    world_loss_target="env_only",
+    world_loss_normalization="full_observation_tokens",
+    pg_loss_reduction="sequence_mean",
+)
+
+
+def synthetic_batch(b: int, t: int, v: int) -> dict[str, np.ndarray]:
+    role, adv = common.synthetic_targets(b, t)
+    tokens = np.random.default_rng(1).integers(1, v, (b, t)).astype(np.int32)
+    return {"tokens": tokens, "roles": role, "advantage": adv}
+
+
+class JaxTrainSide(common.Bench):
+    """echo_jax's own jitted step (the one `experiments.train` runs), state donated."""
+
+    def __init__(
+        self,
+        preset: str,
+        b: int,
+        t: int,
+        v: int,
+        objective: str = "echo",
+        impl: str = "plain",
+        chunk_size: int = 1024,
+    ):
+        import jax
+
+        from echo_jax.config import MODEL_PRESETS, Config, LossConfig, TrainConfig
+        from echo_jax.train import init_model, init_state, make_optimizer, make_train_step
+
+        lam = LOSS_KWARGS["lam"] if objective == "echo" else 0.0
+        loss = LossConfig(objective=objective, lam=lam, impl=impl, chunk_size=chunk_size)
+        cfg = Config(model=MODEL_PRESETS[preset], loss=loss, train=TrainConfig(batch_size=b))
+        tx = make_optimizer(cfg.train)
+        graphdef, params = init_model(cfg, v, 0)
+        self.params = sum(x.size for x in jax.tree.leaves(params))
+        self.state = init_state(params, tx)
+        self.step = make_train_step(graphdef, tx, cfg.loss)
+        self.batch = jax.device_put(synthetic_batch(b, t, v))
+        self.jax = jax
+
+    def run(self):
+        self.state, metrics = self.step(self.state, self.batch)
+        self.jax.block_until_ready((self.state, metrics))
+        self.loss = float(metrics["loss"])
+
+    def info(self):
+        return {"loss": self.loss, "params": int(self.params)}
+
+
+class TorchTrainSide(common.Bench):
+    def __init__(self, preset: str, b: int, t: int, v: int):
+        import torch
+
+        from benchmarks import torch_reference as tr
+        from echo_jax.config import MODEL_PRESETS
+
+        m = MODEL_PRESETS[preset]
+        torch.manual_seed(0)
+        model = tr.Transformer(m.d_model, m.n_layers, m.n_heads, m.d_ff, v)
+        self.params = sum(p.numel() for p in model.parameters())
+        self.step = tr.TrainStep(model, LOSS_KWARGS)
+        self.batch = {k: torch.from_numpy(x) for k, x in synthetic_batch(b, t, v).items()}
+        self.batch["tokens"] = self.batch["tokens"].long()
+        self.threads = torch.get_num_threads()
+
+    def run(self):
+        self.loss = float(self.step(self.batch)["loss"])
+
+    def info(self):
+        return {"loss": self.loss, "params": int(self.params), "threads": self.threads}
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", action="append", help="tiny, small (repeatable)")
+    parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--max_len", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--worker")
+    args = parser.parse_args(argv)
+    presets = args.preset or ["tiny", "small"]
+    b, t, v = args.batch_size, args.max_len, args.vocab
+    if args.worker:
+        side = {"jax": JaxTrainSide, "torch": TorchTrainSide}[args.worker]
+        common.serve(lambda: side(presets[0], b, t, v), args.warmup)
+        return
+    for preset in presets:
+        from echo_jax.config import MODEL_PRESETS
+
+        config = {
+            "preset": preset,
+            "model": vars(MODEL_PRESETS[preset]),
+            "B": b,
+            "T": t,
+            "V": v,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "loss": LOSS_KWARGS,
+            "optimizer": "clip 1.0 + AdamW(wd 0.01 on matrices)",
+        }
+        machine = common.header(f"{NAME} {preset}", config)
+        argv_w = [
+            "-m",
+            "benchmarks.train_step_vs_torch",
+            f"--preset={preset}",
+            f"--batch_size={b}",
+            f"--max_len={t}",
+            f"--vocab={v}",
+            f"--warmup={args.warmup}",
+        ]
+        res = common.compare(argv_w, ["jax", "torch"], args.repeats)
+        tok = {s: b * t / r["median_s"] for s, r in res.items()}
+        speedup = tok["jax"] / tok["torch"]
+        for s in ("jax", "torch"):
+            r = res[s]
+            print(
+                f"   {s:5} median {r['median_s'] * 1e3:8.1f} ms/step  {tok[s]:8.0f} tokens/s  "
+                f"peak RSS {r['peak_rss_mb']:6.0f} MB  params {r['params']}"
+            )
+        print(f"   tokens/s jax/torch {speedup:.2f}x (target >= 1.5x)")
+        record = {
+            "benchmark": NAME,
+            "config": config,
+            "machine": machine,
+            "results": res,
+            "tokens_per_s": tok,
+            "speedup": speedup,
+            "load_avg_1m_end": common.machine_info()["load_avg_1m"],
+        }
+        print("   appended to " + common.append_result(NAME, record))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,166 @@
+"""The chunked loss (output projection fused with the cross-entropy) against the plain one."""
+
+import dataclasses
+import re
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from echo_jax import loss as loss_module
+from echo_jax import roles
+from echo_jax.config import Config, LossConfig, ModelConfig, TrainConfig
+from echo_jax.fused_loss import chunked_label_logprobs, model_echo_loss
+from echo_jax.loss import echo_loss, label_logprobs
+from echo_jax.model import Transformer
+from echo_jax.train import init_model, init_state, loss_kwargs, make_optimizer, make_train_step
+
+B, T, V = 3, 17, 251  # B·(T-1) = 48 targets.
+CFG = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32)
+
+
+def random_batch(seed=0, b=B, t=T, v=V):
+    rng = np.random.default_rng(seed)
+    role = rng.choice([roles.CONTEXT, roles.ACTION, roles.ENV_OUTPUT, roles.WARNING], (b, t))
+    role[0, -3:] = roles.PAD
+    return {
+        "tokens": jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32),
+        "roles": jnp.asarray(role, jnp.int32),
+        "advantage": jnp.asarray(rng.normal(size=(b,)), jnp.float32),
+    }
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def autodiff_logprobs(logits_BTV, tokens_BT):
+    """The textbook formulation, differentiated by JAX: the reference for both custom VJPs."""
+    logp_BSV = jax.nn.log_softmax(logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp_BSV, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+
+
+@pytest.mark.parametrize("block_bytes", [4 * V, 4 * V * 5, 1 << 22])  # 1, 3 and all 51 rows
+def test_plain_label_logprobs_blocks_match_autodiff(block_bytes, monkeypatch):
+    monkeypatch.setattr(loss_module, "_ROW_BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(6)
+    logits = jnp.asarray(rng.normal(size=(B, T, V)) * 3, jnp.float32)
+    tokens = random_batch(seed=6)["tokens"]
+    g_BS = jnp.asarray(rng.normal(size=(B, T - 1)), jnp.float32)
+    want, want_g = jax.value_and_grad(lambda x: (autodiff_logprobs(x, tokens) * g_BS).sum())(logits)
+    got, got_g = jax.jit(jax.value_and_grad(lambda x: (label_logprobs(x, tokens) * g_BS).sum()))(
+        logits
+    )
+    assert rel_err(got, want) <= 1e-5 and rel_err(got_g, want_g) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(got_g)[:, -1], 0.0)  # Predicts nothing.
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_label_logprobs_and_their_gradients_match_the_plain_path(chunk):
+    rng = np.random.default_rng(1)
+    h_BTD = jnp.asarray(rng.normal(size=(B, T, 8)), jnp.float32)
+    w_DV = jnp.asarray(rng.normal(size=(8, V)), jnp.float32)
+    tokens = random_batch()["tokens"]
+    g_BS = jnp.asarray(rng.normal(size=(B, T - 1)), jnp.float32)
+
+    def plain(h, w):
+        return (autodiff_logprobs(jnp.einsum("btd,dv->btv", h, w), tokens) * g_BS).sum()
+
+    def fused(h, w):
+        return (chunked_label_logprobs(h[:, :-1], w, tokens[:, 1:], chunk) * g_BS).sum()
+
+    want = jax.value_and_grad(plain, argnums=(0, 1))(h_BTD, w_DV)
+    got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(h_BTD, w_DV)
+    assert rel_err(got[0], want[0]) <= 1e-5
+    for g, w in zip(got[1], want[1], strict=True):
+        assert rel_err(g, w) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "objective, tie", [("grpo", True), ("echo", False), ("verifier_free", True)]
+)
+def test_model_loss_and_parameter_gradients_match_the_plain_path(objective, tie):
+    model = Transformer(dataclasses.replace(CFG, tie_embeddings=tie), V, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    batch = random_batch(seed=2)
+    kwargs = loss_kwargs(LossConfig(objective=objective, lam=0.3))
+
+    def plain(p):
+        logits = nnx.merge(graphdef, p)(batch["tokens"])
+        return echo_loss(logits, batch["tokens"], batch["roles"], batch["advantage"], **kwargs)
+
+    def fused(p):
+        return model_echo_loss(nnx.merge(graphdef, p), batch, chunk_size=10, **kwargs)
+
+    (want, want_m), want_g = jax.jit(jax.value_and_grad(plain, has_aux=True))(params)
+    (got, got_m), got_g = jax.jit(jax.value_and_grad(fused, has_aux=True))(params)
+    assert rel_err(got, want) <= 1e-5
+    for key in ("pg_loss", "env_loss", "env_ce", "action_ce"):
+        assert rel_err(got_m[key], want_m[key]) <= 1e-5, key
+    for (path, g), w in zip(
+        jax.tree_util.tree_leaves_with_path(got_g), jax.tree.leaves(want_g), strict=True
+    ):
+        assert rel_err(g, w) <= 1e-5, jax.tree_util.keystr(path)
+
+
+def test_ppo_clip_old_logprobs_pass_through():
+    model = Transformer(CFG, V, rngs=nnx.Rngs(0))
+    batch = random_batch(seed=3)
+    old = jnp.asarray(np.log(np.random.default_rng(3).uniform(0.01, 0.5, (B, T - 1))), jnp.float32)
+    kwargs = dict(loss_kwargs(LossConfig()), old_logp_BT=old)
+    want, _ = echo_loss(
+        model(batch["tokens"]), batch["tokens"], batch["roles"], batch["advantage"], **kwargs
+    )
+    got, metrics = model_echo_loss(model, batch, chunk_size=16, **kwargs)
+    assert rel_err(got, want) <= 1e-5
+    assert float(metrics["clip_frac"]) > 0
+
+
+def test_train_step_is_the_same_with_either_impl():
+    cfg = Config(model=CFG, train=TrainConfig(steps=4, batch_size=B))
+    tx = make_optimizer(cfg.train)
+    graphdef, params = init_model(cfg, V, 0)
+    batch = random_batch(seed=4)
+    out = {}
+    for impl in ("plain", "chunked"):
+        loss_cfg = LossConfig(impl=impl, chunk_size=13)
+        state = init_state(jax.tree.map(jnp.array, params), tx)
+        state, metrics = make_train_step(graphdef, tx, loss_cfg)(state, batch)
+        out[impl] = (float(metrics["loss"]), jax.tree.map(np.asarray, state.params))
+    assert rel_err(out["chunked"][0], out["plain"][0]) <= 1e-5
+    chex.assert_trees_all_close(out["chunked"][1], out["plain"][1], rtol=1e-5, atol=1e-6)
+
+
+def _big_buffers(hlo: str, min_elements: int) -> list[str]:
+    """Array shapes in compiled HLO with at least `min_elements` elements."""
+    found = []
+    for dims in re.findall(r"[fsu]\d+\[([\d,]+)\]", hlo):
+        n = int(np.prod([int(d) for d in dims.split(",")]))
+        if n >= min_elements:
+            found.append(dims)
+    return found
+
+
+def test_no_batch_by_time_by_vocab_array_in_forward_or_backward():
+    b, t, v = 2, 64, 4093
+    model = Transformer(CFG, v, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    batch = random_batch(seed=5, b=b, t=t, v=v)
+    kwargs = loss_kwargs(LossConfig())
+
+    def fused(p):
+        return model_echo_loss(nnx.merge(graphdef, p), batch, chunk_size=16, **kwargs)[0]
+
+    def plain(p):
+        logits = nnx.merge(graphdef, p)(batch["tokens"])
+        return echo_loss(logits, batch["tokens"], batch["roles"], batch["advantage"], **kwargs)[0]
+
+    limit = b * (t - 1) * v // 4  # Chunks of 16 of 126 targets hold an eighth of them.
+    fused_hlo = jax.jit(jax.grad(fused)).lower(params).compile().as_text()
+    plain_hlo = jax.jit(jax.grad(plain)).lower(params).compile().as_text()
+    assert _big_buffers(plain_hlo, limit), "the check would not see a [B, T, V] array"
+    assert not _big_buffers(fused_hlo, limit)

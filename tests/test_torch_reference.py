@@ -1,0 +1,77 @@
+"""The benchmarks' PyTorch reference computes what echo_jax computes (skipped without torch,
+a benchmark-only extra), so the speed comparisons compare the same work."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from echo_jax.config import Config, LossConfig, ModelConfig
+from echo_jax.loss import echo_loss
+from echo_jax.train import init_model, loss_kwargs
+from tests.test_fused_loss import random_batch
+
+torch = pytest.importorskip("torch")
+from benchmarks import torch_reference as tr  # noqa: E402
+
+B, T, V = 3, 17, 61
+MODEL = ModelConfig(d_model=16, n_layers=2, n_heads=2, d_ff=32)
+
+
+def to_torch(x):
+    return torch.from_numpy(np.array(x))
+
+
+@pytest.mark.parametrize("use_old", [False, True])
+def test_loss_and_logit_gradients_match(use_old):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(B, T, V)).astype(np.float32)
+    batch = random_batch(seed=1, v=V)
+    old = np.log(rng.uniform(0.01, 0.5, (B, T - 1))).astype(np.float32) if use_old else None
+    kwargs = dict(loss_kwargs(LossConfig(lam=0.3)), old_logp_BT=old)
+
+    def jax_loss(x):
+        return echo_loss(x, batch["tokens"], batch["roles"], batch["advantage"], **kwargs)
+
+    (want, want_m), want_g = jax.value_and_grad(jax_loss, has_aux=True)(logits)
+    x = to_torch(logits).requires_grad_(True)
+    t_kwargs = dict(kwargs, old_logp_BT=None if old is None else to_torch(old))
+    got, got_m = tr.echo_loss(
+        x,
+        to_torch(batch["tokens"]),
+        to_torch(batch["roles"]),
+        to_torch(batch["advantage"]),
+        **t_kwargs,
+    )
+    got.backward()
+    np.testing.assert_allclose(got.item(), float(want), rtol=1e-5)
+    for key in ("pg_loss", "env_loss", "env_ce", "action_ce", "clip_frac"):
+        np.testing.assert_allclose(got_m[key].item(), float(want_m[key]), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(x.grad.numpy(), np.asarray(want_g), rtol=1e-4, atol=1e-7)
+
+
+def test_model_with_copied_weights_gives_the_same_logits():
+    graphdef, params = init_model(Config(model=MODEL), V, 0)
+    model = tr.Transformer(MODEL.d_model, MODEL.n_layers, MODEL.n_heads, MODEL.d_ff, V)
+    with torch.no_grad():
+        model.embed.weight.copy_(to_torch(params["embed"]["embedding"]))
+        model.final_norm.scale.copy_(to_torch(params["final_norm"]["scale"]))
+        for i, block in enumerate(model.blocks):
+            p = params["blocks"][i]
+            block.norm1.scale.copy_(to_torch(p["norm1"]["scale"]))
+            block.norm2.scale.copy_(to_torch(p["norm2"]["scale"]))
+            for layer, (a, b) in {
+                block.qkv: ("attn", "qkv"),
+                block.out: ("attn", "out"),
+                block.up: ("mlp", "up"),
+                block.down: ("mlp", "down"),
+            }.items():
+                layer.weight.copy_(to_torch(p[a][b]["kernel"]).T)
+    tokens = random_batch(seed=2, v=V)["tokens"]
+    want = nnx.merge(graphdef, params)(jnp.asarray(tokens))
+    got = model(to_torch(tokens).long()).detach().numpy()
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        x.size for x in jax.tree.leaves(params)
+    )
