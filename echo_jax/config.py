@@ -14,8 +14,13 @@ PG_LOSS_REDUCTIONS: tuple[str, ...] = ("sequence_mean", "token_mean")
 OVERFLOW_MODES: tuple[str, ...] = ("window", "truncate")
 SPLITS: tuple[str, ...] = ("train", "heldout_tasks", "heldout_scenarios")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16")
+ATTENTION_IMPLS: tuple[str, ...] = ("auto", "blocked", "xla", "cudnn")
+LOSS_IMPLS: tuple[str, ...] = ("plain", "chunked")
+# Held-out evaluation sets: the corpus splits plus the one real AWM capture ("real").
+EVAL_SPLITS: tuple[str, ...] = (*SPLITS, "real")
 
-DEFAULT_DATA = ("data/awm_e_commerce_33_task0.json",)
+DEFAULT_DATA = ("data/corpus",)  # The shipped corpus; its train split by default.
+REAL_EPISODE = "data/awm_e_commerce_33_task0.json"  # The real AWM capture, held out.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +31,10 @@ class ModelConfig:
     d_ff: int = 512  # Hidden width of each block's MLP.
     dtype: str = "float32"  # Compute dtype of activations ("bfloat16" on accelerators).
     tie_embeddings: bool = True  # Share the input embedding with the output projection.
+    # Causal attention backend (echo_jax.attention): "cudnn" (jax.nn.dot_product_attention's
+    # fused GPU kernel, bf16/fp16 only), "xla" (its portable one), "blocked" (query blocks that
+    # skip the masked half; fastest on CPU), or "auto" (cudnn on a GPU in bfloat16, else xla).
+    attention: str = "auto"
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
@@ -33,8 +42,10 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(),
     # Four times the tiny model's parameters (twice the width).
     "small": ModelConfig(d_model=256, n_layers=2, n_heads=2, d_ff=1024),
-    # About 100M parameters with a 32k vocabulary; meant for an accelerator in bfloat16.
-    "gpu100m": ModelConfig(d_model=768, n_layers=12, n_heads=12, d_ff=3072, dtype="bfloat16"),
+    # 100.7M parameters at the default 8192-row vocabulary (94.4M in the blocks + 768·V tied
+    # embedding; 171.4M with the full cl100k vocabulary); meant for T=2048 on an accelerator in
+    # bfloat16 compute, float32 master weights and loss.
+    "gpu100m": ModelConfig(d_model=768, n_layers=12, n_heads=12, d_ff=3584, dtype="bfloat16"),
 }
 
 
@@ -46,6 +57,10 @@ class LossConfig:
     world_loss_normalization: str = "full_observation_tokens"  # Or "token_mean".
     pg_loss_reduction: str = "sequence_mean"  # Or "token_mean".
     clip_eps: float = 0.2  # PPO clip range, used when old log-probs are given.
+    # "plain": logits [B, T, V] then the loss; "chunked": output projection fused with the
+    # cross-entropy over chunks of target tokens, never building [B, T, V] (large vocabularies).
+    impl: str = "plain"
+    chunk_size: int = 1024  # Target tokens per chunk of impl="chunked" (a [chunk, V] block).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +69,16 @@ class DataConfig:
     split: str = "train"  # Which split of a corpus folder to use; plain files are used whole.
     max_len: int = 1024  # T: tokens per row.
     overflow: str = "window"  # Longer episodes: "window" (restart with CONTEXT) or "truncate".
-    vocab_size: int = 8192  # Cap on the compact vocabulary, PAD and the 256 byte tokens included.
+    # Cap on the compact vocabulary, PAD and the 256 byte tokens included; 0: the full cl100k
+    # vocabulary (PAD + all 100,277 cl100k ids), for use with LossConfig.impl="chunked".
+    vocab_size: int = 8192
     vocab_min_count: int = 1  # A cl100k token needs this many training occurrences to get a row.
     canonical_json: bool = False  # Re-serialise tool results as sorted, compact JSON.
+    # Skip invalid or duplicate episodes (reported, grouped by reason) instead of failing.
+    skip_invalid: bool = False
+    # Folder caching packed arrays by a hash of inputs, settings and pipeline code ("": no
+    # cache; the CLI's --cache_dir defaults to ~/.cache/echo_jax).
+    cache_dir: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +96,32 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0  # Steps between held-out evaluations; 0: only after the last step.
+    splits: tuple[str, ...] = EVAL_SPLITS  # Sets evaluated (EVAL_SPLITS); empty: no evaluation.
+    max_rows: int = 32  # Rows per set, a fixed subsample when there are more; keeps eval cheap.
+    batch_size: int = 4  # Rows per jitted eval call (the last call is padded).
+    real_path: str = REAL_EPISODE  # The real AWM capture evaluated as set "real".
+    success_reward: float = 1.0  # Action metrics use episodes with reward >= this (verified).
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentConfig:
+    """How the closed-loop agent samples its calls (echo_jax.agent); not part of a run's Config."""
+
+    temperature: float = 1.0  # Sampling temperature of pass@k samples; 0 is greedy.
+    top_p: float = 1.0  # Nucleus sampling: smallest token set with this much probability.
+    max_new_tokens: int = 256  # Tokens per call before it counts as unclosed (a format error).
+    max_steps: int = 30  # Tool calls before the harness forces verify (HarnessConfig).
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -92,7 +135,12 @@ class Config:
             loss=LossConfig(**d["loss"]),
             data=DataConfig(**data),
             train=TrainConfig(**d["train"]),
+            eval=EvalConfig(**_with_tuples(d.get("eval", {}), "splits")),  # Older runs: none.
         )
+
+
+def _with_tuples(d: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: tuple(v) if k in keys else v for k, v in d.items()}
 
 
 class ConfigError(ValueError):
@@ -106,7 +154,7 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 def validate(cfg: Config) -> Config:
     """Rejects bad values before any work starts; returns cfg for chaining."""
-    loss, data, train, model = cfg.loss, cfg.data, cfg.train, cfg.model
+    loss, data, train, model, ev = cfg.loss, cfg.data, cfg.train, cfg.model, cfg.eval
     _choice("objective", loss.objective, OBJECTIVES)
     _choice("world_loss_target", loss.world_loss_target, WORLD_LOSS_TARGETS)
     _choice("world_loss_normalization", loss.world_loss_normalization, WORLD_LOSS_NORMALIZATIONS)
@@ -114,16 +162,22 @@ def validate(cfg: Config) -> Config:
     _choice("overflow", data.overflow, OVERFLOW_MODES)
     _choice("split", data.split, SPLITS)
     _choice("dtype", model.dtype, DTYPES)
+    _choice("attention", model.attention, ATTENTION_IMPLS)
+    _choice("loss impl", loss.impl, LOSS_IMPLS)
+    for split in ev.splits:
+        _choice("eval split", split, EVAL_SPLITS)
     checks = [
         (loss.lam >= 0, f"lam must be >= 0, got {loss.lam}"),
         (0 < loss.clip_eps < 1, f"clip_eps must be in (0, 1), got {loss.clip_eps}"),
         (len(data.paths) > 0, "no data paths given"),
         (data.max_len >= 8, f"max_len must be >= 8, got {data.max_len}"),
         (
-            data.vocab_size >= 258,
-            f"vocab_size must be >= 258 (PAD + 256 bytes + 1), got {data.vocab_size}",
+            data.vocab_size == 0 or data.vocab_size >= 258,
+            f"vocab_size must be 0 (full cl100k) or >= 258 (PAD + 256 bytes + 1), "
+            f"got {data.vocab_size}",
         ),
         (data.vocab_min_count >= 1, "vocab_min_count must be >= 1"),
+        (loss.chunk_size >= 1, f"chunk_size must be >= 1, got {loss.chunk_size}"),
         (train.steps >= 1, f"steps must be >= 1, got {train.steps}"),
         (train.batch_size >= 1, f"batch_size must be >= 1, got {train.batch_size}"),
         (train.learning_rate > 0, f"learning_rate must be > 0, got {train.learning_rate}"),
@@ -145,6 +199,9 @@ def validate(cfg: Config) -> Config:
             "head dimension d_model/n_heads must be even (rotary embeddings)",
         ),
         (model.n_layers >= 1 and model.d_ff >= 1, "n_layers and d_ff must be >= 1"),
+        (ev.every >= 0, f"eval every must be >= 0, got {ev.every}"),
+        (ev.max_rows >= 1, f"eval max_rows must be >= 1, got {ev.max_rows}"),
+        (ev.batch_size >= 1, f"eval batch_size must be >= 1, got {ev.batch_size}"),
     ]
     for ok, message in checks:
         if not ok:

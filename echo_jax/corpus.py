@@ -26,7 +26,6 @@ from echo_jax.packing import tokenize_episodes
 
 MANIFEST = "manifest.json"
 EPISODES_DIR = "episodes"
-REAL_EPISODE = os.path.join("data", "awm_e_commerce_33_task0.json")
 
 
 def domain_of(scenario: str) -> str:

@@ -22,12 +22,72 @@ from echo_jax.config import (
 FULL_OBS_EPS = 1e-3
 
 
+# Rows of [B·T, V] logits handled per loop step of label_logprobs on CPU (about 4 MiB of
+# float32, cache-sized); accelerators take all rows in one step (one fused kernel each way).
+_ROW_BLOCK_BYTES = 1 << 22
+
+
+def _row_block(n_rows: int, v: int) -> int:
+    """The largest divisor of n_rows whose block of rows fits _ROW_BLOCK_BYTES (at least 1)."""
+    if jax.default_backend() != "cpu":
+        return n_rows
+    target = max(1, _ROW_BLOCK_BYTES // (4 * v))
+    return max(d for d in range(1, min(n_rows, target) + 1) if n_rows % d == 0)
+
+
+def _logprobs_and_lse(logits_BTV: Array, next_BT: Array) -> tuple[Array, Array]:
+    b, t, v = logits_BTV.shape
+    r = _row_block(b * t, v)
+
+    def block(args):
+        x_RV, next_R = args
+        x_RV = x_RV.astype(jnp.float32)
+        lse_R = jax.nn.logsumexp(x_RV, axis=-1)
+        return jnp.take_along_axis(x_RV, next_R[:, None], axis=-1)[:, 0] - lse_R, lse_R
+
+    logp_KR, lse_KR = jax.lax.map(block, (logits_BTV.reshape(-1, r, v), next_BT.reshape(-1, r)))
+    return logp_KR.reshape(b, t), lse_KR.reshape(b, t)
+
+
+@jax.custom_vjp
+def _next_token_logprobs(logits_BTV: Array, next_BT: Array) -> Array:
+    return _logprobs_and_lse(logits_BTV, next_BT)[0]
+
+
+def _next_token_logprobs_fwd(logits_BTV, next_BT):
+    logp_BT, lse_BT = _logprobs_and_lse(logits_BTV, next_BT)
+    return logp_BT, (logits_BTV, next_BT, lse_BT)
+
+
+def _next_token_logprobs_bwd(residuals, g_BT):
+    """d logits = g · (onehot - softmax), written block by block over the logits' own buffer."""
+    logits_BTV, next_BT, lse_BT = residuals
+    b, t, v = logits_BTV.shape
+    r = _row_block(b * t, v)
+    k = b * t // r
+    next_KR, lse_KR = next_BT.reshape(k, r), lse_BT.reshape(k, r)
+    g_KR = g_BT.astype(jnp.float32).reshape(k, r)
+
+    def block(i, buf_KRV):
+        p_RV = jnp.exp(buf_KRV[i].astype(jnp.float32) - lse_KR[i][:, None])
+        onehot_RV = (next_KR[i][:, None] == jnp.arange(v)).astype(jnp.float32)
+        return buf_KRV.at[i].set((g_KR[i][:, None] * (onehot_RV - p_RV)).astype(buf_KRV.dtype))
+
+    grad_KRV = jax.lax.fori_loop(0, k, block, logits_BTV.reshape(k, r, v))
+    return grad_KRV.reshape(b, t, v), None
+
+
+_next_token_logprobs.defvjp(_next_token_logprobs_fwd, _next_token_logprobs_bwd)
+
+
 def label_logprobs(logits_BTV: Array, tokens_BT: Array) -> Array:
-    """log p(tokens[:, t+1] | ...) from logsumexp and the label logit; no [B, T, V] log-softmax."""
-    logits_BSV = logits_BTV[:, :-1].astype(jnp.float32)
-    labels_BS = tokens_BT[:, 1:]
-    label_logit_BS = jnp.take_along_axis(logits_BSV, labels_BS[..., None], axis=-1)[..., 0]
-    return label_logit_BS - jax.nn.logsumexp(logits_BSV, axis=-1)
+    """log p(tokens[:, t+1] | ...) as label logit - logsumexp; no [B, T, V] log-softmax.
+
+    Blocks of rows at a time, forward and backward, so XLA keeps no [B, T, V] temporary and the
+    gradient can take the logits' buffer (in place when the logits are donated or dead).
+    """
+    next_BT = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1)))  # The last position predicts nothing.
+    return _next_token_logprobs(logits_BTV, next_BT)[:, :-1]
 
 
 def _check_options(objective: str, world_loss_target: str, normalization: str, reduction: str):

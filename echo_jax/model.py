@@ -1,5 +1,5 @@
 """A small decoder-only transformer in Flax NNX: pre-RMSNorm blocks, rotary positions, causal
-attention through `jax.nn.dot_product_attention` (cuDNN's fused kernel where it is present).
+attention through `echo_jax.attention` (cuDNN's fused kernel on a GPU, query blocks on CPU).
 
 Rows are left-aligned with PAD at the end, so causal attention alone keeps padding from
 influencing any real position; no padding mask is needed.
@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import Array
 
+from echo_jax.attention import causal_attention
+from echo_jax.attention import resolve as resolve_attention
 from echo_jax.config import ModelConfig
 
 
@@ -26,8 +28,20 @@ def rotary(x_BTNH: Array, positions_T: Array) -> Array:
     return out.astype(x_BTNH.dtype)
 
 
+def rotary_rows(x_BSNH: Array, positions_BS: Array) -> Array:
+    """`rotary` with a position per row (incremental decoding: rows at different lengths)."""
+    half = x_BSNH.shape[-1] // 2
+    freq_H = 1.0 / (10_000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angle_BSH = positions_BS[..., None].astype(jnp.float32) * freq_H
+    sin, cos = jnp.sin(angle_BSH)[:, :, None, :], jnp.cos(angle_BSH)[:, :, None, :]
+    x1, x2 = jnp.split(x_BSNH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BSNH.dtype)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.impl = resolve_attention(cfg)  # "cudnn" on a GPU in bfloat16, else "xla".
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         init = nnx.initializers.normal(cfg.d_model**-0.5)
@@ -40,12 +54,46 @@ class Attention(nnx.Module):
         )
 
     def __call__(self, x_BTD: Array, positions_T: Array) -> Array:
+        # Projections on [B·T, D] rows: a 3-D operand makes XLA CPU transpose its gradients.
+        b, t, d = x_BTD.shape
+        qkv = self.qkv(x_BTD.reshape(b * t, d)).reshape(b, t, 3, self.n_heads, self.head_dim)
+        q_BTNH, k_BTNH, v_BTNH = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q_BTNH, k_BTNH = rotary(q_BTNH, positions_T), rotary(k_BTNH, positions_T)
+        y_BTNH = causal_attention(q_BTNH, k_BTNH, v_BTNH, self.impl)
+        return self.out(y_BTNH.reshape(b * t, d)).reshape(b, t, d)
+
+    # --- KV-cache decoding (echo_jax.decoding); training uses __call__ only. ---
+
+    def prefill(self, x_BTD: Array, positions_T: Array) -> tuple[Array, Array, Array]:
+        """As __call__, also returning the rotated keys and the values [B, T, N, H] to cache."""
         b, t, _ = x_BTD.shape
         qkv = self.qkv(x_BTD).reshape(b, t, 3, self.n_heads, self.head_dim)
         q_BTNH, k_BTNH, v_BTNH = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q_BTNH, k_BTNH = rotary(q_BTNH, positions_T), rotary(k_BTNH, positions_T)
-        y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, is_causal=True)
-        return self.out(y_BTNH.reshape(b, t, -1))
+        y_BTNH = causal_attention(q_BTNH, k_BTNH, v_BTNH, self.impl)
+        return self.out(y_BTNH.reshape(b, t, -1)), k_BTNH, v_BTNH
+
+    def decode(
+        self, x_B1D: Array, positions_B: Array, cache_k_BTNH: Array, cache_v_BTNH: Array
+    ) -> tuple[Array, Array, Array]:
+        """One new token per row at positions_B: writes its key/value into the cache, then
+        attends to cache positions <= positions_B. Returns (output [B, 1, D], caches)."""
+        b = x_B1D.shape[0]
+        qkv = self.qkv(x_B1D).reshape(b, 1, 3, self.n_heads, self.head_dim)
+        q_B1NH, k_B1NH, v_B1NH = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        positions_B1 = positions_B[:, None]
+        q_B1NH, k_B1NH = rotary_rows(q_B1NH, positions_B1), rotary_rows(k_B1NH, positions_B1)
+        rows_B = jnp.arange(b)
+        cache_k_BTNH = cache_k_BTNH.at[rows_B, positions_B].set(k_B1NH[:, 0])
+        cache_v_BTNH = cache_v_BTNH.at[rows_B, positions_B].set(v_B1NH[:, 0])
+        q_BNH = q_B1NH[:, 0].astype(jnp.float32) * (self.head_dim**-0.5)
+        scores_BNT = jnp.einsum("bnh,btnh->bnt", q_BNH, cache_k_BTNH.astype(jnp.float32))
+        visible_BT = jnp.arange(cache_k_BTNH.shape[1])[None, :] <= positions_B[:, None]
+        scores_BNT = jnp.where(visible_BT[:, None, :], scores_BNT, -jnp.inf)
+        probs_BNT = jax.nn.softmax(scores_BNT, axis=-1)
+        y_BNH = jnp.einsum("bnt,btnh->bnh", probs_BNT, cache_v_BTNH.astype(jnp.float32))
+        y_B1D = y_BNH.reshape(b, 1, -1).astype(x_B1D.dtype)
+        return self.out(y_B1D), cache_k_BTNH, cache_v_BTNH
 
 
 class Mlp(nnx.Module):
@@ -60,7 +108,8 @@ class Mlp(nnx.Module):
         )
 
     def __call__(self, x_BTD: Array) -> Array:
-        return self.down(jax.nn.gelu(self.up(x_BTD)))
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])  # 2-D, as in Attention.
+        return self.down(jax.nn.gelu(self.up(x_ND))).reshape(x_BTD.shape)
 
 
 class Block(nnx.Module):
@@ -73,6 +122,20 @@ class Block(nnx.Module):
     def __call__(self, x_BTD: Array, positions_T: Array) -> Array:
         x_BTD = x_BTD + self.attn(self.norm1(x_BTD), positions_T)
         return x_BTD + self.mlp(self.norm2(x_BTD))
+
+    def prefill(self, x_BTD: Array, positions_T: Array) -> tuple[Array, Array, Array]:
+        y_BTD, k_BTNH, v_BTNH = self.attn.prefill(self.norm1(x_BTD), positions_T)
+        x_BTD = x_BTD + y_BTD
+        return x_BTD + self.mlp(self.norm2(x_BTD)), k_BTNH, v_BTNH
+
+    def decode(
+        self, x_B1D: Array, positions_B: Array, cache_k_BTNH: Array, cache_v_BTNH: Array
+    ) -> tuple[Array, Array, Array]:
+        y_B1D, cache_k_BTNH, cache_v_BTNH = self.attn.decode(
+            self.norm1(x_B1D), positions_B, cache_k_BTNH, cache_v_BTNH
+        )
+        x_B1D = x_B1D + y_B1D
+        return x_B1D + self.mlp(self.norm2(x_B1D)), cache_k_BTNH, cache_v_BTNH
 
 
 class Transformer(nnx.Module):
@@ -117,7 +180,42 @@ class Transformer(nnx.Module):
 
     def logits(self, h_BTD: Array) -> Array:
         w_DV = self.output_matrix().astype(h_BTD.dtype)
-        return jnp.einsum("btd,dv->btv", h_BTD, w_DV)
+        b, t, d = h_BTD.shape
+        return (h_BTD.reshape(b * t, d) @ w_DV).reshape(b, t, -1)  # 2-D, as in Attention.
 
     def __call__(self, tokens_BT: Array) -> Array:
         return self.logits(self.features(tokens_BT))
+
+    # --- KV-cache decoding (echo_jax.decoding); training uses __call__ only. ---
+
+    def prefill(self, tokens_BT: Array, lengths_B: Array) -> tuple[Array, Array, Array]:
+        """Left-aligned prompts of lengths_B in rows of T -> (next-token logits [B, V] at each
+        row's position lengths_B - 1, keys [L, B, T, N, H], values [L, B, T, N, H]).
+
+        The forward pass is __call__'s, so cache entries below each length are exact; those at
+        and after it hold padding and are overwritten by `decode_step` before they are visible.
+        """
+        x_BTD = self.embed(tokens_BT)
+        positions_T = jnp.arange(x_BTD.shape[1])
+        keys, values = [], []
+        for block in self.blocks:
+            x_BTD, k_BTNH, v_BTNH = block.prefill(x_BTD, positions_T)
+            keys.append(k_BTNH)
+            values.append(v_BTNH)
+        h_BTD = self.final_norm(x_BTD)
+        last_B = jnp.clip(lengths_B - 1, 0, h_BTD.shape[1] - 1)
+        h_B1D = h_BTD[jnp.arange(h_BTD.shape[0]), last_B][:, None]
+        return self.logits(h_B1D)[:, 0], jnp.stack(keys), jnp.stack(values)
+
+    def decode_step(
+        self, tokens_B: Array, positions_B: Array, cache_k_LBTNH: Array, cache_v_LBTNH: Array
+    ) -> tuple[Array, Array, Array]:
+        """Feeds one token per row at positions_B -> (next-token logits [B, V], caches)."""
+        x_B1D = self.embed(tokens_B[:, None])
+        for layer, block in enumerate(self.blocks):
+            x_B1D, k_BTNH, v_BTNH = block.decode(
+                x_B1D, positions_B, cache_k_LBTNH[layer], cache_v_LBTNH[layer]
+            )
+            cache_k_LBTNH = cache_k_LBTNH.at[layer].set(k_BTNH)
+            cache_v_LBTNH = cache_v_LBTNH.at[layer].set(v_BTNH)
+        return self.logits(self.final_norm(x_B1D))[:, 0], cache_k_LBTNH, cache_v_LBTNH

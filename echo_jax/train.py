@@ -18,10 +18,13 @@ from flax import nnx
 from echo_jax import roles
 from echo_jax.config import Config, LossConfig, TrainConfig, validate
 from echo_jax.dataset import load_packed
+from echo_jax.evaluation import Evaluator
+from echo_jax.fused_loss import model_echo_loss
 from echo_jax.loss import echo_loss
 from echo_jax.model import Transformer
 from echo_jax.packing import PackedData
 from echo_jax.run_dir import RunDir
+from echo_jax.sharding import data_parallel
 from echo_jax.vocab import Vocab
 
 Batch = dict[str, jax.Array]
@@ -65,7 +68,8 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
 
 
 def loss_kwargs(cfg: LossConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The options of `echo_loss`; impl and chunk_size choose how it is computed."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("impl", "chunk_size")}
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cfg: LossConfig):
@@ -77,6 +81,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
     kwargs = loss_kwargs(loss_cfg)
 
     def loss_fn(params, batch: Batch):
+        if loss_cfg.impl == "chunked":
+            model, chunk = nnx.merge(graphdef, params), loss_cfg.chunk_size
+            return model_echo_loss(model, batch, chunk_size=chunk, **kwargs)
         logits_BTV = nnx.merge(graphdef, params)(batch["tokens"])
         return echo_loss(logits_BTV, batch["tokens"], batch["roles"], batch["advantage"], **kwargs)
 
@@ -164,8 +171,18 @@ def _progress(line: dict[str, float], total: int) -> str:
     )
 
 
-def train(cfg: Config, data: PackedData, vocab_size: int, run: RunDir, log=print) -> dict[str, Any]:
-    """Trains to cfg.train.steps, resuming from the run's latest checkpoint if there is one."""
+def train(
+    cfg: Config,
+    data: PackedData,
+    vocab_size: int,
+    run: RunDir,
+    log=print,
+    evaluator: Evaluator | None = None,
+) -> dict[str, Any]:
+    """Trains to cfg.train.steps, resuming from the run's latest checkpoint if there is one.
+
+    `evaluator`, when given, runs on the steps it says are due, before that step's checkpoint.
+    """
     validate(cfg)
     tcfg = cfg.train
     tx = make_optimizer(tcfg)
@@ -176,11 +193,16 @@ def train(cfg: Config, data: PackedData, vocab_size: int, run: RunDir, log=print
         state, meta = run.restore(state, start)
         log(f"resumed from step {start} (data position {meta['data_position']})")
     run.truncate_metrics(after_step=start)
+    dp = data_parallel(tcfg.batch_size)  # Rows split over all devices, the state replicated.
+    state = jax.device_put(state, dp.replicated)
+    if evaluator is not None:
+        evaluator.truncate(after_step=start)
     train_step = make_train_step(graphdef, tx, cfg.loss)
     b, t = tcfg.batch_size, data.tokens.shape[1]
     metrics_log = MetricsLog(run, tokens_per_step=b * t)
     t_start = time.perf_counter()
     last_line: dict[str, float] = {}
+    last_eval: dict[str, Any] = {}
 
     def finish(step: int, metrics) -> None:
         nonlocal last_line
@@ -194,13 +216,19 @@ def train(cfg: Config, data: PackedData, vocab_size: int, run: RunDir, log=print
     pending = None
     for step in range(start, tcfg.steps):
         batch = make_batch(data, batch_indices(step, data.num_rows, b, tcfg.seed))
+        batch = jax.device_put(batch, dp.batch)
         state, metrics = train_step(state, batch)  # Dispatched before the last step is read.
         if pending is not None:
             finish(*pending)
         pending = (step + 1, metrics)
-        if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.steps:
+        if evaluator is not None and evaluator.due(step + 1):
             finish(*pending)
             pending = None
+            last_eval = evaluator(step + 1, graphdef, state.params)
+        if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.steps:
+            if pending is not None:
+                finish(*pending)
+                pending = None
             run.save(state, step + 1, {"data_position": (step + 1) * b, "seed": tcfg.seed})
     if pending is not None:
         finish(*pending)
@@ -210,6 +238,7 @@ def train(cfg: Config, data: PackedData, vocab_size: int, run: RunDir, log=print
         "resumed_from": start,
         "wall_s": wall,
         "final": last_line,
+        "eval": last_eval,
         "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
         "data": data.stats.as_dict(),
     }
@@ -227,6 +256,7 @@ def train(cfg: Config, data: PackedData, vocab_size: int, run: RunDir, log=print
 def run_experiment(cfg: Config, workdir: str, resume: bool = False, log=print) -> dict[str, Any]:
     """The whole job behind `experiments.train`: claim the workdir, pack the data, train."""
     validate(cfg)
+    data_parallel(cfg.train.batch_size)  # A batch the devices cannot split fails here, early.
     run = RunDir.open(workdir, cfg, resume)
     vocab_path = run.file(RunDir.VOCAB)
     saved_vocab = Vocab.load(vocab_path) if os.path.exists(vocab_path) else None
@@ -241,4 +271,5 @@ def run_experiment(cfg: Config, workdir: str, resume: bool = False, log=print) -
         + ", ".join(f"{n} {stats[f'kept_{n}']}/{stats[f'dropped_{n}']}" for n in roles.NAMES[1:])
         + f"; straddles {stats['straddles']}"
     )
-    return train(cfg, data, vocab.size, run, log)
+    evaluator = Evaluator.for_run(cfg, vocab, data, run.path, log)
+    return train(cfg, data, vocab.size, run, log, evaluator)

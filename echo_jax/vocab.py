@@ -89,3 +89,14 @@ def build_vocab(token_streams: list[np.ndarray], max_size: int, min_count: int =
     chosen = order[counts[order] >= min_count][: max(0, max_size - FIRST_LEARNED_ID)]
     ids = np.concatenate([[-1], singles, chosen]).astype(np.int32)
     return Vocab(ids)
+
+
+def full_vocab() -> Vocab:
+    """Every cl100k id, independent of the data: PAD, the 256 bytes, then the rest by id.
+
+    1 + 100,277 rows; no token ever falls back to bytes. Meant for LossConfig.impl="chunked".
+    """
+    n_vocab = tokenizer.encoding().n_vocab
+    singles = tokenizer.byte_table().single_byte_ids
+    rest = np.setdiff1d(np.arange(n_vocab, dtype=np.int32), singles)
+    return Vocab(np.concatenate([[-1], singles, rest]).astype(np.int32))

@@ -15,7 +15,7 @@ from echo_jax.episodes import EpisodeError
 from echo_jax.run_dir import RunDirError
 from echo_jax.train import TrainingDiverged, run_experiment
 
-_D, _T, _L = C.DataConfig(), C.TrainConfig(), C.LossConfig()
+_D, _T, _L, _E = C.DataConfig(), C.TrainConfig(), C.LossConfig(), C.EvalConfig()
 
 flags.DEFINE_enum("objective", _L.objective, C.OBJECTIVES, "Which loss terms train the model.")
 flags.DEFINE_float("lam", _L.lam, "λ, the env cross-entropy weight (objective=echo only).")
@@ -49,8 +49,22 @@ flags.DEFINE_enum(
     C.OVERFLOW_MODES,
     "Episodes longer than max_len: split into windows, or truncate.",
 )
-flags.DEFINE_integer("vocab_size", _D.vocab_size, "Cap on the compact vocabulary.")
+flags.DEFINE_integer(
+    "vocab_size", _D.vocab_size, "Cap on the compact vocabulary; 0: full cl100k (--loss_impl)."
+)
+flags.DEFINE_string(
+    "cache_dir", "~/.cache/echo_jax", "Cache of packed arrays by content hash; empty: none."
+)
+flags.DEFINE_enum(
+    "loss_impl", _L.impl, C.LOSS_IMPLS, "plain: [B,T,V] logits; chunked: fused, for large V."
+)
+flags.DEFINE_integer("chunk_size", _L.chunk_size, "Target tokens per chunk (--loss_impl=chunked).")
 flags.DEFINE_bool("canonical_json", _D.canonical_json, "Canonicalise tool-result JSON.")
+flags.DEFINE_bool(
+    "skip_invalid",
+    _D.skip_invalid,
+    "Skip invalid or duplicate episodes (logged, grouped by reason) instead of stopping.",
+)
 flags.DEFINE_integer("seed", _T.seed, "Initialisation and data-order seed.")
 flags.DEFINE_float("learning_rate", _T.learning_rate, "Peak AdamW learning rate.")
 flags.DEFINE_integer("log_every", _T.log_every, "Steps between metrics lines.")
@@ -60,6 +74,14 @@ flags.DEFINE_integer("d_model", None, "Override the preset's width.")
 flags.DEFINE_integer("n_layers", None, "Override the preset's depth.")
 flags.DEFINE_integer("n_heads", None, "Override the preset's attention heads.")
 flags.DEFINE_integer("d_ff", None, "Override the preset's MLP width.")
+flags.DEFINE_integer("eval_every", _E.every, "Steps between held-out evals (0: only at the end).")
+flags.DEFINE_list(
+    "eval_splits",
+    list(_E.splits),
+    f"Sets evaluated into eval.jsonl, from {', '.join(C.EVAL_SPLITS)}; empty: no evaluation.",
+)
+flags.DEFINE_integer("eval_max_rows", _E.max_rows, "Rows evaluated per set (fixed subsample).")
+flags.DEFINE_string("eval_real", _E.real_path, "The real capture evaluated as set 'real'.")
 FLAGS = flags.FLAGS
 
 
@@ -80,6 +102,8 @@ def config_from_flags() -> C.Config:
                 world_loss_target=FLAGS.world_loss_target,
                 world_loss_normalization=FLAGS.world_loss_normalization,
                 pg_loss_reduction=FLAGS.pg_loss_reduction,
+                impl=FLAGS.loss_impl,
+                chunk_size=FLAGS.chunk_size,
             ),
             data=dataclasses.replace(
                 _D,
@@ -88,6 +112,8 @@ def config_from_flags() -> C.Config:
                 overflow=FLAGS.overflow,
                 vocab_size=FLAGS.vocab_size,
                 canonical_json=FLAGS.canonical_json,
+                cache_dir=FLAGS.cache_dir,
+                skip_invalid=FLAGS.skip_invalid,
             ),
             train=dataclasses.replace(
                 _T,
@@ -97,6 +123,13 @@ def config_from_flags() -> C.Config:
                 learning_rate=FLAGS.learning_rate,
                 log_every=FLAGS.log_every,
                 checkpoint_every=FLAGS.checkpoint_every,
+            ),
+            eval=dataclasses.replace(
+                _E,
+                every=FLAGS.eval_every,
+                splits=tuple(FLAGS.eval_splits),
+                max_rows=FLAGS.eval_max_rows,
+                real_path=FLAGS.eval_real,
             ),
         )
     )

@@ -20,6 +20,7 @@ from echo_jax.train import (
     batch_indices,
     init_model,
     init_state,
+    loss_kwargs,
     make_batch,
     make_optimizer,
     make_train_step,
@@ -30,6 +31,7 @@ from tests.test_data import small_episode, write_jsonl
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden_one_step.json")
+SHIPPED_EPISODE = "--data=data/awm_e_commerce_33_task0.json"
 TINY_MODEL = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32)
 
 
@@ -92,7 +94,7 @@ def test_train_step_equals_a_plain_optax_update(episodes_path):
             batch["tokens"],
             batch["roles"],
             batch["advantage"],
-            **dataclasses.asdict(cfg.loss),
+            **loss_kwargs(cfg.loss),
         )[0]
 
     grads = jax.grad(loss_fn)(state.params)
@@ -193,6 +195,7 @@ def test_cli_trains_each_objective_on_the_shipped_episode(objective, tmp_path):
         "--d_model=16",
         "--n_layers=1",
         "--max_len=512",
+        SHIPPED_EPISODE,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = RunDir(work).read_metrics()
@@ -212,7 +215,7 @@ def test_cli_trains_each_objective_on_the_shipped_episode(objective, tmp_path):
         (["--objective=grpo", "--lam=0.1"], "--lam only applies to --objective=echo"),
         (["--lam=-1"], "lam must be >= 0"),
         (["--data=/nonexistent/*.jsonl"], "no episode file matches"),
-        (["--max_len=100"], "context prefix"),
+        (["--max_len=100", SHIPPED_EPISODE], "context prefix"),
     ],
 )
 def test_cli_rejects_bad_flags_before_any_work(args, message, tmp_path):
