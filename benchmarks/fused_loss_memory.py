@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--max_len", type=int, default=2048)
     parser.add_argument("--d_model", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=100277)
-    parser.add_argument("--chunk_size", type=int, default=1024)
+    parser.add_argument("--chunk_size", type=int, default=512)  # LossConfig's default.
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--worker")
