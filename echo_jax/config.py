@@ -11,6 +11,7 @@ OBJECTIVES: tuple[str, ...] = ("grpo", "echo", "verifier_free")
 WORLD_LOSS_TARGETS: tuple[str, ...] = ("env_only", "all")
 WORLD_LOSS_NORMALIZATIONS: tuple[str, ...] = ("full_observation_tokens", "token_mean")
 PG_LOSS_REDUCTIONS: tuple[str, ...] = ("sequence_mean", "token_mean")
+ADVANTAGES: tuple[str, ...] = ("group", "reward")
 OVERFLOW_MODES: tuple[str, ...] = ("window", "truncate")
 SPLITS: tuple[str, ...] = ("train", "heldout_tasks", "heldout_scenarios")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16")
@@ -57,6 +58,10 @@ class LossConfig:
     world_loss_normalization: str = "full_observation_tokens"  # Or "token_mean".
     pg_loss_reduction: str = "sequence_mean"  # Or "token_mean".
     clip_eps: float = 0.2  # PPO clip range, used when old log-probs are given.
+    # The action term's weights: "group" (GRPO's group-relative advantage) or "reward" (the
+    # episode's raw reward, no baseline: rewarded episodes' calls are imitated and the rest
+    # ignored, a behaviour-cloning warm start for the on-policy loop).
+    advantage: str = "group"
     # "plain": logits [B, T, V] then the loss; "chunked": output projection fused with the
     # cross-entropy over chunks of target tokens, never building [B, T, V] (large vocabularies).
     impl: str = "plain"
@@ -117,6 +122,45 @@ class AgentConfig:
     max_steps: int = 30  # Tool calls before the harness forces verify (HarnessConfig).
 
 
+LAM_SCHEDULES: tuple[str, ...] = ("constant", "linear", "step")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    """The on-policy loop (echo_jax.rl); its loss is Config.loss, its model the start's."""
+
+    iterations: int = 4  # Rounds of rollouts then updates (an upper bound when env_steps > 0).
+    env_steps: int = 0  # Stop once this many tool calls were made in rollouts (0: iterations).
+    tasks_per_iteration: int = 4  # Training tasks drawn per iteration (seeded, no repeats).
+    group_size: int = 4  # G: rollouts per task; advantages are relative within each group.
+    temperature: float = 1.0  # Sampling temperature of the rollouts.
+    top_p: float = 1.0  # Nucleus sampling mass of the rollouts.
+    max_new_tokens: int = 128  # Tokens per generated call before it counts as unclosed.
+    max_steps: int = 8  # Tool calls per rollout before the harness forces verify.
+    epochs: int = 2  # Passes over an iteration's rows, each in a fresh order.
+    minibatch_size: int = 4  # Rows per update step; the last minibatch is padded with empty rows.
+    learning_rate: float = 1e-4  # Constant AdamW learning rate (clip and decay from TrainConfig).
+    # λ at each iteration: "constant" (loss.lam), "linear" (loss.lam to lam_final at the last
+    # iteration), "step" (loss.lam times lam_decay every lam_step_every iterations).
+    lam_schedule: str = "constant"
+    lam_final: float = 0.0  # λ at the last iteration of the "linear" schedule.
+    lam_decay: float = 0.5  # Factor of the "step" schedule.
+    lam_step_every: int = 2  # Iterations between the "step" schedule's decays.
+    # Env-term filters: a rollout pays the env term only if at least this share of its steps
+    # were tool calls the world accepted (reward_type tool_call_ok, verify counted as valid) ...
+    min_valid_call_share: float = 0.0
+    min_parse_share: float = 0.0  # ... and at least this share of its generated calls parsed.
+    # Training reward: the verifier's (AWM's table) minus this times the share of the rollout's
+    # steps that were format errors (AWM scores each -1.0; 0 keeps the verifier's alone).
+    format_penalty: float = 0.0
+    workers: int = 2  # Worlds stepped in parallel threads (one scenario per thread at a time).
+    split: str = "train"  # Corpus split whose tasks are trained on.
+    eval_every: int = 0  # Iterations between greedy held-out pass@1 runs (0: first and last).
+    eval_split: str = "heldout_tasks"  # Split of those pass@1 runs ("": none).
+    eval_max_tasks: int = 8  # Fixed random subset of its tasks (0: all).
+    seed: int = 0  # Task draws and sampling keys.
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
@@ -161,6 +205,7 @@ def validate(cfg: Config) -> Config:
     _choice("world_loss_target", loss.world_loss_target, WORLD_LOSS_TARGETS)
     _choice("world_loss_normalization", loss.world_loss_normalization, WORLD_LOSS_NORMALIZATIONS)
     _choice("pg_loss_reduction", loss.pg_loss_reduction, PG_LOSS_REDUCTIONS)
+    _choice("advantage", loss.advantage, ADVANTAGES)
     _choice("overflow", data.overflow, OVERFLOW_MODES)
     _choice("split", data.split, SPLITS)
     _choice("dtype", model.dtype, DTYPES)
@@ -209,3 +254,36 @@ def validate(cfg: Config) -> Config:
         if not ok:
             raise ConfigError(message)
     return cfg
+
+
+def validate_rl(rl: RLConfig) -> RLConfig:
+    """Rejects RL settings that cannot make a meaningful run; returns rl for chaining."""
+    _choice("lam_schedule", rl.lam_schedule, LAM_SCHEDULES)
+    _choice("split", rl.split, SPLITS)
+    if rl.eval_split:
+        _choice("eval_split", rl.eval_split, SPLITS)
+    checks = [
+        (rl.iterations >= 1, f"iterations must be >= 1, got {rl.iterations}"),
+        (rl.env_steps >= 0, f"env_steps must be >= 0, got {rl.env_steps}"),
+        (rl.tasks_per_iteration >= 1, "tasks_per_iteration must be >= 1"),
+        (
+            rl.group_size >= 2,
+            f"group_size must be >= 2 (advantages compare within a group), got {rl.group_size}",
+        ),
+        (rl.temperature > 0, f"temperature must be > 0 (on-policy sampling), got {rl.temperature}"),
+        (0 < rl.top_p <= 1, f"top_p must be in (0, 1], got {rl.top_p}"),
+        (rl.max_new_tokens >= 1 and rl.max_steps >= 0, "max_new_tokens >= 1, max_steps >= 0"),
+        (rl.epochs >= 1 and rl.minibatch_size >= 1, "epochs and minibatch_size must be >= 1"),
+        (rl.learning_rate > 0, f"learning_rate must be > 0, got {rl.learning_rate}"),
+        (rl.lam_final >= 0 and rl.lam_decay >= 0, "lam_final and lam_decay must be >= 0"),
+        (rl.lam_step_every >= 1, "lam_step_every must be >= 1"),
+        (0 <= rl.min_valid_call_share <= 1, "min_valid_call_share must be in [0, 1]"),
+        (0 <= rl.min_parse_share <= 1, "min_parse_share must be in [0, 1]"),
+        (rl.format_penalty >= 0, "format_penalty must be >= 0"),
+        (rl.workers >= 1, "workers must be >= 1"),
+        (rl.eval_every >= 0 and rl.eval_max_tasks >= 0, "eval_every, eval_max_tasks >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    return rl

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from echo_jax import roles
@@ -92,13 +93,26 @@ def render_observation(observation: dict[str, Any], canonical_json: bool = False
     return segments
 
 
-def render_episode(episode: Episode, canonical_json: bool = False) -> Rendered:
+def render_episode(
+    episode: Episode,
+    canonical_json: bool = False,
+    actions: Sequence[Sequence[tuple[str, int]] | None] | None = None,
+) -> Rendered:
+    """`actions`, when given, holds per step the segments that replace its rendered call (None
+    keeps it): on-policy data renders the text the model generated, not a re-serialisation of
+    what the harness parsed from it, and a call the harness made itself as CONTEXT."""
+    if actions is not None and len(actions) != len(episode.steps):
+        raise ValueError(f"{len(actions)} action overrides for {len(episode.steps)} steps")
     segments = render_prefix(episode.task, episode.tools)
     prefix_segments = len(segments)
     step_starts = []
-    for step in episode.steps:
+    for i, step in enumerate(episode.steps):
         step_starts.append(len(segments))
         segments.append((CALL_MARK, roles.CONTEXT))
-        segments.append((render_action(step.tool_name, step.arguments), roles.ACTION))
+        override = actions[i] if actions is not None else None
+        if override is None:
+            segments.append((render_action(step.tool_name, step.arguments), roles.ACTION))
+        else:
+            segments.extend(override)
         segments.extend(render_observation(step.observation, canonical_json))
     return Rendered(tuple(segments), prefix_segments, tuple(step_starts))

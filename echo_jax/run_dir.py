@@ -24,6 +24,18 @@ class RunDirError(ValueError):
     """The workdir holds something this run must not touch."""
 
 
+def config_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Flattened keys whose values differ. A setting added to Config after a run was saved is
+    missing from its config.json; it counts as equal when the wanted value is its default."""
+    defaults = _flatten(json.loads(Config().to_json()))
+    return sorted(
+        k
+        for k in saved.keys() | wanted.keys()
+        if saved.get(k) != wanted.get(k)
+        and not (k not in saved and k in defaults and wanted.get(k) == defaults[k])
+    )
+
+
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -63,7 +75,7 @@ class RunDir:
             with open(config_path) as f:
                 saved = _flatten(json.load(f))
             wanted = _flatten(json.loads(cfg.to_json()))
-            diff = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+            diff = config_diff(saved, wanted)
             if diff:
                 details = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in diff)
                 raise RunDirError(f"{run.path} holds a run with a different config ({details})")

@@ -26,7 +26,7 @@ from typing import Any
 from echo_jax import evaluation
 from echo_jax.atomic import atomic_write_text
 from echo_jax.config import EVAL_SPLITS, Config, validate
-from echo_jax.run_dir import RunDir, _flatten
+from echo_jax.run_dir import RunDir, _flatten, config_diff
 from echo_jax.train import TrainingDiverged, run_experiment
 
 SUMMARY = "summary.json"
@@ -106,7 +106,7 @@ def status(spec: RunSpec) -> str:
     with open(config_path) as f:
         saved = _flatten(json.load(f))
     wanted = _flatten(json.loads(spec.cfg.to_json()))
-    diff = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
+    diff = config_diff(saved, wanted)
     if diff:
         raise SweepError(
             f"{spec.workdir} holds a run with a different config ({', '.join(diff)}); move it "

@@ -40,15 +40,20 @@ class TrainingDiverged(RuntimeError):
     """A non-finite loss or gradient; the state and checkpoints stay at the last good step."""
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=cfg.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=max(cfg.steps, warmup + 1),
-        end_value=0.1 * cfg.learning_rate,
-    )
+def make_optimizer(
+    cfg: TrainConfig, schedule: optax.Schedule | float | None = None
+) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping; the learning rate warms up then decays by cosine over
+    cfg.steps unless `schedule` (a schedule or a constant, as the RL loop uses) is given."""
+    if schedule is None:
+        warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
+        schedule = optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=cfg.learning_rate,
+            warmup_steps=warmup,
+            decay_steps=max(cfg.steps, warmup + 1),
+            end_value=0.1 * cfg.learning_rate,
+        )
     decay_mask = functools.partial(jax.tree.map, lambda p: p.ndim >= 2)
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
@@ -69,7 +74,8 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
 
 def loss_kwargs(cfg: LossConfig) -> dict[str, Any]:
     """The options of `echo_loss`; impl and chunk_size choose how it is computed."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("impl", "chunk_size")}
+    skip = ("impl", "chunk_size", "advantage")  # How it is computed; which weights the batch has.
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cfg: LossConfig):
@@ -77,10 +83,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
 
     A non-finite loss or gradient leaves the state unchanged and sets metrics["nonfinite"], so a
     divergence never poisons the parameters that the loop may checkpoint.
+
+    Besides tokens, roles and advantage, a batch may carry (on-policy updates, echo_jax.rl)
+    "old_logp" [B, T-1] (the PPO-clip surrogate), "env_weight" [B] (rows kept out of the env
+    term) and "lam" (a scalar λ that overrides loss_cfg.lam without recompiling).
     """
-    kwargs = loss_kwargs(loss_cfg)
+    base_kwargs = loss_kwargs(loss_cfg)
 
     def loss_fn(params, batch: Batch):
+        kwargs = dict(base_kwargs)
+        for key, name in (("old_logp", "old_logp_BT"), ("env_weight", "env_weight_B")):
+            if key in batch:
+                kwargs[name] = batch[key]
+        if "lam" in batch:
+            kwargs["lam"] = batch["lam"]
         if loss_cfg.impl == "chunked":
             model, chunk = nnx.merge(graphdef, params), loss_cfg.chunk_size
             return model_echo_loss(model, batch, chunk_size=chunk, **kwargs)
@@ -119,11 +135,16 @@ def batch_indices(step: int, num_rows: int, batch_size: int, seed: int) -> np.nd
     return out
 
 
-def make_batch(data: PackedData, index: np.ndarray) -> dict[str, np.ndarray]:
+def make_batch(
+    data: PackedData, index: np.ndarray, advantage: str = "group"
+) -> dict[str, np.ndarray]:
+    """Rows `index`; the action weights are the group advantages or, with advantage="reward"
+    (LossConfig.advantage), the raw rewards."""
+    weights = data.advantage if advantage == "group" else data.reward
     return {
         "tokens": data.tokens[index],
         "roles": data.roles[index].astype(np.int32),
-        "advantage": data.advantage[index],
+        "advantage": weights[index].astype(np.float32),
     }
 
 
@@ -215,7 +236,9 @@ def train(
 
     pending = None
     for step in range(start, tcfg.steps):
-        batch = make_batch(data, batch_indices(step, data.num_rows, b, tcfg.seed))
+        batch = make_batch(
+            data, batch_indices(step, data.num_rows, b, tcfg.seed), cfg.loss.advantage
+        )
         batch = jax.device_put(batch, dp.batch)
         state, metrics = train_step(state, batch)  # Dispatched before the last step is read.
         if pending is not None:

@@ -37,6 +37,12 @@ flags.DEFINE_enum(
     C.PG_LOSS_REDUCTIONS,
     "How the action term is averaged.",
 )
+flags.DEFINE_enum(
+    "advantage",
+    _L.advantage,
+    C.ADVANTAGES,
+    "Action-term weights: group-relative advantages, or raw rewards (a warm start for RL).",
+)
 flags.DEFINE_list("data", list(_D.paths), "Episode files or globs (.json, .jsonl, .jsonl.gz).")
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<objective>_<time>).")
 flags.DEFINE_bool("resume", False, "Continue the run already in --workdir.")
@@ -102,6 +108,7 @@ def config_from_flags() -> C.Config:
                 world_loss_target=FLAGS.world_loss_target,
                 world_loss_normalization=FLAGS.world_loss_normalization,
                 pg_loss_reduction=FLAGS.pg_loss_reduction,
+                advantage=FLAGS.advantage,
                 impl=FLAGS.loss_impl,
                 chunk_size=FLAGS.chunk_size,
             ),

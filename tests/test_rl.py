@@ -1,0 +1,234 @@
+"""The on-policy loop: λ schedules, rollout rendering and filters, and two real iterations."""
+
+import dataclasses
+import gzip
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from echo_jax import roles
+from echo_jax.agent import POLICY_KEY, load_run
+from echo_jax.awm.rewards import reward_for
+from echo_jax.config import Config, ConfigError, DataConfig, LossConfig, RLConfig, validate_rl
+from echo_jax.episodes import load_episodes, parse_episode
+from echo_jax.render import END_CALL, render_episode
+from echo_jax.rl import (
+    approx_kl,
+    env_term_kept,
+    lam_at,
+    pack_rollouts,
+    rollout_actions,
+    rollout_stats,
+    run_rl,
+    training_reward,
+)
+from echo_jax.run_dir import RunDir
+from echo_jax.train import init_state, make_optimizer
+from tests.test_agent import MAX_LEN, TINY, WORLDS, random_model
+from tests.test_agent import episode as episode  # noqa: F401  (fixture)
+from tests.test_agent import vocab as vocab  # noqa: F401  (fixture)
+
+GENERATED = '{"tool_name":"get_item","arguments":{"item_id":1}}' + END_CALL  # Compact spacing.
+UNCLOSED = '{"tool_name": "get_it'
+
+
+def policy(text, parse_error=None):
+    return {"text": text, "tokens": [], "logp": [], "parse_error": parse_error}
+
+
+def hand_record(task_idx=0, reward_type="others", scenario="tiny_shop"):
+    """A rollout as the harness writes it: a good call, an unclosed one, the forced verify."""
+    steps = [
+        {
+            "action": {"tool_name": "get_item", "arguments": {"item_id": 1}},
+            "observation": {"reward_type": "tool_call_ok", "tool_result": '{"id": 1}'},
+            POLICY_KEY: policy(GENERATED),
+        },
+        {
+            "action": {"tool_name": "invalid_action", "arguments": {}, "raw": UNCLOSED},
+            "observation": {"reward_type": "invalid_action", "error": "Invalid action: unclosed"},
+            POLICY_KEY: policy(UNCLOSED, "the call was not closed with <|end_call|>"),
+        },
+        {
+            "action": {"tool_name": "verify", "arguments": {"verifier_mode": "code"}},
+            "observation": {
+                "reward_type": reward_type,
+                "verify_result": {"execution_status": "success", "result": reward_type},
+                "warning": "step limit reached (2 tool calls); verified",
+            },
+        },
+    ]
+    return {
+        "scenario": scenario,
+        "task": "Buy item 1.",
+        "task_idx": task_idx,
+        "tools": ["get_item", "create_order"],
+        "steps": steps,
+        "reward": reward_for(reward_type),
+        "step_reward_types": [s["observation"]["reward_type"] for s in steps],
+    }
+
+
+def test_lam_schedules():
+    rl = RLConfig(iterations=5, lam_final=0.0, lam_decay=0.5, lam_step_every=2)
+    assert [lam_at(rl, 0.4, i) for i in range(5)] == [0.4] * 5
+    linear = dataclasses.replace(rl, lam_schedule="linear")
+    assert [lam_at(linear, 0.4, i) for i in range(5)] == pytest.approx([0.4, 0.3, 0.2, 0.1, 0.0])
+    step = dataclasses.replace(rl, lam_schedule="step")
+    assert [lam_at(step, 0.4, i) for i in range(5)] == pytest.approx([0.4, 0.4, 0.2, 0.2, 0.1])
+    with pytest.raises(ConfigError, match="lam_schedule"):
+        validate_rl(dataclasses.replace(rl, lam_schedule="cosine"))
+    with pytest.raises(ConfigError, match="group_size"):
+        validate_rl(dataclasses.replace(rl, group_size=1))
+
+
+def test_rollouts_render_the_generated_text_as_actions():
+    record = hand_record()
+    ep = parse_episode(record, "hand")
+    rendered = render_episode(ep, actions=rollout_actions(record))
+    action_text = "".join(text for text, role in rendered.segments if role == roles.ACTION)
+    assert action_text == GENERATED + UNCLOSED  # What the model wrote, byte for byte.
+    # The unclosed call is closed by a CONTEXT newline; the forced verify is harness text.
+    texts = [text for text, _ in rendered.segments]
+    i = texts.index(UNCLOSED)
+    assert rendered.segments[i + 1] == ("\n", roles.CONTEXT)
+    forced = [s for s in rendered.segments if '"verify"' in s[0]]
+    assert forced and all(role == roles.CONTEXT for _, role in forced)
+    # Observations stay the world's, exactly as for captured episodes.
+    env = [text for text, role in rendered.segments if role == roles.ENV_OUTPUT]
+    assert env[0] == '{"id": 1}\n' and env[1] == "Invalid action: unclosed\n"
+    # Without overrides the renderer is unchanged: the parsed call, re-serialised.
+    plain = "".join(t for t, r in render_episode(ep).segments if r == roles.ACTION)
+    assert plain.startswith('{"tool_name": "get_item", "arguments": {"item_id": 1}}')
+
+
+def test_rollout_stats_filters_and_reward():
+    record = hand_record()
+    stats = rollout_stats(record)
+    assert stats == {
+        "valid_call_share": 0.5,  # The forced verify is not the policy's call.
+        "parse_share": 0.5,
+        "format_error_share": pytest.approx(1 / 3),
+        "success": 0.0,
+    }
+    assert training_reward(record, RLConfig()) == 0.0
+    assert training_reward(record, RLConfig(format_penalty=0.6)) == pytest.approx(-0.2)
+    assert env_term_kept(record, RLConfig(min_valid_call_share=0.5, min_parse_share=0.5))
+    assert not env_term_kept(record, RLConfig(min_valid_call_share=0.75))
+    assert not env_term_kept(record, RLConfig(min_parse_share=0.75))
+
+
+def test_pack_rollouts_group_advantages_and_env_weights(vocab):  # noqa: F811
+    records = [hand_record(0, "complete"), hand_record(0, "others"), hand_record(1, "others")]
+    records.append(hand_record(1, "others"))
+    records[3]["steps"][0][POLICY_KEY]["parse_error"] = "bad"  # Fails min_parse_share=0.75.
+    cfg = Config(model=TINY, data=DataConfig(paths=("unused",), max_len=MAX_LEN))
+    batch = pack_rollouts(records, vocab, cfg, RLConfig(min_parse_share=0.5), "hand")
+    data = batch.data
+    assert data.num_rows == 4 and list(data.episode) == [0, 1, 2, 3]
+    np.testing.assert_allclose(data.advantage, [1.0, -1.0, 0.0, 0.0], atol=1e-5)
+    np.testing.assert_array_equal(batch.env_weight, [1.0, 1.0, 1.0, 0.0])
+    counts = np.bincount(data.roles[0], minlength=roles.NUM_ROLES)
+    assert counts[roles.ACTION] > 0 and counts[roles.ENV_OUTPUT] > 0 and counts[roles.WARNING] > 0
+
+
+def test_approx_kl_is_zero_for_the_same_policy_and_positive_otherwise():
+    roles_NT = np.full((2, 5), roles.ACTION, np.int8)
+    old = np.log(np.full((2, 4), 0.5))
+    assert approx_kl(old, old, roles_NT) == 0.0
+    assert approx_kl(old, old + 0.1, roles_NT) > 0
+
+
+@pytest.fixture(scope="module")
+def start_run(tmp_path_factory, vocab):  # noqa: F811
+    """A saved training run of a random tiny model: the loop's starting checkpoint."""
+    cfg = Config(model=TINY, data=DataConfig(paths=("unused",), max_len=MAX_LEN))
+    graphdef, params = random_model(TINY, vocab.size)
+    path = tmp_path_factory.mktemp("start") / "run"
+    run = RunDir.open(path, cfg, resume=False)
+    run.claim()
+    vocab.save(run.file(RunDir.VOCAB))
+    run.save(init_state(params, make_optimizer(cfg.train)), 5, {"data_position": 0, "seed": 0})
+    return str(path), params
+
+
+def test_two_iterations_against_a_running_world(tmp_path, start_run):
+    start, start_params = start_run
+    rl = RLConfig(
+        iterations=2,
+        tasks_per_iteration=2,
+        group_size=2,
+        max_new_tokens=12,
+        max_steps=1,
+        epochs=1,
+        minibatch_size=2,
+        learning_rate=1e-2,
+        workers=2,
+        eval_split="",
+    )
+    loss = LossConfig(objective="echo", lam=0.5)
+    cfg = dataclasses.replace(load_run(start)[0], loss=loss)
+    workdir = tmp_path / "rl"
+    summary = run_rl(str(workdir), rl, start=start, cfg=cfg, worlds=str(WORLDS), corpus_dir=None)
+    assert summary["iterations"] == 2
+
+    # Rollouts saved in the capture format, G per task, each step's policy record kept.
+    files = sorted((workdir / "rollouts").glob("iter_*.jsonl.gz"))
+    assert [f.name for f in files] == ["iter_0001.jsonl.gz", "iter_0002.jsonl.gz"]
+    assert all(len(load_episodes([str(f)])) == 4 for f in files)
+    with gzip.open(files[0], "rt") as f:
+        records = [json.loads(line) for line in f]
+    for record in records:
+        final = record["steps"][-1]["observation"]
+        # The reward is the verifier's decision on the world's database, nothing else.
+        assert final["verify_result"]["execution_status"] == "success"
+        assert record["reward"] == reward_for(final["reward_type"])
+        assert POLICY_KEY in record["steps"][0]
+    assert summary["env_steps"] == sum(
+        len(ep.steps) for f in files for ep in load_episodes([str(f)])
+    )
+
+    lines = RunDir(workdir).read_metrics()
+    assert [line["iteration"] for line in lines] == [0, 1, 2]
+    for line in lines[1:]:
+        for key in ("env_ce_fresh", "pg_loss", "clip_frac", "kl", "rollout_s", "update_s"):
+            assert np.isfinite(line[key]), key
+        assert line["update_steps"] == 2 and line["lam"] == 0.5
+        # The decoder's recorded log-probs are the sampling policy's own.
+        assert line["logp_agreement"] < 1e-3
+
+    # The parameters moved, and the run reads back like any training run.
+    _, _, _, params, step = load_run(str(workdir))
+    assert step == 2
+    moved = [
+        not np.allclose(a, b)
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(start_params), strict=True)
+    ]
+    assert any(moved)
+
+
+def test_reward_weights_imitate_rewarded_episodes_only(tmp_path):
+    """LossConfig.advantage="reward", the warm start: weights are the raw rewards."""
+    from echo_jax.dataset import load_packed
+    from echo_jax.train import make_batch
+    from tests.test_data import small_episode, write_jsonl
+
+    records = [small_episode(reward=1.0), small_episode(reward=0.0)]
+    path = write_jsonl(tmp_path / "e.jsonl", records)
+    data, _ = load_packed(DataConfig(paths=(path,), max_len=128))
+    index = np.array([1, 0])
+    np.testing.assert_array_equal(make_batch(data, index, "reward")["advantage"], [0.0, 1.0])
+    np.testing.assert_allclose(make_batch(data, index)["advantage"], [-1.0, 1.0], atol=1e-5)
+
+
+def test_config_added_later_matches_its_default_only():
+    from echo_jax.run_dir import _flatten, config_diff
+
+    wanted = _flatten(json.loads(Config().to_json()))
+    saved = {k: v for k, v in wanted.items() if k != "loss.advantage"}  # A run saved before.
+    assert config_diff(saved, wanted) == []
+    changed = dict(wanted, **{"loss.advantage": "reward"})
+    assert config_diff(saved, changed) == ["loss.advantage"]
+    assert config_diff(wanted, dict(wanted, **{"loss.lam": 0.5})) == ["loss.lam"]
