@@ -43,6 +43,10 @@ COLUMNS = (
     "pass@1",
     "pass@k",
     "k",
+    "tool_call_acc",
+    "tool_name_acc",
+    "format_error_share",
+    "closed_loop_steps",
     "wall_s",
     "git_commit",
     "workdir",
@@ -56,11 +60,15 @@ _STRS = ("arm", "objective", "status", "git_commit", "workdir")
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
     """One row per run; None/NaN become empty cells."""
+    write_csv_columns(rows, path, COLUMNS)
+
+
+def write_csv_columns(rows: Sequence[dict[str, Any]], path: str, columns: Sequence[str]) -> None:
     with atomic_open(path, "w") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         for row in rows:
-            w.writerow({k: _cell(row.get(k)) for k in COLUMNS})
+            w.writerow({k: _cell(row.get(k)) for k in columns})
 
 
 def _cell(v: Any) -> Any:
@@ -364,7 +372,7 @@ def readme_results(rows: Sequence[dict[str, Any]], command: str, out_dir: str = 
 # ----------------------------------------------------------------------------- plots
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
@@ -374,7 +382,7 @@ def _pyplot():
     return plt
 
 
-def _colors(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def arm_colors(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     import matplotlib
 
     arms = arm_order(rows)
@@ -414,7 +422,7 @@ def _curves(rows, source: str, key: str) -> dict[str, list[dict[int, float]]]:
     return out
 
 
-def _save(fig, path: str) -> str:
+def save_png(fig, path: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     with atomic_open(path, "wb") as f:
@@ -424,9 +432,9 @@ def _save(fig, path: str) -> str:
 
 def plot_curves(rows, path: str, source: str, keys: Sequence[tuple[str, str]]) -> str | None:
     """One panel per key: mean over seeds per arm (band: ± std) against the training step."""
-    plt = _pyplot()
+    plt = pyplot()
 
-    colors, labels = _colors(rows), {r["arm"]: _label(r) for r in rows}
+    colors, labels = arm_colors(rows), {r["arm"]: _label(r) for r in rows}
     panels = [(k, t, _curves(rows, source, k)) for k, t in keys]
     panels = [p for p in panels if p[2]]
     if not panels:
@@ -450,18 +458,18 @@ def plot_curves(rows, path: str, source: str, keys: Sequence[tuple[str, str]]) -
         row[0].set_ylabel("mean over seeds (± std)")
     axes.flat[len(panels) - 1].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    out = _save(fig, path)
+    out = save_png(fig, path)
     plt.close(fig)
     return out
 
 
 def plot_vs_lambda(rows, path: str, metrics: Sequence[tuple[str, str]], ylabel: str) -> str:
     """Echo arms as mean ± std against λ (log axis); other objectives as horizontal bands."""
-    plt = _pyplot()
+    plt = pyplot()
 
     done = [r for r in rows if r.get("status") == "done"]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
-    colors = _colors(rows) if rows else {}
+    colors = arm_colors(rows) if rows else {}
     for ax, (metric, title) in zip(axes[0], metrics, strict=True):
         stats = arm_stats(done, metric)
         echo = sorted(
@@ -497,7 +505,7 @@ def plot_vs_lambda(rows, path: str, metrics: Sequence[tuple[str, str]], ylabel: 
         ax.legend(fontsize=7, loc="best")
     axes[0][0].set_ylabel(ylabel)
     fig.tight_layout()
-    out = _save(fig, path)
+    out = save_png(fig, path)
     plt.close(fig)
     return out
 

@@ -25,13 +25,20 @@ from typing import Any
 
 from echo_jax import evaluation
 from echo_jax.atomic import atomic_write_text
-from echo_jax.config import EVAL_SPLITS, Config, validate
+from echo_jax.config import EVAL_SPLITS, AgentConfig, Config, validate
 from echo_jax.run_dir import RunDir, _flatten, config_diff
 from echo_jax.train import TrainingDiverged, run_experiment
 
 SUMMARY = "summary.json"
 SWEEP_RECORD = "sweep_run.json"  # Wall time over every attempt, and the commit that ran it.
 CLOSED_LOOP = "closed_loop.json"  # The closed-loop hook's answer: {"pass@1", "pass@k", "k"}.
+# Further results columns read from it: column -> closed_loop.evaluate_checkpoint's metric.
+CLOSED_LOOP_COLUMNS = {
+    "tool_call_acc": "teacher_forced_call_acc",
+    "tool_name_acc": "teacher_forced_tool_name_acc",
+    "format_error_share": "format_error_share",
+    "closed_loop_steps": "mean_steps",
+}
 DIVERGED = "diverged.json"
 
 
@@ -232,6 +239,8 @@ def collect_row(spec: RunSpec) -> dict[str, Any]:
             row[f"{split}/{metric}"] = last.get(f"{split}/{metric}")
     cl = _read_json(run.file(CLOSED_LOOP))
     row["pass@1"], row["pass@k"], row["k"] = cl.get("pass@1"), cl.get("pass@k"), cl.get("k")
+    for column, key in CLOSED_LOOP_COLUMNS.items():
+        row[column] = cl.get(key)
     record = _read_json(run.file(SWEEP_RECORD))
     row["wall_s"] = record.get("wall_s")
     row["git_commit"] = record.get("git_commit", "")
@@ -244,6 +253,8 @@ def agent_closed_loop(
     samples: int = 4,
     max_tasks: int | None = None,
     worlds: str = "data/awm_worlds",
+    agent: AgentConfig | None = None,
+    tool_call_positions: int = 64,
 ) -> ClosedLoopFn:
     """The closed-loop hook backed by `echo_jax.closed_loop.evaluate_checkpoint`: the run's last
     checkpoint acts in the local AWM worlds on the tasks of `split` of the run's corpus.
@@ -263,7 +274,9 @@ def agent_closed_loop(
             samples,
             worlds=worlds,
             corpus_dir=corpora[0] if corpora else None,
+            agent=agent,
             max_tasks=max_tasks,
+            tool_call_positions=tool_call_positions,
         )
         return {
             **metrics,

@@ -1,6 +1,6 @@
 """On-policy GRPO / ECHO / verifier-free in the local AWM worlds.
 
-    python -m experiments.rl --objective=echo --lam=0.05 --start=runs/sweep/echo_lam0.05_seed0
+    python -m experiments.rl --objective=echo --lam=0.05   # from data/warm_start
     python -m experiments.rl --objective=grpo --start=''   # from scratch (--model_size, --data)
 
 Each iteration samples --group_size rollouts of --tasks_per_iteration training tasks with the
@@ -30,7 +30,7 @@ flags.DEFINE_float("lam", _L.lam, "λ at the first iteration (objective=echo onl
 flags.DEFINE_float("clip_eps", _L.clip_eps, "PPO clip range.")
 flags.DEFINE_string(
     "start",
-    "runs/start",
+    "data/warm_start",
     "Training run to start from (its model, vocabulary and data settings); '' from scratch.",
 )
 flags.DEFINE_enum("model_size", "tiny", list(C.MODEL_PRESETS), "From scratch: model preset.")
@@ -65,11 +65,11 @@ flags.DEFINE_enum(
 flags.DEFINE_integer("eval_max_tasks", _R.eval_max_tasks, "Tasks of those runs (0: all).")
 flags.DEFINE_integer("seed", _R.seed, "Task draws and sampling keys.")
 FLAGS = flags.FLAGS
+RL_FLAGS = tuple(f.name for f in dataclasses.fields(C.RLConfig))  # One flag per field.
 
 
 def rl_config_from_flags() -> C.RLConfig:
-    names = {f.name for f in dataclasses.fields(C.RLConfig)}
-    values = {name: FLAGS[name].value for name in names}
+    values = {name: FLAGS[name].value for name in RL_FLAGS}
     values["eval_split"] = "" if values["eval_split"] == "none" else values["eval_split"]
     return C.validate_rl(C.RLConfig(**values))
 

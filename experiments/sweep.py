@@ -54,6 +54,11 @@ flags.DEFINE_enum(
 flags.DEFINE_enum("closed_loop_split", "heldout_tasks", C.SPLITS, "Tasks the agent is run on.")
 flags.DEFINE_integer("closed_loop_samples", 4, "K sampled episodes per task (pass@K), + greedy.")
 flags.DEFINE_integer("closed_loop_max_tasks", 8, "Fixed random subset of tasks (0: all).")
+flags.DEFINE_integer("closed_loop_max_steps", 8, "Tool calls per episode before forced verify.")
+flags.DEFINE_integer("closed_loop_max_new_tokens", 128, "Token budget per generated call.")
+flags.DEFINE_integer(
+    "closed_loop_positions", 16, "Teacher-forced positions for tool-call accuracy (0: skip)."
+)
 flags.DEFINE_string("worlds", "data/awm_worlds", "AWM-format world folder for --closed_loop.")
 flags.DEFINE_string(
     "jax_cache",
@@ -100,6 +105,11 @@ def closed_loop_from_flags() -> sweep.ClosedLoopFn | None:
         samples=FLAGS.closed_loop_samples,
         max_tasks=FLAGS.closed_loop_max_tasks or None,
         worlds=FLAGS.worlds,
+        agent=C.AgentConfig(
+            max_steps=FLAGS.closed_loop_max_steps,
+            max_new_tokens=FLAGS.closed_loop_max_new_tokens,
+        ),
+        tool_call_positions=FLAGS.closed_loop_positions,
     )
 
 

@@ -210,6 +210,12 @@ def test_agent_hook_calls_the_closed_loop_evaluator(tmp_path, monkeypatch):
             spec.workdir,
             "heldout_scenarios",
             2,
-            {"worlds": "w", "corpus_dir": data, "max_tasks": 3},
+            {
+                "worlds": "w",
+                "corpus_dir": data,
+                "agent": None,
+                "max_tasks": 3,
+                "tool_call_positions": 64,
+            },
         )
     ]

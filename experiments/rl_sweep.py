@@ -1,0 +1,118 @@
+"""The on-policy experiment: grpo vs echo (the offline ablation's best λ and its neighbours) vs
+verifier_free, several seeds each, one environment-step budget, one start checkpoint.
+
+    python -m experiments.rl_sweep                      # runs, then results/rl.csv, RL.md, plots
+    python -m experiments.rl_sweep --report_only        # the report from the finished runs
+    python -m experiments.rl_sweep --lams=auto          # λ from results/ablation.csv
+
+Every flag of experiments.rl is accepted and passed to each run (the per-run flags --objective,
+--lam, --seed and --workdir are set by the grid). Runs are subprocesses, --parallel at a time.
+Default budget, for 2 CPU cores: 5 arms x 3 seeds, each until 480 tool calls of rollouts
+(about 5 iterations of 4 tasks x G=4), held-out pass@1 on 8 tasks at the start and the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+
+from absl import app, flags, logging
+
+from echo_jax import config as C
+from echo_jax import rl_report, rl_sweep, sweep
+from experiments import rl as rl_cli  # Defines the per-run flags, forwarded to every run.
+
+flags.DEFINE_list("objectives", list(C.OBJECTIVES), "Objectives of the grid.")
+flags.DEFINE_list("lams", ["0.05", "0.1", "0.5"], "λ of the echo arms, or 'auto'.")
+flags.DEFINE_string(
+    "ablation_csv", "results/ablation.csv", "--lams=auto: the offline ablation to pick λ from."
+)
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every arm runs each.")
+flags.DEFINE_string("root", "runs/rl_sweep", "Folder holding one workdir per run.")
+flags.DEFINE_string("results", "results", "Folder for rl.csv, RL.md and plots.")
+flags.DEFINE_integer("parallel", 1, "Runs at a time (subprocesses).")
+flags.DEFINE_bool("report_only", False, "Only regenerate the report from finished runs.")
+flags.DEFINE_string("machine", "", "Where the runs ran, for the report (default: this host).")
+FLAGS = flags.FLAGS
+FLAGS.set_default("env_steps", 480)
+FLAGS.set_default("iterations", 12)
+FLAGS.set_default("epochs", 1)
+FLAGS.set_default("start", "data/warm_start")
+
+_PER_RUN = ("objective", "lam", "seed", "workdir")
+_FORWARDED = (
+    "start",
+    "worlds",
+    "corpus",
+    "clip_eps",
+    *(n for n in rl_cli.RL_FLAGS if n != "seed"),
+)
+
+
+def forwarded_flags() -> list[str]:
+    """Every shared experiments.rl flag, spelled out, so each run's command is complete."""
+    return [FLAGS[name].serialize() for name in _FORWARDED]
+
+
+def lams_from_flags() -> list[float]:
+    if FLAGS.lams == ["auto"]:
+        return rl_sweep.choose_lams(FLAGS.ablation_csv)
+    try:
+        return [float(x) for x in FLAGS.lams]
+    except ValueError as e:
+        raise C.ConfigError(f"--lams must be numbers or 'auto' ({e})") from None
+
+
+def machine() -> str:
+    if FLAGS.machine:
+        return FLAGS.machine
+    import platform
+
+    import jax
+
+    backend = f"JAX {jax.__version__} on {jax.default_backend()}"
+    return f"{platform.node()} ({os.cpu_count()} CPUs, {backend})"
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    given = [f"--{name}" for name in _PER_RUN if FLAGS[name].present]
+    if given:
+        raise SystemExit(f"error: {', '.join(given)} set per run by the grid")
+    try:
+        rl_cli.rl_config_from_flags()  # Bad settings fail here, before any run starts.
+        lams = lams_from_flags()
+        arms = sweep.arms(FLAGS.objectives, lams)
+        seeds = [int(s) for s in FLAGS.seeds]
+    except (C.ConfigError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    specs = rl_sweep.specs(arms, seeds, FLAGS.root, forwarded_flags())
+    command = shlex.join(["python", "-m", "experiments.rl_sweep", *sys.argv[1:]])
+    if not FLAGS.report_only:
+        print(f"rl_sweep: {len(specs)} runs under {FLAGS.root}, λ {lams}", flush=True)
+        outcomes = rl_sweep.run_all(specs, FLAGS.parallel, lambda m: print(m, flush=True))
+        failed = [o["name"] for o in outcomes if o["returncode"] != 0]
+        if failed:
+            print(f"failed runs (see their .log): {', '.join(failed)}", flush=True)
+    rows = rl_report.collect(specs)
+    if not rows:
+        raise SystemExit(f"error: no finished iterations under {FLAGS.root}")
+    setup = (
+        f"Made by `{command}` on {machine()}. Start checkpoint `{FLAGS.start}`; "
+        f"each run: {FLAGS.tasks_per_iteration} training tasks x G={FLAGS.group_size} rollouts "
+        f"per iteration (temperature {FLAGS.temperature}, at most {FLAGS.max_steps} tool calls), "
+        f"{FLAGS.epochs} epoch(s) of PPO-clip minibatch updates (B={FLAGS.minibatch_size}, "
+        f"lr {FLAGS.learning_rate:g}), until {FLAGS.env_steps} environment steps; λ schedule "
+        f"{FLAGS.lam_schedule}; held-out pass@1 on {FLAGS.eval_max_tasks or 'all'} "
+        f"{FLAGS.eval_split} tasks."
+    )
+    commands = {spec.name: spec.command for spec in specs}
+    for path in rl_report.write(rows, FLAGS.results, commands, setup):
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
