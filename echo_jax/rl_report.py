@@ -226,17 +226,29 @@ def markdown(rows, commands: dict[str, str], setup: str, plots: Sequence[str]) -
 
 
 def findings(summary) -> str:
-    """Plain statements of each arm against grpo, with the seed spread."""
+    """Plain statements: each arm's change over the run, and each arm against grpo, with the
+    seed spread; nothing is called a difference unless it exceeds twice its standard error."""
+    out = []
+    for s in summary:
+        diff, se, clear = results.compare(s["success_last"], s["success_first"])
+        if s["success_last"][2] >= 2:
+            trend = "rose" if diff > 0 else "fell"
+            out.append(
+                f"- {s['label']}: training success {trend} from {s['success_first'][0]:.3f} "
+                f"(first iteration) to {s['success_last'][0]:.3f} (last {SMOOTH}), "
+                f"{diff:+.3f} ± {se:.3f}: "
+                + ("beyond the seed spread." if clear else "within the seed spread.")
+            )
     grpo = next((s for s in summary if s["arm"] == "grpo"), None)
     if grpo is None:
-        return "No grpo arm to compare against."
-    out = []
+        return "\n".join(out) or "No grpo arm to compare against."
     for s in summary:
         if s is grpo:
             continue
         for key, what in (
             ("success_last", "late training success"),
             ("pass1_end", "held-out pass@1"),
+            ("env_ce_last", "env CE on the last fresh rollouts (lower is better)"),
         ):
             a, b = s[key], grpo[key]
             if a[2] < 2 or b[2] < 2:
@@ -247,10 +259,16 @@ def findings(summary) -> str:
                 if clear
                 else "within the seed spread (no claim)"
             )
-            out.append(
-                f"- {s['label']} vs grpo, {what}: {diff:+.3f} (standard error {se:.3f}): {verdict}."
-            )
-    return "\n".join(out) if out else "Too few seeds for a comparison."
+            out.append(f"- {s['label']} vs grpo, {what}: {diff:+.3f} (s.e. {se:.3f}): {verdict}.")
+    reached = [s for s in summary if s is not grpo and s["reach"] is not None]
+    if grpo["reach"] is not None:
+        out.append(
+            f"- grpo's best smoothed success rate was {grpo['grpo_best']:.3f}, at "
+            f"{grpo['reach']:.0f} env steps; {len(reached)} of {len(summary) - 1} other arms "
+            "reached it. A best value of a noisy curve favours the arm it was taken from, so "
+            "this count only means something when the curves rise clearly above their start."
+        )
+    return "\n".join(out)
 
 
 def plot(rows, out_dir: str) -> list[str]:

@@ -14,6 +14,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -79,6 +80,12 @@ def run_all(
     run_specs: Sequence[RLRunSpec], parallel: int = 1, log: Callable[[str], None] = print
 ) -> list[dict]:
     """Runs every unfinished spec; returns {name, returncode, wall_s} per run attempted."""
+    lock = threading.Lock()
+    unlocked = log
+
+    def log(message: str) -> None:  # One whole line at a time from the runner threads.
+        with lock:
+            unlocked(message)
 
     def one(spec: RLRunSpec) -> dict:
         if os.path.exists(os.path.join(spec.workdir, SUMMARY)):

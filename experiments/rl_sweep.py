@@ -90,7 +90,9 @@ def main(argv: list[str]) -> None:
     except (C.ConfigError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     specs = rl_sweep.specs(arms, seeds, FLAGS.root, forwarded_flags())
-    command = shlex.join(["python", "-m", "experiments.rl_sweep", *sys.argv[1:]])
+    # The command that makes the runs: --report_only and --machine only rewrite the report.
+    run_args = [a for a in sys.argv[1:] if not a.startswith(("--report_only", "--machine"))]
+    command = shlex.join(["python", "-m", "experiments.rl_sweep", *run_args])
     if not FLAGS.report_only:
         print(f"rl_sweep: {len(specs)} runs under {FLAGS.root}, λ {lams}", flush=True)
         outcomes = rl_sweep.run_all(specs, FLAGS.parallel, lambda m: print(m, flush=True))
@@ -101,7 +103,7 @@ def main(argv: list[str]) -> None:
     if not rows:
         raise SystemExit(f"error: no finished iterations under {FLAGS.root}")
     setup = (
-        f"Made by `{command}` on {machine()}. Start checkpoint `{FLAGS.start}`; "
+        f"Runs made by `{command}` on {machine()}. Start checkpoint `{FLAGS.start}`; "
         f"each run: {FLAGS.tasks_per_iteration} training tasks x G={FLAGS.group_size} rollouts "
         f"per iteration (temperature {FLAGS.temperature}, at most {FLAGS.max_steps} tool calls), "
         f"{FLAGS.epochs} epoch(s) of PPO-clip minibatch updates (B={FLAGS.minibatch_size}, "
