@@ -93,6 +93,12 @@ class _TimedDecoder:
         return gens
 
 
+def mute_fork_warning() -> None:
+    """World servers and verifiers are subprocesses that fork and at once exec, so JAX's
+    warning that a fork of a multithreaded process may deadlock does not apply to them."""
+    warnings.filterwarnings("ignore", "os.fork\\(\\) was called", RuntimeWarning)
+
+
 def _start(live: LiveWorld, restart: bool = False) -> None:
     """Starts (or restarts) a world server. Its subprocess forks and at once execs, so JAX's
     warning that a fork of a multithreaded process may deadlock does not apply; it is muted."""
@@ -210,6 +216,7 @@ def evaluate_checkpoint(
     decode_tokens_per_s, and where the rollouts are.
     """
     started = time.perf_counter()
+    mute_fork_warning()
     agent = agent or AgentConfig()
     if agent.temperature < 0 or not 0 < agent.top_p <= 1 or agent.max_new_tokens < 1:
         raise ValueError(f"bad sampling settings {agent}")

@@ -34,7 +34,6 @@ import os
 import shutil
 import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,7 +45,7 @@ import optax
 from flax import nnx
 
 from echo_jax import roles
-from echo_jax.agent import POLICY_KEY, load_run
+from echo_jax.agent import POLICY_KEY, build_prompt, load_run
 from echo_jax.awm.capture import LiveWorld, write_shard
 from echo_jax.awm.harness import HarnessConfig
 from echo_jax.awm.rewards import FORMAT_ERROR_TYPES
@@ -56,6 +55,7 @@ from echo_jax.closed_loop import (
     _start,
     _TimedDecoder,
     evaluate_checkpoint,
+    mute_fork_warning,
     run_agent_episode,
     split_tasks,
 )
@@ -206,8 +206,6 @@ def recorded_logp_gap(records: Sequence[dict[str, Any]], vocab: Vocab, score, pa
     """Mean |decoder logp - forward-pass logp| over generated tokens of first steps (whose
     prompt, the CONTEXT prefix and call marker, is never cut): a check that the recorded
     log-probs are the sampling policy's."""
-    from echo_jax.agent import build_prompt  # The agent's own prompt, token for token.
-
     gaps = []
     for record in records:
         step = record["steps"][0]
@@ -394,9 +392,7 @@ def run_rl(
     validate_rl(rl)
     if cfg is not None and cfg.loss.advantage != "group":
         raise ConfigError("on-policy updates use group advantages: set loss.advantage='group'")
-    # Verifier and world subprocesses fork and at once exec, so JAX's warning that a fork of a
-    # multithreaded process may deadlock does not apply (as in closed_loop._start).
-    warnings.filterwarnings("ignore", "os.fork\\(\\) was called", RuntimeWarning)
+    mute_fork_warning()
     cfg, vocab, graphdef, params, run = start_run(workdir, start, cfg, rl)
     loaded = load_worlds(worlds, scenarios)
     train_tasks = split_tasks(loaded, corpus_dir, rl.split)
