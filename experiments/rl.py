@@ -86,6 +86,8 @@ def run_config_from_flags() -> C.Config:
         base = C.Config(
             model=C.MODEL_PRESETS[FLAGS.model_size], data=C.DataConfig(paths=tuple(FLAGS.data))
         )
+    if FLAGS.objective != "echo" and FLAGS["lam"].present and FLAGS.lam != 0:
+        raise C.ConfigError(f"--lam only applies to --objective=echo, not {FLAGS.objective}")
     lam = FLAGS.lam if FLAGS.objective == "echo" else 0.0
     loss = dataclasses.replace(  # On-policy updates always use group advantages.
         base.loss, objective=FLAGS.objective, lam=lam, clip_eps=FLAGS.clip_eps, advantage="group"

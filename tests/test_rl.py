@@ -273,3 +273,53 @@ def test_rl_report_curves_and_steps_to_reach(tmp_path):
     text = (tmp_path / "out" / "RL.md").read_text()
     assert "| echo λ=0.1 | 2 |" in text and "fewer than grpo" in text
     assert len(written) == 5  # csv, markdown, three plots
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--objective=grpo", "--lam=0.1"], "--lam only applies to --objective=echo"),
+        (["--lam_schedule=cosine"], "flag --lam_schedule=cosine"),
+        (["--group_size=1"], "group_size must be >= 2"),
+        (["--start=/nonexistent"], "--start=/nonexistent: no config.json"),
+    ],
+)
+def test_rl_cli_rejects_bad_flags_before_any_work(args, message, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.rl", *args, f"--workdir={tmp_path / 'w'}"],
+        cwd=Path(__file__).parent.parent,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
+def test_rl_sweep_takes_lambda_from_the_offline_ablation(tmp_path):
+    from echo_jax import results, rl_sweep
+
+    rows = [
+        {
+            "arm": f"echo_lam{lam:g}",
+            "objective": "echo",
+            "lam": lam,
+            "seed": seed,
+            "heldout_tasks/action_ce": ce + 0.01 * seed,
+        }  # fmt: skip
+        for lam, ce in ((0.005, 3.0), (0.01, 2.9), (0.05, 2.5), (0.1, 2.7), (0.5, 2.8))
+        for seed in (0, 1)
+    ]
+    rows.append({"arm": "grpo", "objective": "grpo", "lam": 0.0, "seed": 0,
+                 "heldout_tasks/action_ce": 1.0})  # fmt: skip
+    path = str(tmp_path / "ablation.csv")
+    results.write_csv(rows, path)
+    assert rl_sweep.choose_lams(path) == [0.01, 0.05, 0.1]  # The best echo λ, neighbours.
+    rows[8]["heldout_tasks/action_ce"] = rows[9]["heldout_tasks/action_ce"] = 0.5  # λ=0.5 best
+    results.write_csv(rows, path)
+    assert rl_sweep.choose_lams(path) == [0.1, 0.5]  # At the grid's edge: one neighbour.
