@@ -44,6 +44,9 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every arm runs each.")
 flags.DEFINE_string("root", "runs/sweep", "Folder holding one workdir per run.")
 flags.DEFINE_string("results", "results", "Folder for ablation.csv, ABLATION.md and plots.")
 flags.DEFINE_bool("report_only", False, "Regenerate the report from <results>/ablation.csv.")
+flags.DEFINE_string(
+    "readme", "README.md", "README whose results section (between its markers) is rewritten."
+)
 flags.DEFINE_enum(
     "closed_loop",
     "none",
@@ -113,6 +116,13 @@ def closed_loop_from_flags() -> sweep.ClosedLoopFn | None:
     )
 
 
+def splice_readme(out: str) -> None:
+    if FLAGS.readme and os.path.exists(FLAGS.readme):
+        with open(os.path.join(out, results.README_NAME)) as f:
+            if results.splice_readme(FLAGS.readme, f.read()):
+                print(f"updated the results section of {FLAGS.readme}")
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -124,6 +134,7 @@ def main(argv: list[str]) -> None:
                 raise C.ConfigError(f"--report_only: no {results.CSV_NAME} in {out}; run the sweep")
             for path in results.regenerate(out):
                 print(f"wrote {path}")
+            splice_readme(out)
             return
         specs = specs_from_flags()
         hook = closed_loop_from_flags()
@@ -142,6 +153,7 @@ def main(argv: list[str]) -> None:
         results.write_csv(rows, csv_path)
         for path in results.write_report(rows, out, command):
             print(f"wrote {path}")
+        splice_readme(out)
     except (C.ConfigError, EpisodeError, RunDirError, sweep.SweepError) as e:
         raise SystemExit(f"error: {e}") from None
 
