@@ -223,11 +223,12 @@ def test_agent_hook_calls_the_closed_loop_evaluator(tmp_path, monkeypatch):
 
 def test_readme_results_section_is_spliced_between_its_markers(tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{results.README_BEGIN}\nold\n{results.README_END}\noutro\n")
+    begin, end = "<!-- results:begin (generated) -->", "<!-- results:end -->"
+    readme.write_text(f"intro\n{begin}\nold\n{end}\noutro\n")
     assert results.splice_readme(str(readme), "## Results\nnew table\n")
     text = readme.read_text()
-    assert "old" not in text and text.startswith("intro\n") and text.endswith("outro\n")
-    assert f"{results.README_BEGIN}\n## Results\nnew table\n{results.README_END}" in text
+    assert text == f"intro\n{begin}\n## Results\nnew table\n{end}\noutro\n"
+    assert not results.splice_readme(str(readme), "x", name="performance")
     unmarked = tmp_path / "OTHER.md"
     unmarked.write_text("no markers\n")
     assert not results.splice_readme(str(unmarked), "x") and unmarked.read_text() == "no markers\n"
