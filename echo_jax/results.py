@@ -311,6 +311,16 @@ def findings(rows: Sequence[dict[str, Any]]) -> str:
             f"- `{metric}` ({direction} is better): best echo arm {labels[best]} "
             f"{mean:.3f} ± {std:.3f}; " + "; ".join(parts) + "."
         )
+    for metric in ("heldout_tasks/env_ce", "heldout_scenarios/env_ce"):
+        stats = arm_stats(done, metric)
+        if "grpo" not in stats:
+            continue
+        gaps = []
+        for arm, stat in stats.items():
+            if arm != "grpo":
+                diff, se, clear = compare(stat, stats["grpo"])
+                gaps.append(f"{labels[arm]} {diff:+.3f} ± {se:.3f}" + (" (>2 SE)" if clear else ""))
+        bullets.append(f"- `{metric}` minus grpo's, every arm (Δ ± SE): " + "; ".join(gaps) + ".")
     if any(tally.values()):
         verdict = (
             "- **Policy verdict (best echo arm vs grpo).** Clearly better on "
