@@ -293,6 +293,21 @@ def findings(rows: Sequence[dict[str, Any]]) -> str:
         echo = {a: s for a, s in stats.items() if a.startswith("echo")}
         if not echo:
             continue
+        values = {v for r in done if (v := r.get(metric)) is not None}
+        if len(values) == 1:  # Every run scored the same: there is nothing to rank.
+            errors = arm_stats(done, "format_error_share")
+            share = np.mean([m for m, _, _ in errors.values()]) if errors else None
+            bullets.append(
+                f"- `{metric}` is {values.pop():.3f} for every run, so it cannot separate the arms"
+                + (
+                    f"; {share:.0%} of the closed-loop steps were format errors (calls that "
+                    "did not parse or named no tool), so at this training length no arm's model "
+                    "writes usable calls yet."
+                    if share is not None
+                    else "."
+                )
+            )
+            continue
         best = best_arm(echo, metric) or next(iter(echo))
         mean, std, _ = echo[best]
         direction = "higher" if higher_is_better(metric) else "lower"
