@@ -294,7 +294,7 @@ def findings(rows: Sequence[dict[str, Any]]) -> str:
         if not echo:
             continue
         values = {v for r in done if (v := r.get(metric)) is not None}
-        if len(values) == 1:  # Every run scored the same: there is nothing to rank.
+        if metric.startswith("pass@") and len(values) == 1:  # All runs alike: nothing to rank.
             errors = arm_stats(done, "format_error_share")
             share = np.mean([m for m, _, _ in errors.values()]) if errors else None
             bullets.append(
