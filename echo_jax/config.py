@@ -34,7 +34,8 @@ class ModelConfig:
     tie_embeddings: bool = True  # Share the input embedding with the output projection.
     # Causal attention backend (echo_jax.attention): "cudnn" (jax.nn.dot_product_attention's
     # fused GPU kernel, bf16/fp16 only), "xla" (its portable one), "blocked" (query blocks that
-    # skip the masked half; fastest on CPU), or "auto" (cudnn on a GPU in bfloat16, else xla).
+    # skip the masked half; fastest on CPU), or "auto" (cudnn on a GPU in bfloat16, blocked on
+    # a CPU, else xla).
     attention: str = "auto"
 
 

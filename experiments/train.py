@@ -79,6 +79,9 @@ flags.DEFINE_enum("model_size", "tiny", list(C.MODEL_PRESETS), "Model preset.")
 flags.DEFINE_integer("d_model", None, "Override the preset's width.")
 flags.DEFINE_integer("n_layers", None, "Override the preset's depth.")
 flags.DEFINE_integer("n_heads", None, "Override the preset's attention heads.")
+flags.DEFINE_enum(
+    "attention", None, C.ATTENTION_IMPLS, "Override the preset's attention backend (auto)."
+)
 flags.DEFINE_integer("d_ff", None, "Override the preset's MLP width.")
 flags.DEFINE_integer("eval_every", _E.every, "Steps between held-out evals (0: only at the end).")
 flags.DEFINE_list(
@@ -94,7 +97,7 @@ FLAGS = flags.FLAGS
 def config_from_flags() -> C.Config:
     if FLAGS["lam"].present and FLAGS.objective != "echo":
         raise C.ConfigError(f"--lam only applies to --objective=echo, not {FLAGS.objective}")
-    overrides = {k: FLAGS[k].value for k in ("d_model", "n_layers", "n_heads", "d_ff")}
+    overrides = {k: FLAGS[k].value for k in ("d_model", "n_layers", "n_heads", "d_ff", "attention")}
     model = dataclasses.replace(
         C.MODEL_PRESETS[FLAGS.model_size], **{k: v for k, v in overrides.items() if v is not None}
     )

@@ -37,9 +37,9 @@ def test_blocked_in_bfloat16_stays_close():
     np.testing.assert_allclose(np.float32(got), np.float32(want), atol=3e-2)
 
 
-def test_auto_is_xla_on_cpu_and_explicit_choices_stand():
+def test_auto_is_blocked_on_cpu_and_explicit_choices_stand():
     assert jax.default_backend() == "cpu"
-    assert resolve(ModelConfig()) == "xla"
-    assert resolve(MODEL_PRESETS["gpu100m"]) == "xla"  # cudnn only on a GPU.
+    assert resolve(ModelConfig()) == "blocked"
+    assert resolve(MODEL_PRESETS["gpu100m"]) == "blocked"  # cudnn only on a GPU.
     for impl in ("xla", "cudnn", "blocked"):
         assert resolve(dataclasses.replace(ModelConfig(), attention=impl)) == impl
