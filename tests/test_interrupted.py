@@ -130,8 +130,8 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(
     real_make_batch = train_module.make_batch
     calls = []
 
-    def poisoned(data, index):  # Step 5's batch carries a NaN advantage.
-        batch = real_make_batch(data, index)
+    def poisoned(data, index, advantage):  # Step 5's batch carries a NaN advantage.
+        batch = real_make_batch(data, index, advantage)
         calls.append(1)
         if len(calls) == 5:
             batch = dict(batch, advantage=np.full_like(batch["advantage"], np.nan))
