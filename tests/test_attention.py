@@ -22,7 +22,7 @@ def test_blocked_matches_xla_values_and_gradients(t, blocks):
 
     xla = jax.value_and_grad(loss(lambda *a: causal_attention(*a, "xla")), argnums=(0, 1, 2))
     blk = jax.value_and_grad(loss(lambda *a: blocked_causal(*a, blocks)), argnums=(0, 1, 2))
-    (want, want_g), (got, got_g) = xla(q, k, v), jax.jit(blk)(q, k, v)
+    (want, want_g), (got, got_g) = jax.jit(xla)(q, k, v), jax.jit(blk)(q, k, v)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     for g, wg in zip(got_g, want_g, strict=True):
         np.testing.assert_allclose(g, wg, rtol=1e-5, atol=1e-5)
