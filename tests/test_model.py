@@ -40,7 +40,7 @@ def test_causality_through_gradients(model):
         def out_at_t(x, t=t):
             return model.logits(model.features_from_embeddings(x))[0, t].sum()
 
-        grad_TD = jax.grad(out_at_t)(x_BTD)[0]
+        grad_TD = jax.jit(jax.grad(out_at_t))(x_BTD)[0]
         per_position = np.abs(np.asarray(grad_TD)).sum(axis=-1)
         np.testing.assert_array_equal(per_position[t + 1 :], 0.0)
         assert (per_position[: t + 1] > 0).all(), per_position

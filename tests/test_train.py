@@ -97,7 +97,7 @@ def test_train_step_equals_a_plain_optax_update(episodes_path):
             **loss_kwargs(cfg.loss),
         )[0]
 
-    grads = jax.grad(loss_fn)(state.params)
+    grads = jax.jit(jax.grad(loss_fn))(state.params)
     updates, _ = tx.update(grads, state.opt_state, state.params)
     want = optax.apply_updates(state.params, updates)
     want = jax.tree.map(np.asarray, want)  # The step donates `state`; copy first.
