@@ -45,7 +45,10 @@ flags.DEFINE_string("root", "runs/sweep", "Folder holding one workdir per run.")
 flags.DEFINE_string("results", "results", "Folder for ablation.csv, ABLATION.md and plots.")
 flags.DEFINE_bool("report_only", False, "Regenerate the report from <results>/ablation.csv.")
 flags.DEFINE_string(
-    "readme", "README.md", "README whose results section (between its markers) is rewritten."
+    "readme",
+    "README.md",
+    "README whose results section (between its markers) is rewritten; only for the default "
+    "--results folder, so a sweep written elsewhere (a test, a trial) never touches it.",
 )
 flags.DEFINE_enum(
     "closed_loop",
@@ -117,6 +120,8 @@ def closed_loop_from_flags() -> sweep.ClosedLoopFn | None:
 
 
 def splice_readme(out: str) -> None:
+    if FLAGS["results"].present and FLAGS.results != FLAGS["results"].default:
+        return
     if FLAGS.readme and os.path.exists(FLAGS.readme):
         with open(os.path.join(out, results.README_NAME)) as f:
             if results.splice_readme(FLAGS.readme, f.read()):

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,8 +158,12 @@ def test_cli_tiny_sweep_end_to_end_and_resume(tmp_path):
         f"--eval_real={real}",
         f"--cache_dir={tmp_path / 'data_cache'}",
     ]
+    readme = Path(ROOT) / "README.md"
+    readme_before = readme.read_text()
     proc = _sweep_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Results written elsewhere never rewrite the repository's README.
+    assert readme.read_text() == readme_before
     rows = results.read_csv(str(tmp_path / "results" / "ablation.csv"))
     assert [(r["arm"], r["seed"], r["status"]) for r in rows] == [
         ("grpo", 0, "done"),
