@@ -67,7 +67,20 @@ def machine_info() -> dict:
     }
 
 
+# echo_jax.config.LossConfig()'s defaults, written out so the PyTorch side never imports the
+# trainer; every benchmark of the loss uses these.
+LOSS_KWARGS = dict(
+    objective="echo",
+    lam=0.05,
+    world_loss_target="env_only",
+    world_loss_normalization="full_observation_tokens",
+    pg_loss_reduction="sequence_mean",
+)
+
+
 def append_result(name: str, record: dict) -> str:
+    """Appends the record, with the machine's load at the end of the run, as one JSON line."""
+    record = {**record, "load_avg_1m_end": machine_info()["load_avg_1m"]}
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.jsonl")
     with open(path, "a") as f:

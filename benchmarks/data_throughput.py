@@ -93,7 +93,6 @@ def main(argv: list[str]) -> None:
         "miss_s": miss_s,
         "episodes_per_s": rate,
         "cache_entry_bytes": entry_mb,
-        "load_avg_1m_end": common.machine_info()["load_avg_1m"],
     }
     print("   appended to " + common.append_result(NAME, record))
 

@@ -20,14 +20,7 @@ from benchmarks import common
 
 SHAPES = ("8,1024,8192", "2,1024,100277")
 NAME = "echo_loss_vs_torch"
-# echo_jax.config.LossConfig()'s defaults, written out so neither side imports the trainer.
-LOSS_KWARGS = dict(
-    objective="echo",
-    lam=0.05,
-    world_loss_target="env_only",
-    world_loss_normalization="full_observation_tokens",
-    pg_loss_reduction="sequence_mean",
-)
+LOSS_KWARGS = common.LOSS_KWARGS
 
 
 class JaxSide(common.Bench):
@@ -149,7 +142,6 @@ def main(argv: list[str]) -> None:
             "results": res,
             "speedup": speedup,
             "memory_ratio": mem_ratio,
-            "load_avg_1m_end": common.machine_info()["load_avg_1m"],
         }
         print("   appended to " + common.append_result(NAME, record))
         sys.stdout.flush()

@@ -76,7 +76,6 @@ def main(argv: list[str]) -> None:
         "results": res,
         "overhead": overhead,
         "paired_overhead": paired - 1,
-        "load_avg_1m_end": common.machine_info()["load_avg_1m"],
     }
     print("   appended to " + common.append_result(NAME, record))
 

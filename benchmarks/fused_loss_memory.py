@@ -19,13 +19,7 @@ import numpy as np
 from benchmarks import common
 
 NAME = "fused_loss_memory"
-LOSS_KWARGS = dict(
-    objective="echo",
-    lam=0.05,
-    world_loss_target="env_only",
-    world_loss_normalization="full_observation_tokens",
-    pg_loss_reduction="sequence_mean",
-)
+LOSS_KWARGS = common.LOSS_KWARGS
 
 
 class HeadSide(common.Bench):
@@ -127,7 +121,6 @@ def main(argv: list[str]) -> None:
         "results": res,
         "memory_ratio": mem,
         "time_ratio": slow,
-        "load_avg_1m_end": common.machine_info()["load_avg_1m"],
     }
     print("   appended to " + common.append_result(NAME, record))
 

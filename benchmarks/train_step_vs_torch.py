@@ -19,13 +19,7 @@ import numpy as np
 from benchmarks import common
 
 NAME = "train_step_vs_torch"
-LOSS_KWARGS = dict(
-    objective="echo",
-    lam=0.05,
-    world_loss_target="env_only",
-    world_loss_normalization="full_observation_tokens",
-    pg_loss_reduction="sequence_mean",
-)
+LOSS_KWARGS = common.LOSS_KWARGS
 
 
 def synthetic_batch(b: int, t: int, v: int) -> dict[str, np.ndarray]:
@@ -152,7 +146,6 @@ def main(argv: list[str]) -> None:
             "results": res,
             "tokens_per_s": tok,
             "speedup": speedup,
-            "load_avg_1m_end": common.machine_info()["load_avg_1m"],
         }
         print("   appended to " + common.append_result(NAME, record))
         sys.stdout.flush()
