@@ -102,12 +102,11 @@ def mute_fork_warning() -> None:
 def _start(live: LiveWorld, restart: bool = False) -> None:
     """Starts (or restarts) a world server. Its subprocess forks and at once execs, so JAX's
     warning that a fork of a multithreaded process may deadlock does not apply; it is muted."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "os.fork\\(\\) was called", RuntimeWarning)
-        if restart:
-            live.restart()
-        else:
-            live.open()
+    mute_fork_warning()
+    if restart:
+        live.restart()
+    else:
+        live.open()
 
 
 def _episode_key(seed: int, scenario: str, task_idx: int, sample: int) -> jax.Array:

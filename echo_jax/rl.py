@@ -193,8 +193,8 @@ def score_rows(score, params, tokens_NT: np.ndarray, batch: int) -> np.ndarray:
     n, t = tokens_NT.shape
     padded = np.zeros((padded_rows(n, batch), t), np.int32)
     padded[:n] = tokens_NT
-    out = [np.asarray(score(params, padded[i : i + batch])) for i in range(0, len(padded), batch)]
-    return np.concatenate(out)[:n]
+    out = [score(params, padded[i : i + batch]) for i in range(0, len(padded), batch)]
+    return np.concatenate(jax.device_get(out))[:n]  # Every call dispatched before one read.
 
 
 def role_ce(logp_NS: np.ndarray, roles_NT: np.ndarray, role: int) -> float:
@@ -239,6 +239,18 @@ def update(
     lam_ = np.float32(lam)
     sums: dict[str, float] = {}
     steps = 0
+
+    def read(metrics) -> None:  # Step N-1's metrics, read once step N is dispatched.
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if host["nonfinite"]:
+            raise FloatingPointError(
+                f"non-finite loss or gradient in an RL update (loss={host['loss']}, "
+                f"grad_norm={host['grad_norm']}); the update was not applied"
+            )
+        for k in ("loss", "pg_loss", "env_loss", "clip_frac", "grad_norm"):
+            sums[k] = sums.get(k, 0.0) + host[k]
+
+    pending = None
     for _ in range(rl.epochs):
         order = rng.permutation(n)
         order = np.concatenate([order, np.full(padded_rows(n, b) - n, -1)])
@@ -255,15 +267,11 @@ def update(
             }
             mb = jax.device_put(mb, dp.batch) | {"lam": jax.device_put(lam_, dp.replicated)}
             state, metrics = train_step(state, mb)
-            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if host["nonfinite"]:
-                raise FloatingPointError(
-                    f"non-finite loss or gradient in an RL update (loss={host['loss']}, "
-                    f"grad_norm={host['grad_norm']}); the update was not applied"
-                )
-            for k in ("loss", "pg_loss", "env_loss", "clip_frac", "grad_norm"):
-                sums[k] = sums.get(k, 0.0) + host[k]
+            if pending is not None:
+                read(pending)
+            pending = metrics
             steps += 1
+    read(pending)
     return state, {k: v / steps for k, v in sums.items()} | {"update_steps": steps}
 
 
