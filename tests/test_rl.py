@@ -27,6 +27,7 @@ from echo_jax.rl import (
 )
 from echo_jax.run_dir import RunDir
 from echo_jax.train import init_state, make_optimizer
+from tests.cli import run_module
 from tests.test_agent import MAX_LEN, TINY, WORLDS, random_model
 from tests.test_agent import episode as episode  # noqa: F401  (fixture)
 from tests.test_agent import vocab as vocab  # noqa: F401  (fixture)
@@ -285,18 +286,7 @@ def test_rl_report_curves_and_steps_to_reach(tmp_path):
     ],
 )
 def test_rl_cli_rejects_bad_flags_before_any_work(args, message, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.rl", *args, f"--workdir={tmp_path / 'w'}"],
-        cwd=Path(__file__).parent.parent,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_module("experiments.rl", *args, f"--workdir={tmp_path / 'w'}")
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "w").exists()
 

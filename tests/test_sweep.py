@@ -1,7 +1,6 @@
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 from echo_jax import evaluation, results, sweep
 from echo_jax.config import Config, DataConfig, LossConfig
 from echo_jax.run_dir import RunDir
+from tests.cli import run_module
 from tests.corpus_fixture import make_tiny_corpus, write_real_like
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -124,15 +124,7 @@ def test_compare_needs_spread():
 
 
 def _sweep_cli(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.sweep", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_module("experiments.sweep", *args, timeout=600)
 
 
 def test_cli_tiny_sweep_end_to_end_and_resume(tmp_path):

@@ -1,8 +1,6 @@
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import chex
 import jax
@@ -27,6 +25,7 @@ from echo_jax.train import (
     run_experiment,
 )
 from echo_jax.vocab import Vocab
+from tests.cli import run_module
 from tests.test_data import small_episode, write_jsonl
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -172,15 +171,7 @@ def test_resume_with_a_different_config_is_refused(episodes_path, tmp_path):
 
 
 def _cli(*args, cwd=ROOT):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_module("experiments.train", *args, cwd=cwd)
 
 
 @pytest.mark.parametrize("objective", ["grpo", "echo", "verifier_free"])
