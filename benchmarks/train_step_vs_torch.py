@@ -38,8 +38,8 @@ class JaxTrainSide(common.Bench):
         t: int,
         v: int,
         objective: str = "echo",
-        impl: str = "plain",
-        chunk_size: int = 1024,
+        impl: str | None = None,
+        chunk_size: int | None = None,
     ):
         import jax
 
@@ -47,7 +47,12 @@ class JaxTrainSide(common.Bench):
         from echo_jax.train import init_model, init_state, make_optimizer, make_train_step
 
         lam = LOSS_KWARGS["lam"] if objective == "echo" else 0.0
-        loss = LossConfig(objective=objective, lam=lam, impl=impl, chunk_size=chunk_size)
+        loss = LossConfig(
+            objective=objective,
+            lam=lam,
+            impl=impl or LossConfig.impl,
+            chunk_size=chunk_size or LossConfig.chunk_size,
+        )
         cfg = Config(model=MODEL_PRESETS[preset], loss=loss, train=TrainConfig(batch_size=b))
         tx = make_optimizer(cfg.train)
         graphdef, params = init_model(cfg, v, 0)
@@ -106,7 +111,8 @@ def main(argv: list[str]) -> None:
         common.serve(lambda: side(presets[0], b, t, v), args.warmup)
         return
     for preset in presets:
-        from echo_jax.config import MODEL_PRESETS
+        from echo_jax.config import MODEL_PRESETS, LossConfig
+        from echo_jax.fused_loss import resolve_impl
 
         config = {
             "preset": preset,
@@ -118,6 +124,9 @@ def main(argv: list[str]) -> None:
             "warmup": args.warmup,
             "loss": LOSS_KWARGS,
             "optimizer": "clip 1.0 + AdamW(wd 0.01 on matrices)",
+            # LossConfig's default path, as `experiments.train` runs it on this machine.
+            "loss_impl": f"{LossConfig.impl} -> {resolve_impl(LossConfig.impl)}",
+            "chunk_size": LossConfig.chunk_size,
         }
         machine = common.header(f"{NAME} {preset}", config)
         argv_w = [

@@ -16,7 +16,7 @@ OVERFLOW_MODES: tuple[str, ...] = ("window", "truncate")
 SPLITS: tuple[str, ...] = ("train", "heldout_tasks", "heldout_scenarios")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 ATTENTION_IMPLS: tuple[str, ...] = ("auto", "blocked", "xla", "cudnn")
-LOSS_IMPLS: tuple[str, ...] = ("plain", "chunked")
+LOSS_IMPLS: tuple[str, ...] = ("auto", "plain", "chunked")
 # Held-out evaluation sets: the corpus splits plus the one real AWM capture ("real").
 EVAL_SPLITS: tuple[str, ...] = (*SPLITS, "real")
 
@@ -64,8 +64,10 @@ class LossConfig:
     # ignored, a behaviour-cloning warm start for the on-policy loop).
     advantage: str = "group"
     # "plain": logits [B, T, V] then the loss; "chunked": output projection fused with the
-    # cross-entropy over chunks of target tokens, never building [B, T, V] (large vocabularies).
-    impl: str = "plain"
+    # cross-entropy over chunks of target tokens, never building [B, T, V] (large vocabularies)
+    # and skipping the targets nothing reads (CONTEXT, PAD); "auto": chunked on a CPU, where
+    # that skipping makes it the faster one, plain elsewhere (echo_jax.fused_loss.resolve_impl).
+    impl: str = "auto"
     # Target tokens per chunk of impl="chunked": temporaries of a few [chunk, V] float32 blocks
     # (205 MB each at 512 x 100,277).
     chunk_size: int = 512

@@ -34,6 +34,7 @@ from echo_jax.atomic import atomic_open
 from echo_jax.config import Config
 from echo_jax.dataset import load_packed
 from echo_jax.episodes import EpisodeError
+from echo_jax.fused_loss import resolve_impl
 from echo_jax.packing import PackedData
 from echo_jax.vocab import PAD_ID, Vocab
 
@@ -245,7 +246,9 @@ class Evaluator:
 
     def __call__(self, step: int, graphdef: nnx.GraphDef, params: Any) -> dict[str, Any]:
         if self._step_fn is None or graphdef is not self._graphdef:
-            chunk = self.cfg.loss.chunk_size if self.cfg.loss.impl == "chunked" else None
+            chunk = (
+                self.cfg.loss.chunk_size if resolve_impl(self.cfg.loss.impl) == "chunked" else None
+            )
             self._step_fn, self._graphdef = make_eval_step(graphdef, chunk), graphdef
         t0 = time.perf_counter()
         line: dict[str, Any] = {"step": int(step)}

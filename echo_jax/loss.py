@@ -101,6 +101,16 @@ def _check_options(objective: str, world_loss_target: str, normalization: str, r
             raise ValueError(f"{name}={value!r} is not one of {allowed}")
 
 
+def counted_targets(target_roles_BS: Array, world_loss_target: str = "env_only") -> Array:
+    """bool: the targets whose log-probs the loss or its metrics read (ACTION, ENV_OUTPUT and,
+    under world_loss_target="all", WARNING); every other one is multiplied by 0, so a fused
+    path may skip its logits altogether."""
+    counted_BS = (target_roles_BS == roles.ACTION) | (target_roles_BS == roles.ENV_OUTPUT)
+    if world_loss_target == "all":
+        counted_BS = counted_BS | (target_roles_BS == roles.WARNING)
+    return counted_BS
+
+
 def _safe_div(num: Array, den: Array) -> Array:
     return num / jnp.maximum(den, 1.0)
 

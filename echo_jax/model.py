@@ -9,34 +9,45 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import Array
 
 from echo_jax.attention import causal_attention
 from echo_jax.attention import resolve as resolve_attention
 from echo_jax.config import ModelConfig
+from echo_jax.matmul import matmul
+
+
+def _sin_cos(positions: Array, half: int) -> tuple[Array, Array]:
+    """sin and cos [..., half] of the rotary angles at `positions`.
+
+    Static positions (training, prefill) give tables computed once while tracing: traced ones
+    let XLA fuse sin and cos into every [B, T, N, H/2] consumer, evaluating them B·N times
+    over (about a tenth of a CPU train step). The values are the same either way.
+    """
+    with jax.ensure_compile_time_eval():
+        freq = 1.0 / (10_000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+        angle = jnp.asarray(positions)[..., None].astype(jnp.float32) * freq
+        return jnp.sin(angle), jnp.cos(angle)
+
+
+def _rotate(x: Array, sin: Array, cos: Array) -> Array:
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
 
 
 def rotary(x_BTNH: Array, positions_T: Array) -> Array:
     """Rotary position embedding on the last axis (halves rotated)."""
-    half = x_BTNH.shape[-1] // 2
-    freq_H = 1.0 / (10_000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
-    angle_TH = positions_T[:, None].astype(jnp.float32) * freq_H[None, :]
-    sin, cos = jnp.sin(angle_TH)[None, :, None, :], jnp.cos(angle_TH)[None, :, None, :]
-    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BTNH.dtype)
+    sin_TH, cos_TH = _sin_cos(positions_T, x_BTNH.shape[-1] // 2)
+    return _rotate(x_BTNH, sin_TH[None, :, None, :], cos_TH[None, :, None, :])
 
 
 def rotary_rows(x_BSNH: Array, positions_BS: Array) -> Array:
     """`rotary` with a position per row (incremental decoding: rows at different lengths)."""
-    half = x_BSNH.shape[-1] // 2
-    freq_H = 1.0 / (10_000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
-    angle_BSH = positions_BS[..., None].astype(jnp.float32) * freq_H
-    sin, cos = jnp.sin(angle_BSH)[:, :, None, :], jnp.cos(angle_BSH)[:, :, None, :]
-    x1, x2 = jnp.split(x_BSNH.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BSNH.dtype)
+    sin_BSH, cos_BSH = _sin_cos(positions_BS, x_BSNH.shape[-1] // 2)
+    return _rotate(x_BSNH, sin_BSH[:, :, None, :], cos_BSH[:, :, None, :])
 
 
 class Attention(nnx.Module):
@@ -47,10 +58,20 @@ class Attention(nnx.Module):
         init = nnx.initializers.normal(cfg.d_model**-0.5)
         out_init = nnx.initializers.normal((cfg.d_model * 2 * cfg.n_layers) ** -0.5)
         self.qkv = nnx.Linear(
-            cfg.d_model, 3 * cfg.d_model, use_bias=False, dtype=dtype, kernel_init=init, rngs=rngs
+            cfg.d_model,
+            3 * cfg.d_model,
+            use_bias=False,
+            dtype=dtype,
+            kernel_init=init,
+            rngs=rngs,
         )
         self.out = nnx.Linear(
-            cfg.d_model, cfg.d_model, use_bias=False, dtype=dtype, kernel_init=out_init, rngs=rngs
+            cfg.d_model,
+            cfg.d_model,
+            use_bias=False,
+            dtype=dtype,
+            kernel_init=out_init,
+            rngs=rngs,
         )
 
     def __call__(self, x_BTD: Array, positions_T: Array) -> Array:
@@ -101,10 +122,20 @@ class Mlp(nnx.Module):
         init = nnx.initializers.normal(cfg.d_model**-0.5)
         out_init = nnx.initializers.normal((cfg.d_ff * 2 * cfg.n_layers) ** -0.5)
         self.up = nnx.Linear(
-            cfg.d_model, cfg.d_ff, use_bias=False, dtype=dtype, kernel_init=init, rngs=rngs
+            cfg.d_model,
+            cfg.d_ff,
+            use_bias=False,
+            dtype=dtype,
+            kernel_init=init,
+            rngs=rngs,
         )
         self.down = nnx.Linear(
-            cfg.d_ff, cfg.d_model, use_bias=False, dtype=dtype, kernel_init=out_init, rngs=rngs
+            cfg.d_ff,
+            cfg.d_model,
+            use_bias=False,
+            dtype=dtype,
+            kernel_init=out_init,
+            rngs=rngs,
         )
 
     def __call__(self, x_BTD: Array) -> Array:
@@ -167,7 +198,7 @@ class Transformer(nnx.Module):
         return self.features_from_embeddings(self.embed(tokens_BT))
 
     def features_from_embeddings(self, x_BTD: Array) -> Array:
-        positions_T = jnp.arange(x_BTD.shape[1])
+        positions_T = np.arange(x_BTD.shape[1])  # Static: see _sin_cos.
         for block in self.blocks:
             x_BTD = block(x_BTD, positions_T)
         return self.final_norm(x_BTD)
@@ -181,7 +212,7 @@ class Transformer(nnx.Module):
     def logits(self, h_BTD: Array) -> Array:
         w_DV = self.output_matrix().astype(h_BTD.dtype)
         b, t, d = h_BTD.shape
-        return (h_BTD.reshape(b * t, d) @ w_DV).reshape(b, t, -1)  # 2-D, as in Attention.
+        return matmul(h_BTD.reshape(b * t, d), w_DV).reshape(b, t, -1)  # 2-D, as in Attention.
 
     def __call__(self, tokens_BT: Array) -> Array:
         return self.logits(self.features(tokens_BT))
@@ -196,7 +227,7 @@ class Transformer(nnx.Module):
         and after it hold padding and are overwritten by `decode_step` before they are visible.
         """
         x_BTD = self.embed(tokens_BT)
-        positions_T = jnp.arange(x_BTD.shape[1])
+        positions_T = np.arange(x_BTD.shape[1])  # Static: see _sin_cos.
         keys, values = [], []
         for block in self.blocks:
             x_BTD, k_BTNH, v_BTNH = block.prefill(x_BTD, positions_T)

@@ -62,7 +62,7 @@ from echo_jax.closed_loop import (
 from echo_jax.config import AgentConfig, Config, ConfigError, RLConfig, validate, validate_rl
 from echo_jax.decoding import Decoder
 from echo_jax.episodes import Episode, parse_episode
-from echo_jax.fused_loss import chunked_label_logprobs
+from echo_jax.fused_loss import chunked_label_logprobs, resolve_impl
 from echo_jax.loss import label_logprobs
 from echo_jax.packing import PackedData, pack
 from echo_jax.render import render_action, render_episode
@@ -174,10 +174,10 @@ def make_score_fn(graphdef: nnx.GraphDef, impl: str, chunk_size: int):
 
     def score(params, tokens_BT):
         model = nnx.merge(graphdef, params)
-        if impl == "chunked":
+        if resolve_impl(impl) == "chunked":
             h_BTD = model.features(tokens_BT)
             return chunked_label_logprobs(
-                h_BTD[:, :-1], model.output_matrix(), tokens_BT[:, 1:], chunk_size
+                h_BTD[:, :-1], model.output_matrix(), tokens_BT[:, 1:], None, chunk_size
             )
         return label_logprobs(model(tokens_BT), tokens_BT)
 

@@ -19,7 +19,7 @@ from echo_jax import roles
 from echo_jax.config import Config, LossConfig, TrainConfig, validate
 from echo_jax.dataset import load_packed
 from echo_jax.evaluation import Evaluator
-from echo_jax.fused_loss import model_echo_loss
+from echo_jax.fused_loss import model_echo_loss, resolve_impl
 from echo_jax.loss import echo_loss
 from echo_jax.model import Transformer
 from echo_jax.packing import PackedData
@@ -97,7 +97,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
                 kwargs[name] = batch[key]
         if "lam" in batch:
             kwargs["lam"] = batch["lam"]
-        if loss_cfg.impl == "chunked":
+        if resolve_impl(loss_cfg.impl) == "chunked":
             model, chunk = nnx.merge(graphdef, params), loss_cfg.chunk_size
             return model_echo_loss(model, batch, chunk_size=chunk, **kwargs)
         logits_BTV = nnx.merge(graphdef, params)(batch["tokens"])

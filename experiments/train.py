@@ -62,7 +62,10 @@ flags.DEFINE_string(
     "cache_dir", "~/.cache/echo_jax", "Cache of packed arrays by content hash; empty: none."
 )
 flags.DEFINE_enum(
-    "loss_impl", _L.impl, C.LOSS_IMPLS, "plain: [B,T,V] logits; chunked: fused, for large V."
+    "loss_impl",
+    _L.impl,
+    C.LOSS_IMPLS,
+    "plain: [B,T,V] logits; chunked: fused, for large V; auto: chunked on CPU.",
 )
 flags.DEFINE_integer("chunk_size", _L.chunk_size, "Target tokens per chunk (--loss_impl=chunked).")
 flags.DEFINE_bool("canonical_json", _D.canonical_json, "Canonicalise tool-result JSON.")

@@ -7,14 +7,16 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from echo_jax import loss as loss_module
 from echo_jax import roles
 from echo_jax.config import Config, LossConfig, ModelConfig, TrainConfig
-from echo_jax.fused_loss import chunked_label_logprobs, model_echo_loss
+from echo_jax.fused_loss import chunked_label_logprobs, model_echo_loss, resolve_impl
 from echo_jax.loss import echo_loss, label_logprobs
+from echo_jax.matmul import matmul
 from echo_jax.model import Transformer
 from echo_jax.train import init_model, init_state, loss_kwargs, make_optimizer, make_train_step
 
@@ -71,7 +73,7 @@ def test_label_logprobs_and_their_gradients_match_the_plain_path(chunk):
         return (autodiff_logprobs(jnp.einsum("btd,dv->btv", h, w), tokens) * g_BS).sum()
 
     def fused(h, w):
-        return (chunked_label_logprobs(h[:, :-1], w, tokens[:, 1:], chunk) * g_BS).sum()
+        return (chunked_label_logprobs(h[:, :-1], w, tokens[:, 1:], None, chunk) * g_BS).sum()
 
     want = jax.value_and_grad(plain, argnums=(0, 1))(h_BTD, w_DV)
     got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(h_BTD, w_DV)
@@ -164,3 +166,105 @@ def test_no_batch_by_time_by_vocab_array_in_forward_or_backward():
     plain_hlo = jax.jit(jax.grad(plain)).lower(params).compile().as_text()
     assert _big_buffers(plain_hlo, limit), "the check would not see a [B, T, V] array"
     assert not _big_buffers(fused_hlo, limit)
+
+
+@pytest.mark.parametrize("world_loss_target", ["env_only", "all"])
+@pytest.mark.parametrize("objective", ["grpo", "echo", "verifier_free"])
+def test_nothing_outside_the_counted_targets_reaches_the_loss_or_its_metrics(
+    objective, world_loss_target
+):
+    """What licenses the fused path to skip them: the loss and every metric read log-probs only
+    at `counted_targets`, so a target outside it has a zero derivative in all of them."""
+    batch = random_batch(seed=8)
+    target_roles = batch["roles"][:, 1:]
+    old = jnp.full(target_roles.shape, -1.0)
+    logp = jnp.asarray(np.random.default_rng(8).uniform(-5, -0.1, target_roles.shape), jnp.float32)
+    counted = np.asarray(loss_module.counted_targets(target_roles, world_loss_target))
+    assert counted.any() and not counted.all()
+    for old_logp in (None, old):
+        kwargs = dict(
+            loss_kwargs(LossConfig(objective=objective, lam=0.3)),
+            world_loss_target=world_loss_target,
+            old_logp_BS=old_logp,
+        )
+
+        def outputs(lp, kwargs=kwargs):
+            loss, metrics = loss_module.echo_loss_from_logprobs(
+                lp, target_roles, batch["advantage"], **kwargs
+            )
+            return {"loss": loss, **metrics}
+
+        for name, jac in jax.jacrev(outputs)(logp).items():
+            np.testing.assert_array_equal(np.asarray(jac)[~counted], 0.0, err_msg=name)
+
+
+def test_skipped_targets_are_zero_and_the_counted_ones_exact():
+    rng = np.random.default_rng(9)
+    h_BTD = jnp.asarray(rng.normal(size=(B, T, 8)), jnp.float32)
+    w_DV = jnp.asarray(rng.normal(size=(8, V)), jnp.float32)
+    batch = random_batch(seed=9)
+    tokens, counted = batch["tokens"], loss_module.counted_targets(batch["roles"][:, 1:])
+    g_BS = jnp.asarray(rng.normal(size=(B, T - 1)), jnp.float32)
+
+    def fused(h, w, mask):
+        return (chunked_label_logprobs(h[:, :-1], w, tokens[:, 1:], mask, 5) * g_BS).sum()
+
+    def logprobs(h, w, mask):
+        return chunked_label_logprobs(h[:, :-1], w, tokens[:, 1:], mask, 5)
+
+    full, masked = jax.jit(logprobs)(h_BTD, w_DV, None), jax.jit(logprobs)(h_BTD, w_DV, counted)
+    counted = np.asarray(counted)
+    np.testing.assert_array_equal(np.asarray(masked)[~counted], 0.0)
+    np.testing.assert_allclose(np.asarray(masked)[counted], np.asarray(full)[counted], rtol=1e-6)
+    # The gradient of the counted targets alone, against the unmasked path with g zeroed.
+    g_counted = jnp.where(counted, g_BS, 0.0)
+    want = jax.grad(
+        lambda h, w: (
+            chunked_label_logprobs(h[:, :-1], w, tokens[:, 1:], None, 5) * g_counted
+        ).sum(),
+        argnums=(0, 1),
+    )(h_BTD, w_DV)
+    got = jax.jit(jax.grad(fused, argnums=(0, 1)))(h_BTD, w_DV, jnp.asarray(counted))
+    for g, w in zip(got, want, strict=True):
+        assert rel_err(g, w) <= 1e-5
+
+
+@pytest.mark.parametrize("ppo", [False, True])
+def test_a_batch_with_no_counted_target_gives_zero_loss_and_gradients(ppo):
+    model = Transformer(CFG, V, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    batch = dict(random_batch(seed=10), roles=jnp.full((B, T), roles.CONTEXT, jnp.int32))
+    kwargs = loss_kwargs(LossConfig())
+    if ppo:
+        kwargs["old_logp_BT"] = jnp.full((B, T - 1), -1.0)
+
+    def fused(p):
+        return model_echo_loss(nnx.merge(graphdef, p), batch, chunk_size=7, **kwargs)
+
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(fused, has_aux=True))(params)
+    assert float(loss) == 0.0 and float(metrics["n_action"]) == 0
+    chex.assert_tree_all_finite(grads)
+    assert float(optax.tree.norm(grads)) == 0.0
+
+
+def test_auto_is_chunked_on_cpu_and_explicit_choices_stand():
+    assert jax.default_backend() == "cpu"
+    assert resolve_impl("auto") == "chunked"
+    assert resolve_impl("plain") == "plain" and resolve_impl("chunked") == "chunked"
+
+
+class OutputProjectionTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matmul_equals_autodiff(self):
+        rng = np.random.default_rng(11)
+        x = jnp.asarray(rng.normal(size=(13, 7)), jnp.float32)
+        w = jnp.asarray(rng.normal(size=(7, 29)), jnp.float32)
+        g = jnp.asarray(rng.normal(size=(13, 29)), jnp.float32)
+
+        def loss(mm):
+            return jax.value_and_grad(lambda x, w: (mm(x, w) * g).sum(), argnums=(0, 1))
+
+        want = loss(jnp.matmul)(x, w)
+        got = self.variant(loss(matmul))(x, w)
+        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+        chex.assert_shape(got[1], [(13, 7), (7, 29)])

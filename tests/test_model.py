@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from echo_jax.config import ModelConfig
-from echo_jax.model import Transformer
+from echo_jax.model import Transformer, rotary, rotary_rows
 
 CFG = ModelConfig(d_model=12, n_layers=2, n_heads=2, d_ff=20)
 B, T, V = 3, 11, 13
@@ -61,3 +61,14 @@ def test_bfloat16_compute():
     logits = m(jnp.zeros((B, T), jnp.int32))
     chex.assert_type(logits, jnp.bfloat16)
     chex.assert_tree_all_finite(logits.astype(jnp.float32))
+
+
+def test_rotary_tables_from_static_positions_equal_traced_ones():
+    """Static positions fold sin/cos into constants (echo_jax.model._sin_cos); traced ones, as
+    in decoding, compute them in the graph: the two must agree."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 11, 3, 8)), jnp.float32)
+    static = jax.jit(lambda x: rotary(x, np.arange(11)))(x)
+    traced = jax.jit(rotary)(x, jnp.arange(11))
+    rows = jax.jit(rotary_rows)(x, jnp.broadcast_to(jnp.arange(11), (2, 11)))
+    np.testing.assert_allclose(static, traced, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(rows, traced, rtol=1e-6, atol=1e-6)

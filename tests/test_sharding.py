@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(
 
     assert jax.device_count() == 4, jax.devices()
     out = {}
-    for impl in ("plain",):
+    for impl in ("plain", "chunked"):
         cfg = Config(
             model=ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32),
             loss=LossConfig(lam=0.3, impl=impl, chunk_size=24),
@@ -78,7 +78,7 @@ def test_one_step_on_four_devices_equals_one_device():
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     out = json.loads(line[len("RESULT ") :])
-    for impl in ("plain",):
+    for impl in ("plain", "chunked"):
         one, four = out[f"{impl}_1"], out[f"{impl}_4"]
         assert four["param_devices"] == 4 and one["param_devices"] == 1
         np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-5)
