@@ -4,7 +4,8 @@ echo (policy gradient + λ · env cross-entropy), timed in two fresh processes, 
 python -m benchmarks.echo_overhead                   # tiny preset, B=4, T=1024, V=8192
 python -m benchmarks.echo_overhead --preset=small --repeats=15
 
-Both objectives need the same logits and log-probs; echo adds masked [B, T] sums only.
+Both objectives need the same logits and log-probs (grpo still logs the env CE, so the CPU
+path projects the same counted targets for both); echo adds masked [B, T] sums only.
 Target: echo costs <= 3% more time per step than grpo.
 """
 
@@ -33,7 +34,11 @@ def main(argv: list[str]) -> None:
     if args.worker:
         common.serve(lambda: JaxTrainSide(args.preset, b, t, v, objective=args.worker), args.warmup)
         return
+    from echo_jax.config import LossConfig
+    from echo_jax.fused_loss import resolve_impl
+
     config = {
+        "loss_impl": f"{LossConfig.impl} -> {resolve_impl(LossConfig.impl)}",
         "preset": args.preset,
         "B": b,
         "T": t,

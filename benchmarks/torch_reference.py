@@ -30,9 +30,39 @@ def _safe_div(num, den):
     return num / torch.clamp(den, min=1.0)
 
 
+def counted_targets(target_roles_BS, world_loss_target="env_only"):
+    """The targets the loss or its metrics read (echo_jax.loss.counted_targets)."""
+    counted_BS = (target_roles_BS == ACTION) | (target_roles_BS == ENV_OUTPUT)
+    if world_loss_target == "all":
+        counted_BS = counted_BS | (target_roles_BS == WARNING)
+    return counted_BS
+
+
+def counted_label_logprobs(h_BTD, w_DV, tokens_BT, roles_BT, world_loss_target="env_only"):
+    """`label_logprobs(h @ w, tokens)` at the counted targets only, 0 elsewhere: the projection
+    and log-softmax of just those rows, as eager PyTorch would skip them (boolean indexing)."""
+    counted_BS = counted_targets(roles_BT[:, 1:], world_loss_target)
+    logits_MV = h_BTD[:, :-1][counted_BS] @ w_DV
+    labels_M = tokens_BT[:, 1:][counted_BS].long()
+    logp_M = torch.log_softmax(logits_MV.float(), dim=-1).gather(-1, labels_M[:, None])[:, 0]
+    logp_BS = torch.zeros(counted_BS.shape, dtype=logp_M.dtype)
+    return logp_BS.index_put((counted_BS,), logp_M)
+
+
 def echo_loss(
     logits_BTV,
     tokens_BT,
+    roles_BT,
+    advantages_B,
+    **kwargs,
+):
+    return echo_loss_from_logprobs(
+        label_logprobs(logits_BTV, tokens_BT), roles_BT, advantages_B, **kwargs
+    )
+
+
+def echo_loss_from_logprobs(
+    logp_BS,
     roles_BT,
     advantages_B,
     *,
@@ -45,7 +75,6 @@ def echo_loss(
     clip_eps=0.2,
     env_weight_B=None,
 ):
-    logp_BS = label_logprobs(logits_BTV, tokens_BT)
     target_BS = roles_BT[:, 1:]
     action_BS = (target_BS == ACTION).float()
     env_BS = (target_BS == ENV_OUTPUT).float()
@@ -160,12 +189,18 @@ class Transformer(nn.Module):
         self.final_norm = RMSNorm(d_model)
         self.out_scale = d_model**-0.5
 
-    def forward(self, tokens_BT):
+    def features(self, tokens_BT):
         x_BTD = self.embed(tokens_BT)
         positions_T = torch.arange(tokens_BT.shape[1])
         for block in self.blocks:
             x_BTD = block(x_BTD, positions_T)
-        return self.final_norm(x_BTD) @ (self.embed.weight.T * self.out_scale)
+        return self.final_norm(x_BTD)
+
+    def output_matrix(self):
+        return self.embed.weight.T * self.out_scale
+
+    def forward(self, tokens_BT):
+        return self.features(tokens_BT) @ self.output_matrix()
 
 
 def lr_at(step, peak, warmup, total):
@@ -177,7 +212,11 @@ def lr_at(step, peak, warmup, total):
 
 
 class TrainStep:
-    """Forward, echo loss, backward, global-norm clip, AdamW; like echo_jax.train's step."""
+    """Forward, echo loss, backward, global-norm clip, AdamW; like echo_jax.train's step.
+
+    With skip_uncounted, the output projection and log-softmax run on the counted targets
+    only (`counted_label_logprobs`), as echo_jax's default CPU loss path does.
+    """
 
     def __init__(
         self,
@@ -188,8 +227,10 @@ class TrainStep:
         clip=1.0,
         warmup=10,
         total=100,
+        skip_uncounted=False,
     ):
         self.model, self.loss_kwargs, self.clip = model, loss_kwargs, clip
+        self.skip_uncounted = skip_uncounted
         self.schedule = (lr, warmup, total)
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -205,10 +246,14 @@ class TrainStep:
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, *self.schedule)
         self.opt.zero_grad(set_to_none=True)
-        logits = self.model(batch["tokens"])
-        loss, metrics = echo_loss(
-            logits, batch["tokens"], batch["roles"], batch["advantage"], **self.loss_kwargs
-        )
+        tokens, roles = batch["tokens"], batch["roles"]
+        if self.skip_uncounted:
+            target = self.loss_kwargs.get("world_loss_target", "env_only")
+            h = self.model.features(tokens)
+            logp = counted_label_logprobs(h, self.model.output_matrix(), tokens, roles, target)
+        else:
+            logp = label_logprobs(self.model(tokens), tokens)
+        loss, metrics = echo_loss_from_logprobs(logp, roles, batch["advantage"], **self.loss_kwargs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
         self.opt.step()

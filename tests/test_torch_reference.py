@@ -75,3 +75,31 @@ def test_model_with_copied_weights_gives_the_same_logits():
     assert sum(p.numel() for p in model.parameters()) == sum(
         x.size for x in jax.tree.leaves(params)
     )
+
+
+@pytest.mark.parametrize("world_loss_target", ["env_only", "all"])
+def test_skipping_uncounted_targets_changes_neither_loss_nor_gradients(world_loss_target):
+    """The benchmark's second PyTorch side (the same target skipping as echo_jax's CPU path)."""
+    torch.manual_seed(0)
+    model = tr.Transformer(MODEL.d_model, MODEL.n_layers, MODEL.n_heads, MODEL.d_ff, V)
+    batch = {k: to_torch(x) for k, x in random_batch(seed=2, v=V).items()}
+    tokens, roles = batch["tokens"].long(), batch["roles"]
+    kwargs = dict(loss_kwargs(LossConfig(lam=0.3)), world_loss_target=world_loss_target)
+    out = []
+    for skip in (False, True):
+        model.zero_grad()
+        if skip:
+            logp = tr.counted_label_logprobs(
+                model.features(tokens), model.output_matrix(), tokens, roles, world_loss_target
+            )
+        else:
+            logp = tr.label_logprobs(model(tokens), tokens)
+        loss, metrics = tr.echo_loss_from_logprobs(logp, roles, batch["advantage"], **kwargs)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        out.append((loss.item(), metrics["env_ce"].item(), grads))
+    (loss0, ce0, g0), (loss1, ce1, g1) = out
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+    np.testing.assert_allclose(ce1, ce0, rtol=1e-6)
+    for a, b in zip(g1, g0, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
