@@ -50,29 +50,26 @@ def rotary_rows(x_BSNH: Array, positions_BS: Array) -> Array:
     return _rotate(x_BSNH, sin_BSH[:, :, None, :], cos_BSH[:, :, None, :])
 
 
+def _linear(d_in: int, d_out: int, std: float, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """A bias-free projection with normal(std) weights."""
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=False,
+        dtype=dtype,
+        kernel_init=nnx.initializers.normal(std),
+        rngs=rngs,
+    )
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         self.impl = resolve_attention(cfg)  # "cudnn" on a GPU in bfloat16, else "xla".
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
-        init = nnx.initializers.normal(cfg.d_model**-0.5)
-        out_init = nnx.initializers.normal((cfg.d_model * 2 * cfg.n_layers) ** -0.5)
-        self.qkv = nnx.Linear(
-            cfg.d_model,
-            3 * cfg.d_model,
-            use_bias=False,
-            dtype=dtype,
-            kernel_init=init,
-            rngs=rngs,
-        )
-        self.out = nnx.Linear(
-            cfg.d_model,
-            cfg.d_model,
-            use_bias=False,
-            dtype=dtype,
-            kernel_init=out_init,
-            rngs=rngs,
-        )
+        std, out_std = cfg.d_model**-0.5, (cfg.d_model * 2 * cfg.n_layers) ** -0.5
+        self.qkv = _linear(cfg.d_model, 3 * cfg.d_model, std, dtype, rngs)
+        self.out = _linear(cfg.d_model, cfg.d_model, out_std, dtype, rngs)
 
     def __call__(self, x_BTD: Array, positions_T: Array) -> Array:
         # Projections on [B·T, D] rows: a 3-D operand makes XLA CPU transpose its gradients.
@@ -119,24 +116,9 @@ class Attention(nnx.Module):
 
 class Mlp(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
-        init = nnx.initializers.normal(cfg.d_model**-0.5)
-        out_init = nnx.initializers.normal((cfg.d_ff * 2 * cfg.n_layers) ** -0.5)
-        self.up = nnx.Linear(
-            cfg.d_model,
-            cfg.d_ff,
-            use_bias=False,
-            dtype=dtype,
-            kernel_init=init,
-            rngs=rngs,
-        )
-        self.down = nnx.Linear(
-            cfg.d_ff,
-            cfg.d_model,
-            use_bias=False,
-            dtype=dtype,
-            kernel_init=out_init,
-            rngs=rngs,
-        )
+        std, out_std = cfg.d_model**-0.5, (cfg.d_ff * 2 * cfg.n_layers) ** -0.5
+        self.up = _linear(cfg.d_model, cfg.d_ff, std, dtype, rngs)
+        self.down = _linear(cfg.d_ff, cfg.d_model, out_std, dtype, rngs)
 
     def __call__(self, x_BTD: Array) -> Array:
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])  # 2-D, as in Attention.
@@ -185,14 +167,7 @@ class Transformer(nnx.Module):
         self.blocks = nnx.List([Block(cfg, dtype, rngs) for _ in range(cfg.n_layers)])
         self.final_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, rngs=rngs)
         if not cfg.tie_embeddings:
-            self.unembed = nnx.Linear(
-                cfg.d_model,
-                vocab_size,
-                use_bias=False,
-                dtype=dtype,
-                kernel_init=nnx.initializers.normal(cfg.d_model**-0.5),
-                rngs=rngs,
-            )
+            self.unembed = _linear(cfg.d_model, vocab_size, cfg.d_model**-0.5, dtype, rngs)
 
     def features(self, tokens_BT: Array) -> Array:
         return self.features_from_embeddings(self.embed(tokens_BT))
