@@ -1,6 +1,6 @@
 """The echo loss from features and the output matrix, in chunks, never building [B, T, V].
 
-`fused_echo_loss(h, w, batch, chunk_size=...)` equals `echo_loss(h @ w, ...)` (the default
+`fused_echo_loss(h, w, batch, chunk_size=...)` equals `echo_loss(h @ w, ...)` (the
 plain path) in value and gradients, looping over chunks of `chunk_size` target tokens so that
 the largest temporary is one [chunk, V] block (plus dw, the size of w):
 
