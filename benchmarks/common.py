@@ -21,6 +21,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from echo_jax.provenance import git_commit
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
@@ -43,16 +45,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
-        ).stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
 def machine_info() -> dict:
     return {
         "cpu": _cpu_model(),
@@ -63,7 +55,9 @@ def machine_info() -> dict:
         "jaxlib": _version("jaxlib"),
         "torch": _version("torch"),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        # The results folder is this machinery's own output: a line appended by an earlier
+        # benchmark of the same run does not make the code dirty.
+        "git_commit": git_commit(short=True, ignore=("benchmarks/results",)) or "unknown",
     }
 
 

@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 from echo_jax import evaluation
 from echo_jax.atomic import atomic_write_text
 from echo_jax.config import EVAL_SPLITS, AgentConfig, Config, validate
+from echo_jax.provenance import git_commit
 from echo_jax.run_dir import RunDir, _flatten, config_diff
 from echo_jax.train import TrainingDiverged, run_experiment
 
@@ -126,24 +126,6 @@ def status(spec: RunSpec) -> str:
 
 def default_runner(spec: RunSpec, resume: bool, log: Callable[[str], None]) -> Any:
     return run_experiment(spec.cfg, spec.workdir, resume=resume, log=log)
-
-
-def git_commit(cwd: str | None = None) -> str:
-    """HEAD's hash, with '+dirty' when tracked files differ from it; '' outside a repository."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return ""
-    return head + ("+dirty" if dirty else "")
 
 
 def _read_json(path: str) -> dict[str, Any]:

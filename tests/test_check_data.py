@@ -4,26 +4,14 @@ Also the train CLI's answers to bad data and to a workdir holding another run.""
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 from echo_jax.check_data import check
+from tests.cli import run_module
 from tests.test_data import small_episode, write_jsonl
 
 ROOT = Path(__file__).parents[1]
 WORLDS = ROOT / "tests" / "awm" / "fixtures" / "tiny_world"
-
-
-def _cli(module, *args):
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_every_episode_error_is_listed_and_exit_is_1(tmp_path):
@@ -49,7 +37,7 @@ def test_every_episode_error_is_listed_and_exit_is_1(tmp_path):
         f"{path}:5: field 'steps': empty: an episode needs at least one step",
         f"{path}:4: field '<episode>': duplicate (same content as {path}:1)",
     ]
-    proc = _cli("experiments.check_data", str(path))
+    proc = run_module("experiments.check_data", str(path))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "4 error(s):" in proc.stdout and "error: 4 problem(s) found" in proc.stderr
 
@@ -95,7 +83,7 @@ def test_train_cli_refuses_bad_data_and_a_workdir_of_another_run(tmp_path):
     bad = write_jsonl(
         tmp_path / "eps.jsonl", [small_episode(), dict(small_episode(), reward=float("nan"))]
     )
-    proc = _cli("experiments.train", f"--data={bad}", f"--workdir={tmp_path / 'w'}")
+    proc = run_module("experiments.train", f"--data={bad}", f"--workdir={tmp_path / 'w'}")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"error: {bad}:2: field 'reward': not finite: nan" in proc.stderr
     assert not (tmp_path / "w").exists()  # Nothing written.
@@ -103,7 +91,7 @@ def test_train_cli_refuses_bad_data_and_a_workdir_of_another_run(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"loss": {"lam": 0.5}}))
-    proc = _cli("experiments.train", f"--workdir={other}", "--resume")
+    proc = run_module("experiments.train", f"--workdir={other}", "--resume")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"error: {other} holds a run with a different config (" in proc.stderr
     assert "loss.lam: 0.5 -> 0.05" in proc.stderr

@@ -24,7 +24,6 @@ import logging
 import multiprocessing
 import os
 import sqlite3
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -39,6 +38,7 @@ from echo_jax.awm.harness import HarnessConfig, run_episode
 from echo_jax.awm.mcp_client import McpClient, WorldUnavailable
 from echo_jax.awm.world_format import World, load_worlds
 from echo_jax.awm.world_server import WorldServer, WorldServerError, parent_death_hook
+from echo_jax.provenance import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -216,20 +216,6 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def git_commit() -> str:
-    try:
-        completed = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return completed.stdout.strip() if completed.returncode == 0 else "unknown"
-
-
 def build_manifest(
     config: CaptureConfig,
     worlds: dict[str, World],
@@ -267,7 +253,7 @@ def build_manifest(
         "seed": config.seed,
         "episodes_per_task": config.episodes_per_task,
         "policy_module": config.policy_module,
-        "git_commit": git_commit(),
+        "git_commit": git_commit(mark_dirty=False) or "unknown",
         "n_scenarios": len(counts),
         "n_episodes": n_episodes,
         "counts": counts,
