@@ -15,7 +15,7 @@ import argparse
 import sys
 
 from benchmarks import common
-from benchmarks.train_step_vs_torch import JaxTrainSide
+from benchmarks.train_step_vs_torch import JaxTrainSide, default_loss_path
 
 NAME = "echo_overhead"
 
@@ -34,11 +34,8 @@ def main(argv: list[str]) -> None:
     if args.worker:
         common.serve(lambda: JaxTrainSide(args.preset, b, t, v, objective=args.worker), args.warmup)
         return
-    from echo_jax.config import LossConfig
-    from echo_jax.fused_loss import resolve_impl
-
     config = {
-        "loss_impl": f"{LossConfig.impl} -> {resolve_impl(LossConfig.impl)}",
+        "loss_impl": default_loss_path(),
         "preset": args.preset,
         "B": b,
         "T": t,

@@ -29,6 +29,14 @@ SIDES = ("jax", "torch", "torch_skip")
 LOSS_KWARGS = common.LOSS_KWARGS
 
 
+def default_loss_path() -> str:
+    """LossConfig's default loss path and what it resolves to on this machine, for the record."""
+    from echo_jax.config import LossConfig
+    from echo_jax.fused_loss import resolve_impl
+
+    return f"{LossConfig.impl} -> {resolve_impl(LossConfig.impl)}"
+
+
 def synthetic_batch(b: int, t: int, v: int) -> dict[str, np.ndarray]:
     role, adv = common.synthetic_targets(b, t)
     tokens = np.random.default_rng(1).integers(1, v, (b, t)).astype(np.int32)
@@ -123,7 +131,6 @@ def main(argv: list[str]) -> None:
         return
     for preset in presets:
         from echo_jax.config import MODEL_PRESETS, LossConfig
-        from echo_jax.fused_loss import resolve_impl
 
         config = {
             "preset": preset,
@@ -136,7 +143,7 @@ def main(argv: list[str]) -> None:
             "loss": LOSS_KWARGS,
             "optimizer": "clip 1.0 + AdamW(wd 0.01 on matrices)",
             # LossConfig's default path, as `experiments.train` runs it on this machine.
-            "loss_impl": f"{LossConfig.impl} -> {resolve_impl(LossConfig.impl)}",
+            "loss_impl": default_loss_path(),
             "chunk_size": LossConfig.chunk_size,
         }
         machine = common.header(f"{NAME} {preset}", config)

@@ -100,8 +100,7 @@ def mute_fork_warning() -> None:
 
 
 def _start(live: LiveWorld, restart: bool = False) -> None:
-    """Starts (or restarts) a world server. Its subprocess forks and at once execs, so JAX's
-    warning that a fork of a multithreaded process may deadlock does not apply; it is muted."""
+    """Starts (or restarts) a world server, its fork warning muted (`mute_fork_warning`)."""
     mute_fork_warning()
     if restart:
         live.restart()

@@ -92,6 +92,21 @@ def _chunk_logits(h_CD: Array, w_DV: Array) -> Array:
     return jnp.einsum("cd,dv->cv", h_CD, w_DV.astype(h_CD.dtype)).astype(jnp.float32)
 
 
+def _chunk_logprobs(h_CD: Array, w_DV: Array, labels_C: Array) -> tuple[Array, Array, Array]:
+    """A chunk's logits [C, V], their logsumexp and the labels' log-probs [C]."""
+    logits_CV = _chunk_logits(h_CD, w_DV)
+    lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
+    label_C = jnp.take_along_axis(logits_CV, labels_C[:, None], axis=-1)[:, 0]
+    return logits_CV, lse_C, label_C - lse_C
+
+
+def _chunk_grads(h_CD: Array, w_DV: Array, dlogits_CV: Array, dw_DV: Array) -> tuple[Array, Array]:
+    """The chunk's dh [C, D], and dw [D, V] with its share added (h transposed first: see
+    echo_jax.matmul)."""
+    dh_CD = jnp.einsum("cv,dv->cd", dlogits_CV, w_DV.astype(jnp.float32))
+    return dh_CD, dw_DV + transposed(h_CD.astype(jnp.float32)) @ dlogits_CV
+
+
 def _dlogits(logits_CV: Array, lse_C: Array, labels_C: Array, g_C: Array) -> Array:
     """d(g · log softmax(logits)[label]) / d logits = g · (onehot - softmax)."""
     onehot_CV = labels_C[:, None] == jnp.arange(logits_CV.shape[1])[None, :]
@@ -103,10 +118,8 @@ def _forward(h_BSD, w_DV, labels_BS, counted_BS, chunk) -> tuple[Array, Array]:
 
     def one(i, carry):
         logp_KC, lse_KC = carry
-        logits_CV = _chunk_logits(c.h_KCD[i], w_DV)
-        lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
-        label_C = jnp.take_along_axis(logits_CV, c.labels_KC[i][:, None], axis=-1)[:, 0]
-        return logp_KC.at[i].set(label_C - lse_C), lse_KC.at[i].set(lse_C)
+        _, lse_C, logp_C = _chunk_logprobs(c.h_KCD[i], w_DV, c.labels_KC[i])
+        return logp_KC.at[i].set(logp_C), lse_KC.at[i].set(lse_C)
 
     zeros_KC = jnp.zeros(c.labels_KC.shape, jnp.float32)
     logp_KC, lse_KC = jax.lax.fori_loop(0, c.live, one, (zeros_KC, zeros_KC))
@@ -139,8 +152,7 @@ def _bwd(chunk, residuals, g_BS):
         dw_DV, dh_KCD = carry
         h_CD = c.h_KCD[i]
         dlogits_CV = _dlogits(_chunk_logits(h_CD, w_DV), lse_KC[i], c.labels_KC[i], g_KC[i])
-        dh_CD = jnp.einsum("cv,dv->cd", dlogits_CV, w_DV.astype(jnp.float32))
-        dw_DV = dw_DV + transposed(h_CD.astype(jnp.float32)) @ dlogits_CV
+        dh_CD, dw_DV = _chunk_grads(h_CD, w_DV, dlogits_CV, dw_DV)
         return dw_DV, dh_KCD.at[i].set(dh_CD)
 
     init = (jnp.zeros(w_DV.shape, jnp.float32), jnp.zeros(c.h_KCD.shape, jnp.float32))
@@ -160,13 +172,10 @@ def _one_pass(h_BSD, w_DV, labels_BS, counted_BS, g_BS, chunk):
     def one(i, carry):
         dw_DV, logp_KC, dh_KCD = carry
         h_CD, labels_C = c.h_KCD[i], c.labels_KC[i]
-        logits_CV = _chunk_logits(h_CD, w_DV)
-        lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
-        label_C = jnp.take_along_axis(logits_CV, labels_C[:, None], axis=-1)[:, 0]
+        logits_CV, lse_C, logp_C = _chunk_logprobs(h_CD, w_DV, labels_C)
         dlogits_CV = _dlogits(logits_CV, lse_C, labels_C, g_KC[i])
-        dh_CD = jnp.einsum("cv,dv->cd", dlogits_CV, w_DV.astype(jnp.float32))
-        dw_DV = dw_DV + transposed(h_CD.astype(jnp.float32)) @ dlogits_CV
-        return dw_DV, logp_KC.at[i].set(label_C - lse_C), dh_KCD.at[i].set(dh_CD)
+        dh_CD, dw_DV = _chunk_grads(h_CD, w_DV, dlogits_CV, dw_DV)
+        return dw_DV, logp_KC.at[i].set(logp_C), dh_KCD.at[i].set(dh_CD)
 
     init = (
         jnp.zeros(w_DV.shape, jnp.float32),
