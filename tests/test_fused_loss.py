@@ -229,6 +229,36 @@ def test_skipped_targets_are_zero_and_the_counted_ones_exact():
         assert rel_err(g, w) <= 1e-5
 
 
+@pytest.mark.parametrize("chunk", [8, 9])  # Tail pieces of 2; 9 is not a multiple of them.
+def test_every_count_of_counted_targets_is_projected_exactly_once(chunk):
+    """Whole chunks, then the tail in pieces (fused_loss.TAIL_PIECES): at every count around
+    their edges, each counted target gets its exact log-prob and gradient, and no other."""
+    rng = np.random.default_rng(11)
+    h_BTD = jnp.asarray(rng.normal(size=(B, T, 8)), jnp.float32)
+    w_DV = jnp.asarray(rng.normal(size=(8, V)), jnp.float32)
+    tokens = random_batch(seed=11)["tokens"]
+    g_BS = jnp.asarray(rng.normal(size=(B, T - 1)), jnp.float32)
+
+    def plain(h, w, mask):
+        logp = autodiff_logprobs(jnp.einsum("btd,dv->btv", h, w), tokens)
+        return (jnp.where(mask, logp, 0.0) * g_BS).sum(), jnp.where(mask, logp, 0.0)
+
+    def fused(h, w, mask):
+        logp = chunked_label_logprobs(h[:, :-1], w, tokens[:, 1:], mask, chunk)
+        return (logp * g_BS).sum(), logp
+
+    want_fn = jax.jit(jax.value_and_grad(plain, argnums=(0, 1), has_aux=True))
+    got_fn = jax.jit(jax.value_and_grad(fused, argnums=(0, 1), has_aux=True))
+    n = B * (T - 1)
+    for count in (0, 1, 2, 3, chunk - 1, chunk, chunk + 1, chunk + 3, 2 * chunk + 5, n - 1, n):
+        mask = jnp.asarray(rng.permutation(n) < count).reshape(B, T - 1)
+        (_, want_logp), want_g = want_fn(h_BTD, w_DV, mask)
+        (_, got_logp), got_g = got_fn(h_BTD, w_DV, mask)
+        assert rel_err(got_logp, want_logp) <= 1e-5, count
+        for g, w in zip(got_g, want_g, strict=True):
+            assert rel_err(g, w) <= 1e-5, count
+
+
 @pytest.mark.parametrize("ppo", [False, True])
 def test_a_batch_with_no_counted_target_gives_zero_loss_and_gradients(ppo):
     model = Transformer(CFG, V, rngs=nnx.Rngs(0))
