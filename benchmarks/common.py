@@ -45,6 +45,17 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# Environment variables that change how fast either side runs; a line records those set, and
+# benchmarks.report gives such a line a row of its own.
+PERF_ENV = (
+    "GLIBC_TUNABLES",
+    "LD_PRELOAD",
+    "XLA_FLAGS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+)
+
+
 def machine_info() -> dict:
     return {
         "cpu": _cpu_model(),
@@ -58,6 +69,7 @@ def machine_info() -> dict:
         # The results folder is this machinery's own output: a line appended by an earlier
         # benchmark of the same run does not make the code dirty.
         "git_commit": git_commit(short=True, ignore=("benchmarks/results",)) or "unknown",
+        "env": {k: os.environ[k] for k in PERF_ENV if k in os.environ},
     }
 
 

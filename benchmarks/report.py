@@ -3,8 +3,10 @@
 python -m benchmarks.report              # the markdown table on stdout
 python -m benchmarks.report --readme     # and into README.md, between its performance markers
 
-A row is the newest line in benchmarks/results/<name>.jsonl for that configuration; "met" says
-whether it reaches the issue's target. The machine column is the line's own record.
+A row is the newest line in benchmarks/results/<name>.jsonl for that configuration on that
+machine (processor and core count: a run on another machine gets a row of its own). "met" says
+whether it reaches the issue's target; a line run with a tuning variable set (common.PERF_ENV,
+shown in the machine column) is a comparison, since the targets are for the defaults.
 """
 
 from __future__ import annotations
@@ -100,14 +102,23 @@ def latest_rows() -> list[tuple[str, Row, dict[str, Any]]]:
         path = os.path.join(RESULTS, f"{name}.jsonl")
         if not os.path.exists(path):
             continue
-        latest: dict[str, tuple[Row, dict[str, Any]]] = {}
+        latest: dict[tuple[str, str, int, str], tuple[Row, dict[str, Any]]] = {}
         with open(path) as f:
             for line in f:
                 record = json.loads(line)
                 row = row_of(record)
-                latest[row[0]] = (row, record)  # Later lines replace earlier ones.
+                m, env = record["machine"], _env(record)
+                if env and row[2] != "(comparison)":
+                    row = (row[0], row[1], "(comparison)", None)
+                # Later lines replace earlier ones of the same configuration and machine.
+                latest[(row[0], m["cpu"], m["cores"], env)] = (row, record)
         out += [(title, row, record) for row, record in latest.values()]
     return out
+
+
+def _env(record: dict[str, Any]) -> str:
+    """The tuning variables the line was run with (older lines recorded none)."""
+    return " ".join(f"{k}={v}" for k, v in sorted(record["machine"].get("env", {}).items()))
 
 
 def machine(record: dict[str, Any]) -> str:
@@ -115,6 +126,8 @@ def machine(record: dict[str, Any]) -> str:
     where = m["cpu"] + f", {m['cores']} cores"
     if "device_kind" in record.get("config", {}):
         where = record["config"]["device_kind"]
+    env = _env(record)
+    where += f"; {env}" if env else ""
     return f"{where}; JAX {m['jax']}; load {m['load_avg_1m']}; {m['date'][:10]}"
 
 

@@ -1,0 +1,47 @@
+"""benchmarks.report: which result line becomes the performance table's row."""
+
+import json
+
+from benchmarks import report
+
+
+def _line(jax_s, cpu="AMD EPYC", cores=2, env=None, date="2026-11-26T09:00:00+00:00"):
+    machine = {"cpu": cpu, "cores": cores, "jax": "0.10.2", "load_avg_1m": 1.0, "date": date}
+    if env is not None:
+        machine["env"] = env
+    return {
+        "benchmark": "train_step_vs_torch",
+        "config": {"preset": "small", "loss_impl": "auto -> chunked"},
+        "results": {"jax": {"median_s": jax_s, "params": 3_671_296}, "torch": {"median_s": 1.5}},
+        "machine": machine,
+    }
+
+
+def _rows(tmp_path, monkeypatch, lines):
+    monkeypatch.setattr(report, "RESULTS", str(tmp_path))
+    with open(tmp_path / "train_step_vs_torch.jsonl", "w") as f:
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    return [(row, report.machine(record)) for _, row, record in report.latest_rows()]
+
+
+def test_the_newest_line_of_a_configuration_on_one_machine_is_its_row(tmp_path, monkeypatch):
+    rows = _rows(tmp_path, monkeypatch, [_line(0.5), _line(1.2)])
+    assert len(rows) == 1
+    (config, figure, target, met), _ = rows[0]
+    assert figure.startswith("1.25x") and target == ">= 1.5x" and met is False
+
+
+def test_another_machine_gets_a_row_of_its_own(tmp_path, monkeypatch):
+    rows = _rows(tmp_path, monkeypatch, [_line(1.2), _line(0.9, cpu="Xeon", cores=16)])
+    assert [met for (_, _, _, met), _ in rows] == [False, True]
+    assert "Xeon, 16 cores" in rows[1][1]
+
+
+def test_a_tuned_environment_is_a_comparison_row_beside_the_default(tmp_path, monkeypatch):
+    tuned = _line(0.5, env={"GLIBC_TUNABLES": "glibc.malloc.arena_max=1"})
+    rows = _rows(tmp_path, monkeypatch, [_line(1.2), tuned])
+    assert [(target, met) for (_, _, target, met), _ in rows] == [
+        (">= 1.5x", False),
+        ("(comparison)", None),
+    ]
+    assert "GLIBC_TUNABLES=glibc.malloc.arena_max=1" in rows[1][1]
