@@ -47,6 +47,10 @@ def resolve_impl(impl: str) -> str:
 TAIL_PIECES = 4
 
 
+def _piece(chunk: int) -> int:
+    return max(chunk // TAIL_PIECES, 1)
+
+
 class _Chunks(NamedTuple):
     """The flattened targets, zero-padded; with a mask, the counted ones first."""
 
@@ -57,7 +61,11 @@ class _Chunks(NamedTuple):
     live: Array | int  # Targets to project (all counted ones): the loops stop there.
     n: int  # B·S.
     chunk: int
-    piece: int  # The tail's step: chunk // TAIL_PIECES.
+
+    @property
+    def piece(self) -> int:
+        """The tail's step."""
+        return _piece(self.chunk)
 
     def keep(self, x_N: Array) -> Array:
         """x where the target counts, else 0."""
@@ -93,8 +101,7 @@ def _chunks(h_BSD: Array, labels_BS: Array, counted_BS: Array | None, chunk: int
     n = b * s
     chunk = max(min(chunk, n), 1)  # A chunk past the last target is one of all of them.
     # The loop reads at most a piece past the last target (a partial last piece): pad by one.
-    piece = max(chunk // TAIL_PIECES, 1)
-    pad = piece
+    pad = _piece(chunk)
     h_ND, labels_N = h_BSD.reshape(n, d), labels_BS.reshape(n)
     order_N, counted_N, live = None, None, n
     if counted_BS is not None:
@@ -104,7 +111,7 @@ def _chunks(h_BSD: Array, labels_BS: Array, counted_BS: Array | None, chunk: int
         counted_N = jnp.pad(counted_N[order_N], (0, pad))
         live = jnp.sum(counted_BS, dtype=jnp.int32)
     h_ND = jnp.pad(h_ND, ((0, pad), (0, 0)))
-    return _Chunks(h_ND, jnp.pad(labels_N, (0, pad)), order_N, counted_N, live, n, chunk, piece)
+    return _Chunks(h_ND, jnp.pad(labels_N, (0, pad)), order_N, counted_N, live, n, chunk)
 
 
 def _take(x: Array, start, size: int) -> Array:

@@ -101,14 +101,18 @@ def _check_options(objective: str, world_loss_target: str, normalization: str, r
             raise ValueError(f"{name}={value!r} is not one of {allowed}")
 
 
-def counted_targets(target_roles_BS: Array, world_loss_target: str = "env_only") -> Array:
-    """bool: the targets whose log-probs the loss or its metrics read (ACTION, ENV_OUTPUT and,
-    under world_loss_target="all", WARNING); every other one is multiplied by 0, so a fused
-    path may skip its logits altogether."""
-    counted_BS = (target_roles_BS == roles.ACTION) | (target_roles_BS == roles.ENV_OUTPUT)
+def world_targets(target_roles_BS: Array, world_loss_target: str = "env_only") -> Array:
+    """bool: the env term's targets, ENV_OUTPUT (and WARNING under world_loss_target="all")."""
+    world_BS = target_roles_BS == roles.ENV_OUTPUT
     if world_loss_target == "all":
-        counted_BS = counted_BS | (target_roles_BS == roles.WARNING)
-    return counted_BS
+        world_BS = world_BS | (target_roles_BS == roles.WARNING)
+    return world_BS
+
+
+def counted_targets(target_roles_BS: Array, world_loss_target: str = "env_only") -> Array:
+    """bool: the targets whose log-probs the loss or its metrics read (ACTION and the env
+    term's); every other one is multiplied by 0, so a fused path may skip its logits."""
+    return (target_roles_BS == roles.ACTION) | world_targets(target_roles_BS, world_loss_target)
 
 
 def _safe_div(num: Array, den: Array) -> Array:
@@ -140,7 +144,7 @@ def echo_loss_from_logprobs(
     env_BS = (target_roles_BS == roles.ENV_OUTPUT).astype(f32)
     warning_BS = (target_roles_BS == roles.WARNING).astype(f32)
     observation_BS = env_BS + warning_BS
-    selected_BS = observation_BS if world_loss_target == "all" else env_BS
+    selected_BS = world_targets(target_roles_BS, world_loss_target).astype(f32)
     if env_weight_B is not None:
         selected_BS = selected_BS * env_weight_B.astype(f32)[:, None]
 
