@@ -120,7 +120,11 @@ def synthetic_targets(b: int, t: int, seed: int = 0):
 
 class Bench:
     """What a worker runs: `prepare` (untimed, e.g. fresh inputs for donation) then `run`
-    (timed; must block until the work is done). `info` is reported once, after warm-up."""
+    (timed; must block until the work is done). `info` is reported once, after warm-up.
+    A run that does `steps_per_run` units of work (train steps in one call) is reported per
+    unit."""
+
+    steps_per_run: int = 1
 
     def prepare(self) -> None:
         pass
@@ -140,7 +144,8 @@ def serve(make: Callable[[], Bench], warmup: int) -> None:
         bench.prepare()
         bench.run()
     out = sys.stdout
-    print("ready " + json.dumps({"rss_after_import_mb": rss_start, **bench.info()}), file=out)
+    info = {"rss_after_import_mb": rss_start, "steps_per_run": bench.steps_per_run}
+    print("ready " + json.dumps({**info, **bench.info()}), file=out)
     out.flush()
     for line in sys.stdin:
         if line.strip() == "run":
@@ -179,9 +184,10 @@ class Worker:
                 return json.loads(line[len(tag) + 1 :])
 
     def run(self) -> float:
+        """One timed run, in seconds per unit of work (Bench.steps_per_run)."""
         self.proc.stdin.write("run\n")
         self.proc.stdin.flush()
-        self.times.append(float(self._expect("time")))
+        self.times.append(float(self._expect("time")) / self.info["steps_per_run"])
         return self.times[-1]
 
     def close(self) -> dict:
@@ -201,7 +207,8 @@ def compare(
 ) -> dict[str, dict]:
     """Starts one worker per side, times `repeats` runs of each, interleaved A B A B ...
 
-    Returns per side: median and all times (s), peak RSS of its process, and its info.
+    Returns per side: median and all times (s, per unit of work), peak RSS of its process, and
+    its info.
     """
     workers = []
     for side in sides:

@@ -46,6 +46,9 @@ def _train_step(r: dict[str, Any]) -> Row:
     figure = f"{ratio:.2f}x PyTorch's tokens/s"
     if "speedup_vs_torch_skip" in r:
         figure += f" ({r['speedup_vs_torch_skip']:.2f}x PyTorch skipping the same targets)"
+    if "speedup_one_step_per_call" in r:  # Lines from before TrainConfig.steps_per_call: 1.
+        calls = f"{c['steps_per_call']} steps per call"
+        figure += f"; {calls}, {r['speedup_one_step_per_call']:.2f}x at one"
     return _cpu_step_row(
         c, f"{c['preset']} ({params:.1f}M params)", figure, ">= 1.5x", ratio >= 1.5
     )

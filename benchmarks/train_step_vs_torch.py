@@ -9,7 +9,9 @@ with a realistic role mix (39% of the targets are CONTEXT, PAD or WARNING, which
 never reads; 34% of the shipped corpus's are CONTEXT or PAD). The JAX side is the default
 LossConfig, whose CPU path projects only the targets the loss reads; the PyTorch reference
 projects all of them, as the plain formulation does, and a third side "torch_skip" skips the
-same targets in eager PyTorch. Each side runs in its own process; timed steps rotate sides.
+same targets in eager PyTorch. The JAX side runs `experiments.train`'s calls of
+TrainConfig.steps_per_call steps (one jitted scan, timed per step); "jax_1" runs one step per
+call. Each side runs in its own process; timed runs rotate sides.
 Target: JAX >= 1.5x PyTorch's tokens/s at both presets.
 """
 
@@ -23,9 +25,11 @@ import numpy as np
 from benchmarks import common
 
 NAME = "train_step_vs_torch"
+# "jax" is the trainer's call of TrainConfig.steps_per_call steps, "jax_1" one step per call;
 # "torch" is the reference of the target; "torch_skip" also projects only the counted targets
-# (tr.TrainStep(skip_uncounted=True)), to show how much of the ratio that skipping accounts for.
-SIDES = ("jax", "torch", "torch_skip")
+# (tr.TrainStep(skip_uncounted=True)). The extra sides show what the call's length and the
+# skipping account for.
+SIDES = ("jax", "jax_1", "torch", "torch_skip")
 LOSS_KWARGS = common.LOSS_KWARGS
 
 
@@ -44,7 +48,9 @@ def synthetic_batch(b: int, t: int, v: int) -> dict[str, np.ndarray]:
 
 
 class JaxTrainSide(common.Bench):
-    """echo_jax's own jitted step (the one `experiments.train` runs), state donated."""
+    """echo_jax's own jitted steps, state donated: by default `experiments.train`'s call of
+    TrainConfig.steps_per_call steps (timed per step); with steps_per_call=1 the single step,
+    `make_train_step`."""
 
     def __init__(
         self,
@@ -55,11 +61,18 @@ class JaxTrainSide(common.Bench):
         objective: str = "echo",
         impl: str | None = None,
         chunk_size: int | None = None,
+        steps_per_call: int | None = None,
     ):
         import jax
 
         from echo_jax.config import MODEL_PRESETS, Config, LossConfig, TrainConfig
-        from echo_jax.train import init_model, init_state, make_optimizer, make_train_step
+        from echo_jax.train import (
+            init_model,
+            init_state,
+            make_optimizer,
+            make_train_step,
+            make_train_steps,
+        )
 
         lam = LOSS_KWARGS["lam"] if objective == "echo" else 0.0
         loss = LossConfig(
@@ -73,14 +86,22 @@ class JaxTrainSide(common.Bench):
         graphdef, params = init_model(cfg, v, 0)
         self.params = sum(x.size for x in jax.tree.leaves(params))
         self.state = init_state(params, tx)
-        self.step = make_train_step(graphdef, tx, cfg.loss)
-        self.batch = jax.device_put(synthetic_batch(b, t, v))
+        self.steps_per_run = steps_per_call or TrainConfig.steps_per_call
+        batch = synthetic_batch(b, t, v)
+        if self.steps_per_run == 1:
+            self.step = make_train_step(graphdef, tx, cfg.loss)
+            self.args = (jax.device_put(batch),)
+        else:  # The same batch every step, as the PyTorch side.
+            self.step = make_train_steps(graphdef, tx, cfg.loss)
+            stacked = {k: np.stack([x] * self.steps_per_run) for k, x in batch.items()}
+            active = np.ones(self.steps_per_run, bool)
+            self.args = (jax.device_put(stacked), jax.device_put(active))
         self.jax = jax
 
     def run(self):
-        self.state, metrics = self.step(self.state, self.batch)
+        self.state, metrics = self.step(self.state, *self.args)
         self.jax.block_until_ready((self.state, metrics))
-        self.loss = float(metrics["loss"])
+        self.loss = float(np.ravel(metrics["loss"])[-1])
 
     def info(self):
         return {"loss": self.loss, "params": int(self.params)}
@@ -124,13 +145,14 @@ def main(argv: list[str]) -> None:
     if args.worker:
         make = {
             "jax": lambda: JaxTrainSide(presets[0], b, t, v),
+            "jax_1": lambda: JaxTrainSide(presets[0], b, t, v, steps_per_call=1),
             "torch": lambda: TorchTrainSide(presets[0], b, t, v),
             "torch_skip": lambda: TorchTrainSide(presets[0], b, t, v, skip_uncounted=True),
         }[args.worker]
         common.serve(make, args.warmup)
         return
     for preset in presets:
-        from echo_jax.config import MODEL_PRESETS, LossConfig
+        from echo_jax.config import MODEL_PRESETS, LossConfig, TrainConfig
 
         config = {
             "preset": preset,
@@ -145,6 +167,7 @@ def main(argv: list[str]) -> None:
             # LossConfig's default path, as `experiments.train` runs it on this machine.
             "loss_impl": default_loss_path(),
             "chunk_size": LossConfig.chunk_size,
+            "steps_per_call": TrainConfig.steps_per_call,  # Side "jax"; "jax_1": 1.
         }
         machine = common.header(f"{NAME} {preset}", config)
         argv_w = [
@@ -162,12 +185,14 @@ def main(argv: list[str]) -> None:
         for s in SIDES:
             r = res[s]
             print(
-                f"   {s:5} median {r['median_s'] * 1e3:8.1f} ms/step  {tok[s]:8.0f} tokens/s  "
+                f"   {s:10} median {r['median_s'] * 1e3:8.1f} ms/step  {tok[s]:8.0f} tokens/s  "
                 f"peak RSS {r['peak_rss_mb']:6.0f} MB  params {r['params']}"
             )
         print(f"   tokens/s jax/torch {speedup:.2f}x (target >= 1.5x)")
         same_work = tok["jax"] / tok["torch_skip"]
+        one_step = tok["jax_1"] / tok["torch"]
         print(f"   tokens/s jax/torch_skip {same_work:.2f}x (PyTorch skipping the same targets)")
+        print(f"   tokens/s jax_1/torch {one_step:.2f}x (one step per call)")
         record = {
             "benchmark": NAME,
             "config": config,
@@ -176,6 +201,7 @@ def main(argv: list[str]) -> None:
             "tokens_per_s": tok,
             "speedup": speedup,
             "speedup_vs_torch_skip": same_work,
+            "speedup_one_step_per_call": one_step,
         }
         print("   appended to " + common.append_result(NAME, record))
         sys.stdout.flush()

@@ -103,6 +103,11 @@ class TrainConfig:
     log_every: int = 10  # Steps between metrics lines (means over the interval).
     checkpoint_every: int = 30  # Steps between checkpoints; the last step is always saved.
     keep_checkpoints: int = 2  # Checkpoints kept on disk.
+    # Optimiser steps per jitted call (a scan over that many batches, train.make_train_steps):
+    # XLA's temporaries are then allocated once per call rather than per step, about a seventh
+    # of a small-preset CPU step. Checkpoints and evaluations end a call early; any value gives
+    # the same training.
+    steps_per_call: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +245,7 @@ def validate(cfg: Config) -> Config:
             "logging interval's boundary and logs exactly what an uninterrupted one would)",
         ),
         (train.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+        (train.steps_per_call >= 1, f"steps_per_call must be >= 1, got {train.steps_per_call}"),
         (
             model.d_model % model.n_heads == 0,
             f"d_model={model.d_model} is not divisible by n_heads={model.n_heads}",

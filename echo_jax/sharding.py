@@ -24,6 +24,7 @@ DATA_AXIS = "data"
 class DataParallel:
     mesh: Mesh
     batch: NamedSharding  # Leading (row) axis split over DATA_AXIS.
+    steps: NamedSharding  # A stack of batches [K, B, ...]: the row axis (second) split.
     replicated: NamedSharding  # A full copy on every device.
 
     @property
@@ -43,5 +44,6 @@ def data_parallel(batch_size: int, devices: Sequence[jax.Device] | None = None) 
     return DataParallel(
         mesh=mesh,
         batch=NamedSharding(mesh, PartitionSpec(DATA_AXIS)),
+        steps=NamedSharding(mesh, PartitionSpec(None, DATA_AXIS)),
         replicated=NamedSharding(mesh, PartitionSpec()),
     )

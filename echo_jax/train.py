@@ -78,8 +78,8 @@ def loss_kwargs(cfg: LossConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cfg: LossConfig):
-    """Jitted once; the incoming state's buffers are donated to the outgoing one.
+def step_function(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cfg: LossConfig):
+    """The pure `(state, batch) -> (state, metrics)` step behind both jitted forms.
 
     A non-finite loss or gradient leaves the state unchanged and sets metrics["nonfinite"], so a
     divergence never poisons the parameters that the loop may checkpoint.
@@ -116,7 +116,51 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lo
         metrics.update({f"targets_{n}": counts[i] for i, n in enumerate(roles.NAMES)})
         return state, metrics
 
-    return jax.jit(step_fn, donate_argnums=0)
+    return step_fn
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cfg: LossConfig):
+    """One optimiser step, jitted once; the incoming state's buffers are donated to the outgoing
+    one. See `step_function` for what a batch may carry."""
+    return jax.jit(step_function(graphdef, tx, loss_cfg), donate_argnums=0)
+
+
+def make_train_steps(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cfg: LossConfig
+):
+    """Several optimiser steps in one jitted call, the state donated:
+    `(state, batches, active_K) -> (state, metrics)`, each leaf of batches and metrics stacked
+    on a leading K axis, step i reading batch i.
+
+    Why: XLA allocates a call's temporaries (439 MB at the small preset) afresh on every call,
+    and on a CPU the page faults of touching them cost about a seventh of a step; a `lax.scan`
+    over K steps pays them once (`TrainConfig.steps_per_call`). The steps are
+    `make_train_step`'s, so the result is the same as K calls of it.
+
+    A step whose `active_K` entry is False, or that comes after a non-finite step, is skipped
+    (state untouched, metrics zero): one compiled K serves shorter calls, and a call stops
+    where single steps would have.
+    """
+    step_fn = step_function(graphdef, tx, loss_cfg)
+
+    def steps_fn(state: TrainState, batches: Batch, active_K: jax.Array):
+        first = jax.tree.map(lambda x: x[0], batches)
+        metrics_shapes = jax.eval_shape(step_fn, state, first)[1]
+
+        def skip(state, _):
+            return state, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), metrics_shapes)
+
+        def body(carry, xs):
+            state, halted = carry
+            batch, active = xs
+            state, metrics = jax.lax.cond(active & ~halted, step_fn, skip, state, batch)
+            return (state, halted | metrics["nonfinite"]), metrics
+
+        halted = jnp.zeros((), jnp.bool_)
+        (state, _), metrics = jax.lax.scan(body, (state, halted), (batches, active_K))
+        return state, metrics
+
+    return jax.jit(steps_fn, donate_argnums=0)
 
 
 def batch_indices(step: int, num_rows: int, batch_size: int, seed: int) -> np.ndarray:
@@ -138,8 +182,8 @@ def batch_indices(step: int, num_rows: int, batch_size: int, seed: int) -> np.nd
 def make_batch(
     data: PackedData, index: np.ndarray, advantage: str = "group"
 ) -> dict[str, np.ndarray]:
-    """Rows `index`; the action weights are the group advantages or, with advantage="reward"
-    (LossConfig.advantage), the raw rewards."""
+    """Rows `index` ([B], or [K, B] for K steps' batches stacked); the action weights are the
+    group advantages or, with advantage="reward" (LossConfig.advantage), the raw rewards."""
     weights = data.advantage if advantage == "group" else data.reward
     return {
         "tokens": data.tokens[index],
@@ -218,41 +262,50 @@ def train(
     state = jax.device_put(state, dp.replicated)
     if evaluator is not None:
         evaluator.truncate(after_step=start)
-    train_step = make_train_step(graphdef, tx, cfg.loss)
-    b, t = tcfg.batch_size, data.tokens.shape[1]
+    train_steps = make_train_steps(graphdef, tx, cfg.loss)
+    b, t, k = tcfg.batch_size, data.tokens.shape[1], tcfg.steps_per_call
     metrics_log = MetricsLog(run, tokens_per_step=b * t)
     t_start = time.perf_counter()
     last_line: dict[str, float] = {}
     last_eval: dict[str, Any] = {}
 
-    def finish(step: int, metrics) -> None:
+    def stops_at(step: int) -> bool:
+        """Whether a call must end after `step`: the state is needed there."""
+        due = evaluator is not None and evaluator.due(step)
+        return due or step % tcfg.checkpoint_every == 0 or step == tcfg.steps
+
+    def finish(first: int, n: int, metrics) -> None:
+        """Reads a call's n steps' metrics (steps first+1 ... first+n) and logs them."""
         nonlocal last_line
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        _check_finite(step, host, run)
-        metrics_log.add(host)
-        if step % tcfg.log_every == 0 or step == tcfg.steps:
-            last_line = metrics_log.flush(step)
-            log(_progress(last_line, tcfg.steps))
+        host = jax.device_get(metrics)
+        for i in range(n):
+            step, line = first + i + 1, {key: float(v[i]) for key, v in host.items()}
+            _check_finite(step, line, run)
+            metrics_log.add(line)
+            if step % tcfg.log_every == 0 or step == tcfg.steps:
+                last_line = metrics_log.flush(step)
+                log(_progress(last_line, tcfg.steps))
 
     pending = None
-    for step in range(start, tcfg.steps):
-        batch = make_batch(
-            data, batch_indices(step, data.num_rows, b, tcfg.seed), cfg.loss.advantage
-        )
-        batch = jax.device_put(batch, dp.batch)
-        state, metrics = train_step(state, batch)  # Dispatched before the last step is read.
+    step = start
+    while step < tcfg.steps:
+        n = next(i for i in range(1, k + 1) if i == k or stops_at(step + i))
+        rows = [batch_indices(step + i, data.num_rows, b, tcfg.seed) for i in range(n)]
+        rows += rows[-1:] * (k - n)  # Inactive steps' batches: read by nothing.
+        batches = make_batch(data, np.stack(rows), cfg.loss.advantage)
+        batches = jax.device_put(batches, dp.steps)
+        active = np.arange(k) < n
+        state, metrics = train_steps(state, batches, active)  # Dispatched before the last read.
         if pending is not None:
             finish(*pending)
-        pending = (step + 1, metrics)
-        if evaluator is not None and evaluator.due(step + 1):
+        pending, step = (step, n, metrics), step + n
+        if stops_at(step):
             finish(*pending)
             pending = None
-            last_eval = evaluator(step + 1, graphdef, state.params)
-        if (step + 1) % tcfg.checkpoint_every == 0 or step + 1 == tcfg.steps:
-            if pending is not None:
-                finish(*pending)
-                pending = None
-            run.save(state, step + 1, {"data_position": (step + 1) * b, "seed": tcfg.seed})
+        if evaluator is not None and evaluator.due(step):
+            last_eval = evaluator(step, graphdef, state.params)
+        if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+            run.save(state, step, {"data_position": step * b, "seed": tcfg.seed})
     if pending is not None:
         finish(*pending)
     wall = time.perf_counter() - t_start

@@ -78,6 +78,9 @@ flags.DEFINE_integer("seed", _T.seed, "Initialisation and data-order seed.")
 flags.DEFINE_float("learning_rate", _T.learning_rate, "Peak AdamW learning rate.")
 flags.DEFINE_integer("log_every", _T.log_every, "Steps between metrics lines.")
 flags.DEFINE_integer("checkpoint_every", _T.checkpoint_every, "Steps between checkpoints.")
+flags.DEFINE_integer(
+    "steps_per_call", _T.steps_per_call, "Optimiser steps per jitted call (same training)."
+)
 flags.DEFINE_enum("model_size", "tiny", list(C.MODEL_PRESETS), "Model preset.")
 flags.DEFINE_integer("d_model", None, "Override the preset's width.")
 flags.DEFINE_integer("n_layers", None, "Override the preset's depth.")
@@ -136,6 +139,7 @@ def config_from_flags() -> C.Config:
                 learning_rate=FLAGS.learning_rate,
                 log_every=FLAGS.log_every,
                 checkpoint_every=FLAGS.checkpoint_every,
+                steps_per_call=FLAGS.steps_per_call,
             ),
             eval=dataclasses.replace(
                 _E,

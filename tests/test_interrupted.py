@@ -127,16 +127,23 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(
         data=DataConfig(paths=(episodes_path,), max_len=128),
         train=TrainConfig(steps=6, batch_size=3, log_every=1, checkpoint_every=2),
     )
-    real_make_batch = train_module.make_batch
-    calls = []
+    real_indices, real_make_batch = train_module.batch_indices, train_module.make_batch
+    asked, used = [], [0]  # Steps whose rows were drawn (0-based); how many went into batches.
+
+    def indices(step, *args):
+        asked.append(step)
+        return real_indices(step, *args)
 
     def poisoned(data, index, advantage):  # Step 5's batch carries a NaN advantage.
         batch = real_make_batch(data, index, advantage)
-        calls.append(1)
-        if len(calls) == 5:
-            batch = dict(batch, advantage=np.full_like(batch["advantage"], np.nan))
+        steps, used[0] = asked[used[0] :], len(asked)  # This call's steps, in its order.
+        if 4 in steps:
+            advantage = batch["advantage"].copy()
+            advantage[steps.index(4)] = np.nan
+            batch = dict(batch, advantage=advantage)
         return batch
 
+    monkeypatch.setattr(train_module, "batch_indices", indices)
     monkeypatch.setattr(train_module, "make_batch", poisoned)
     with pytest.raises(TrainingDiverged) as err:
         run_experiment(cfg, str(tmp_path / "w"), log=lambda _: None)

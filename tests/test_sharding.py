@@ -1,4 +1,5 @@
-"""Data parallelism: one step on 4 (forced host) devices equals one step on 1 device.
+"""Data parallelism: one step, and one call of two steps, on 4 (forced host) devices equal the
+same on 1 device.
 
 The device count must be fixed before JAX initialises, so the 4-device side runs in a
 subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4.
@@ -24,7 +25,9 @@ SCRIPT = textwrap.dedent(
     import jax, numpy as np, optax
     from echo_jax.config import Config, LossConfig, ModelConfig, TrainConfig
     from echo_jax.sharding import data_parallel
-    from echo_jax.train import init_model, init_state, make_optimizer, make_train_step
+    from echo_jax.train import (
+        init_model, init_state, make_optimizer, make_train_step, make_train_steps
+    )
     from tests.test_fused_loss import random_batch
 
     assert jax.device_count() == 4, jax.devices()
@@ -50,6 +53,17 @@ SCRIPT = textwrap.dedent(
                 "loss": float(metrics["loss"]),
                 "params": np.concatenate(leaves).tolist(),
                 "param_devices": len(jax.tree.leaves(state.params)[0].sharding.device_set),
+            }
+            # The trainer's form: two steps in one call, the stack's row axis split.
+            state = jax.device_put(init_state(params, tx), dp.replicated)
+            stacked = jax.device_put(jax.tree.map(lambda x: np.stack([x, x]), batch), dp.steps)
+            assert len(stacked["tokens"].sharding.device_set) == n
+            steps = make_train_steps(graphdef, tx, cfg.loss)
+            state, metrics = steps(state, stacked, np.ones(2, bool))
+            leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(state.params)]
+            out[f"{impl}_{n}_call"] = {
+                "loss": np.asarray(metrics["loss"]).tolist(),
+                "params": np.concatenate(leaves).tolist(),
             }
     try:
         data_parallel(6)
@@ -81,6 +95,9 @@ def test_one_step_on_four_devices_equals_one_device():
     for impl in ("plain", "chunked"):
         one, four = out[f"{impl}_1"], out[f"{impl}_4"]
         assert four["param_devices"] == 4 and one["param_devices"] == 1
+        np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-5)
+        np.testing.assert_allclose(four["params"], one["params"], rtol=1e-5, atol=1e-6)
+        one, four = out[f"{impl}_1_call"], out[f"{impl}_4_call"]
         np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-5)
         np.testing.assert_allclose(four["params"], one["params"], rtol=1e-5, atol=1e-6)
     assert "ConfigError" in out["error"] and "batch_size=6" in out["error"]

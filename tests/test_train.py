@@ -10,7 +10,15 @@ import pytest
 from flax import nnx
 
 from echo_jax import roles
-from echo_jax.config import Config, DataConfig, LossConfig, ModelConfig, TrainConfig
+from echo_jax.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    TrainConfig,
+    validate,
+)
 from echo_jax.dataset import load_packed
 from echo_jax.loss import echo_loss
 from echo_jax.run_dir import RunDir, RunDirError
@@ -22,6 +30,7 @@ from echo_jax.train import (
     make_batch,
     make_optimizer,
     make_train_step,
+    make_train_steps,
     run_experiment,
 )
 from echo_jax.vocab import Vocab
@@ -116,6 +125,91 @@ def test_non_finite_loss_leaves_state_untouched(episodes_path):
     assert bool(metrics["nonfinite"])
     assert int(new_state.step) == 0
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, new_state.params), before)
+
+
+def _stacked_batches(cfg: Config, k: int):
+    """Batches of steps 0 .. k-1 as the loop draws them: a list, and stacked on a K axis."""
+    data, _ = load_packed(cfg.data)
+    b = cfg.train.batch_size
+    rows = np.stack([batch_indices(s, data.num_rows, b, cfg.train.seed) for s in range(k)])
+    return [make_batch(data, r) for r in rows], make_batch(data, rows)
+
+
+def test_steps_in_one_call_equal_single_steps(episodes_path):
+    """make_train_steps is make_train_step K times: the same state and per-step metrics, the
+    inactive slots skipped (state untouched, metrics zero)."""
+    cfg = tiny_config(episodes_path)
+    graphdef, tx, state, _ = one_step(cfg)
+    singles, stacked = _stacked_batches(cfg, 5)
+    start = jax.tree.map(np.asarray, state)  # Both forms donate their state.
+    step, want = make_train_step(graphdef, tx, cfg.loss), []
+    for batch in singles[:3]:
+        state, metrics = step(state, batch)
+        want.append(jax.device_get(metrics))
+    active = np.array([True, True, True, False, False])
+    got_state, got = make_train_steps(graphdef, tx, cfg.loss)(start, stacked, active)
+    chex.assert_shape(got["loss"], (5,))
+    assert int(got_state.step) == 3
+    chex.assert_trees_all_close(got_state.params, state.params, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_close(got_state.opt_state, state.opt_state, rtol=1e-6, atol=1e-7)
+    for i, metrics in enumerate(want):
+        for key, value in metrics.items():
+            np.testing.assert_allclose(got[key][i], value, rtol=1e-6, err_msg=key)
+    assert all(not np.any(np.asarray(v)[3:]) for v in got.values())
+
+
+def test_a_call_stops_at_its_first_non_finite_step(episodes_path):
+    """Step 2 of 4 diverges: the call keeps step 1's state and skips steps 3 and 4, as the loop
+    would have stopped there with single steps."""
+    cfg = tiny_config(episodes_path)
+    graphdef, tx, state, _ = one_step(cfg)
+    singles, stacked = _stacked_batches(cfg, 4)
+    advantage = stacked["advantage"].copy()
+    advantage[1] = np.nan
+    stacked = dict(stacked, advantage=advantage)
+    start = jax.tree.map(np.asarray, state)
+    want, _ = make_train_step(graphdef, tx, cfg.loss)(state, singles[0])
+    got_state, got = make_train_steps(graphdef, tx, cfg.loss)(start, stacked, np.ones(4, bool))
+    np.testing.assert_array_equal(got["nonfinite"], [False, True, False, False])
+    assert np.isfinite(got["loss"][0]) and np.isnan(got["loss"][1])
+    np.testing.assert_array_equal(got["loss"][2:], 0.0)  # Skipped, not run.
+    assert int(got_state.step) == 1
+    chex.assert_trees_all_close(got_state.params, want.params, rtol=1e-6, atol=1e-7)
+
+
+def test_steps_per_call_does_not_change_training(episodes_path, tmp_path):
+    """Calls of 1, 2 or 4 steps (cut at checkpoints) give the same checkpoints and metrics."""
+    runs = {}
+    for k in (1, 2, 4):
+        cfg = tiny_config(episodes_path, steps_per_call=k)
+        runs[k] = run_experiment(cfg, str(tmp_path / f"k{k}"), log=lambda _: None)
+    template = init_state(
+        init_model(cfg, Vocab.load(tmp_path / "k1" / "vocab.json").size, 0)[1],
+        make_optimizer(cfg.train),
+    )
+    strip = ("steps_per_s", "tokens_per_s")
+    ref_state, ref_meta = RunDir(tmp_path / "k1").restore(template, 6)
+    ref_lines = [
+        {k: v for k, v in m.items() if k not in strip}
+        for m in RunDir(tmp_path / "k1").read_metrics()
+    ]
+    for k in (2, 4):
+        run = RunDir(tmp_path / f"k{k}")
+        assert sorted(run.manager.all_steps()) == [3, 6]
+        state, meta = run.restore(template, 6)
+        assert meta == ref_meta
+        chex.assert_trees_all_close(state.params, ref_state.params, rtol=1e-6, atol=1e-7)
+        lines = [{k: v for k, v in m.items() if k not in strip} for m in run.read_metrics()]
+        assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
+        for la, lb in zip(ref_lines, lines, strict=True):
+            for key in la:
+                np.testing.assert_allclose(lb[key], la[key], rtol=1e-6, err_msg=key)
+        assert runs[k]["final"]["loss"] == pytest.approx(runs[1]["final"]["loss"], rel=1e-6)
+
+
+def test_steps_per_call_below_one_is_refused():
+    with pytest.raises(ConfigError, match="steps_per_call must be >= 1, got 0"):
+        validate(Config(train=TrainConfig(steps_per_call=0)))
 
 
 def test_batch_indices_are_deterministic_permutations():
