@@ -131,7 +131,7 @@ def machine(record: dict[str, Any]) -> str:
         where = record["config"]["device_kind"]
     env = _env(record)
     where += f"; {env}" if env else ""
-    return f"{where}; JAX {m['jax']}; load {m['load_avg_1m']}; {m['date'][:10]}"
+    return f"{where}; JAX {m['jax']}; load {m['load_avg_1m']}; {m['date'][:10]}; {m['git_commit']}"
 
 
 def markdown() -> str:

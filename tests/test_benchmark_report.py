@@ -7,6 +7,7 @@ from benchmarks import report
 
 def _line(jax_s, cpu="AMD EPYC", cores=2, env=None, date="2026-11-26T09:00:00+00:00"):
     machine = {"cpu": cpu, "cores": cores, "jax": "0.10.2", "load_avg_1m": 1.0, "date": date}
+    machine["git_commit"] = "abc1234"
     if env is not None:
         machine["env"] = env
     return {
@@ -35,6 +36,15 @@ def test_another_machine_gets_a_row_of_its_own(tmp_path, monkeypatch):
     rows = _rows(tmp_path, monkeypatch, [_line(1.2), _line(0.9, cpu="Xeon", cores=16)])
     assert [met for (_, _, _, met), _ in rows] == [False, True]
     assert "Xeon, 16 cores" in rows[1][1]
+    assert rows[1][1].endswith("; 2026-11-26; abc1234")  # Which code the figure is for.
+
+
+def test_the_trainers_call_and_one_step_per_call_are_both_shown(tmp_path, monkeypatch):
+    line = _line(0.9)
+    line["config"]["steps_per_call"] = 4
+    line["speedup_one_step_per_call"] = 1.45
+    (((_, figure, _, met), _),) = _rows(tmp_path, monkeypatch, [line])
+    assert figure == "1.67x PyTorch's tokens/s; 4 steps per call, 1.45x at one" and met
 
 
 def test_a_tuned_environment_is_a_comparison_row_beside_the_default(tmp_path, monkeypatch):
