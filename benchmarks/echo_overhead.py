@@ -1,5 +1,6 @@
-"""The cost of ECHO's world-model term: the same jitted train step with objective grpo against
-echo (policy gradient + λ · env cross-entropy), timed in two fresh processes, interleaved.
+"""The cost of ECHO's world-model term: the trainer's jitted steps (its call of
+TrainConfig.steps_per_call steps, timed per step) with objective grpo against echo (policy
+gradient + λ · env cross-entropy), timed in two fresh processes, interleaved.
 
 python -m benchmarks.echo_overhead                   # tiny preset, B=4, T=1024, V=8192
 python -m benchmarks.echo_overhead --preset=small --repeats=15

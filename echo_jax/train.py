@@ -299,15 +299,13 @@ def train(
         if pending is not None:
             finish(*pending)
         pending, step = (step, n, metrics), step + n
-        if stops_at(step):
+        if stops_at(step):  # Checked (and logged) before anything reads or saves the state.
             finish(*pending)
             pending = None
-        if evaluator is not None and evaluator.due(step):
-            last_eval = evaluator(step, graphdef, state.params)
-        if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
-            run.save(state, step, {"data_position": step * b, "seed": tcfg.seed})
-    if pending is not None:
-        finish(*pending)
+            if evaluator is not None and evaluator.due(step):
+                last_eval = evaluator(step, graphdef, state.params)
+            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+                run.save(state, step, {"data_position": step * b, "seed": tcfg.seed})
     wall = time.perf_counter() - t_start
     summary = {
         "steps": tcfg.steps,
