@@ -269,10 +269,15 @@ def train(
     last_line: dict[str, float] = {}
     last_eval: dict[str, Any] = {}
 
+    def saves_at(step: int) -> bool:
+        return step % tcfg.checkpoint_every == 0 or step == tcfg.steps
+
+    def evaluates_at(step: int) -> bool:
+        return evaluator is not None and evaluator.due(step)
+
     def stops_at(step: int) -> bool:
         """Whether a call must end after `step`: the state is needed there."""
-        due = evaluator is not None and evaluator.due(step)
-        return due or step % tcfg.checkpoint_every == 0 or step == tcfg.steps
+        return saves_at(step) or evaluates_at(step)
 
     def finish(first: int, n: int, metrics) -> None:
         """Reads a call's n steps' metrics (steps first+1 ... first+n) and logs them."""
@@ -302,9 +307,9 @@ def train(
         if stops_at(step):  # Checked (and logged) before anything reads or saves the state.
             finish(*pending)
             pending = None
-            if evaluator is not None and evaluator.due(step):
+            if evaluates_at(step):
                 last_eval = evaluator(step, graphdef, state.params)
-            if step % tcfg.checkpoint_every == 0 or step == tcfg.steps:
+            if saves_at(step):
                 run.save(state, step, {"data_position": step * b, "seed": tcfg.seed})
     wall = time.perf_counter() - t_start
     summary = {

@@ -18,7 +18,7 @@ from echo_jax.run_dir import RunDir, RunDirError
 from echo_jax.train import TrainingDiverged, init_model, init_state, make_optimizer, run_experiment
 from echo_jax.vocab import Vocab
 from tests.test_data import small_episode, write_jsonl
-from tests.test_train import TINY_MODEL
+from tests.test_train import TINY_MODEL, assert_same_metrics
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 STEPS, EVERY = 16, 4
@@ -99,15 +99,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     chex.assert_trees_all_close(a.params, b.params, rtol=1e-6, atol=1e-7)
     chex.assert_trees_all_close(a.opt_state, b.opt_state, rtol=1e-6, atol=1e-7)
     assert meta_a == meta_b
-    timing = ("steps_per_s", "tokens_per_s")
-    lines = [
-        [{k: v for k, v in m.items() if k not in timing} for m in RunDir(d).read_metrics()]
-        for d in (full, cut)
-    ]
-    assert [m["step"] for m in lines[1]] == list(range(1, STEPS + 1))  # Each step once.
-    for la, lb in zip(*lines, strict=True):
-        for key in la:
-            np.testing.assert_allclose(la[key], lb[key], rtol=1e-5, err_msg=key)
+    assert_same_metrics(full, cut, range(1, STEPS + 1), rtol=1e-5)  # Each step once.
     leftovers = [n for n in os.listdir(cut) + os.listdir(cut / "checkpoints") if "tmp" in n]
     assert leftovers == []
 

@@ -60,6 +60,19 @@ def tiny_config(paths, **train) -> Config:
     )
 
 
+def assert_same_metrics(dir_a, dir_b, steps, rtol):
+    """Run b logged exactly `steps`, each with run a's values (the timing columns aside)."""
+    timing = ("steps_per_s", "tokens_per_s")
+    lines_a, lines_b = (
+        [{k: v for k, v in m.items() if k not in timing} for m in RunDir(d).read_metrics()]
+        for d in (dir_a, dir_b)
+    )
+    assert [m["step"] for m in lines_b] == list(steps)
+    for la, lb in zip(lines_a, lines_b, strict=True):
+        for key in la:
+            np.testing.assert_allclose(lb[key], la[key], rtol=rtol, err_msg=key)
+
+
 def one_step(cfg: Config):
     data, vocab = load_packed(cfg.data)
     tx = make_optimizer(cfg.train)
@@ -187,23 +200,14 @@ def test_steps_per_call_does_not_change_training(episodes_path, tmp_path):
         init_model(cfg, Vocab.load(tmp_path / "k1" / "vocab.json").size, 0)[1],
         make_optimizer(cfg.train),
     )
-    strip = ("steps_per_s", "tokens_per_s")
     ref_state, ref_meta = RunDir(tmp_path / "k1").restore(template, 6)
-    ref_lines = [
-        {k: v for k, v in m.items() if k not in strip}
-        for m in RunDir(tmp_path / "k1").read_metrics()
-    ]
     for k in (2, 4):
         run = RunDir(tmp_path / f"k{k}")
         assert sorted(run.manager.all_steps()) == [3, 6]
         state, meta = run.restore(template, 6)
         assert meta == ref_meta
         chex.assert_trees_all_close(state.params, ref_state.params, rtol=1e-6, atol=1e-7)
-        lines = [{k: v for k, v in m.items() if k not in strip} for m in run.read_metrics()]
-        assert [m["step"] for m in lines] == [1, 2, 3, 4, 5, 6]
-        for la, lb in zip(ref_lines, lines, strict=True):
-            for key in la:
-                np.testing.assert_allclose(lb[key], la[key], rtol=1e-6, err_msg=key)
+        assert_same_metrics(tmp_path / "k1", run.path, range(1, 7), rtol=1e-6)
         assert runs[k]["final"]["loss"] == pytest.approx(runs[1]["final"]["loss"], rel=1e-6)
 
 
@@ -247,13 +251,7 @@ def test_end_to_end_resume_matches_uninterrupted_run(episodes_path, tmp_path):
     b, meta_b = RunDir(cut).restore(template, 6)
     chex.assert_trees_all_close(a.params, b.params, rtol=1e-6, atol=1e-7)
     assert meta_a == meta_b == {"data_position": 18, "seed": 0}
-    strip = ("steps_per_s", "tokens_per_s")
-    lines_a = [{k: v for k, v in m.items() if k not in strip} for m in full_run.read_metrics()]
-    lines_b = [{k: v for k, v in m.items() if k not in strip} for m in cut_run.read_metrics()]
-    assert [m["step"] for m in lines_b] == [1, 2, 3, 4, 5, 6]
-    for la, lb in zip(lines_a, lines_b, strict=True):
-        for key in la:
-            np.testing.assert_allclose(la[key], lb[key], rtol=1e-5, err_msg=key)
+    assert_same_metrics(full_run.path, cut_run.path, range(1, 7), rtol=1e-5)
 
 
 def test_resume_with_a_different_config_is_refused(episodes_path, tmp_path):
