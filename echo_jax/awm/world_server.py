@@ -31,6 +31,7 @@ from pathlib import Path
 
 import requests
 
+from echo_jax.awm.launcher import prepare_server_code
 from echo_jax.awm.world_format import World
 
 LOOPBACK = "127.0.0.1"
@@ -206,7 +207,12 @@ class WorldServer:
             build_database(self.world, self.initial_db_path)
             copy_database(self.initial_db_path, self.db_path)
             server_path = self._dir / "server.py"
-            server_path.write_text(self.world.full_code, encoding="utf-8")
+            code = prepare_server_code(
+                self.world.full_code,
+                scenario=self.world.name,
+                database_url=f"sqlite:///{self.db_path}",
+            )
+            server_path.write_text(code, encoding="utf-8")
             self._launch_with_port_retries(server_path)
         except BaseException:
             self.stop()

@@ -208,7 +208,8 @@ def test_dead_server_is_world_unavailable(world):
 
 
 def test_start_failure_reports_log_tail(world):
-    broken = dataclasses.replace(world, full_code="raise SystemExit('boom: no server here')")
+    code = "raise SystemExit('boom: no server here')\n" + world.full_code
+    broken = dataclasses.replace(world, full_code=code)
     with pytest.raises(WorldServerError, match=r"(?s)exited with code 1.*boom: no server here"):
         WorldServer(broken).start()
 

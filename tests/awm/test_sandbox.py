@@ -209,7 +209,9 @@ import os
 import uvicorn
 from fastapi import FastAPI
 from fastapi_mcp import FastApiMCP
+from sqlalchemy import create_engine
 
+engine = create_engine(os.environ["DATABASE_PATH"])
 app = FastAPI()
 
 
@@ -307,7 +309,9 @@ def test_scenario_names_cannot_leave_their_folder(name, world, tmp_path):
     with pytest.raises(WorldFormatError, match="path traversal|not normalised"):
         load_worlds(FIXTURE, [name])  # How capture and replay pick worlds (and shard names).
     assert shard_path(tmp_path, "tiny_shop").parent == tmp_path / "episodes"
-    server = WorldServer(dataclasses.replace(world, name=name, full_code="raise SystemExit(1)"))
+    server = WorldServer(
+        dataclasses.replace(world, name=name, full_code="raise SystemExit(1)\n" + world.full_code)
+    )
     with pytest.raises(Exception, match="exited with code 1"):
         server.start()  # A World built in code with a hostile name still stays in the temp dir.
     assert not list(Path("/etc").glob("awm_*"))
