@@ -4,7 +4,10 @@ A world folder holds one JSON record per line and scenario in each of seven file
 `WORLD_FILES`). Every record is checked when loaded, so that a broken world fails here with the
 file, line and key at fault instead of as an obscure server or verifier crash mid-capture. Files
 are streamed line by line: the real AWM-1K files hold 1,000 scenarios and full server sources.
-Unknown files in the folder (e.g. our own `echo_task_params.jsonl`) are ignored.
+Unknown files in the folder (e.g. our own `echo_task_params.jsonl`) are ignored, and so is
+AWM-1K's `gen_verifier.jsonl`: its verifiers feed AWM's code-augmented LLM judge, while episodes
+here are scored by the pure-code verifiers of `gen_verifier.pure_code.jsonl`. AWM-1K's verifier
+files repeat some (scenario, task_idx) records; as AWM's own helper does, the first one counts.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ SAMPLE_FILE = "gen_sample.jsonl"
 SPEC_FILE = "gen_spec.jsonl"
 ENVS_FILE = "gen_envs.jsonl"
 VERIFIER_FILE = "gen_verifier.pure_code.jsonl"
+JUDGE_VERIFIER_FILE = "gen_verifier.jsonl"  # AWM-1K's LLM-judge verifiers: not used here.
 WORLD_FILES = (
     SCENARIO_FILE,
     TASKS_FILE,
@@ -229,14 +233,8 @@ def _read_verifiers(folder: Path, wanted: set[str] | None) -> dict[str, dict[int
         _require(record, "task", str, where, "task")
         verification = _require(record, "verification", dict, where, "verification")
         code = _require(verification, "code", str, where, "verification.code")
-        per_task = verifiers.setdefault(scenario, {})
-        if task_idx in per_task:
-            first = per_task[task_idx][1]
-            raise where.error(
-                f"duplicate verifier for scenario '{scenario}' task_idx {task_idx} "
-                f"(first at line {first.line})"
-            )
-        per_task[task_idx] = (code, where)
+        # AWM-1K repeats some records (10,010 lines for 10,000 tasks); the first one counts.
+        verifiers.setdefault(scenario, {}).setdefault(task_idx, (code, where))
     return verifiers
 
 
@@ -292,7 +290,14 @@ def load_worlds(folder: str | Path, scenarios: Iterable[str] | None = None) -> d
         raise WorldFormatError(f"{folder}: world folder does not exist")
     for file in WORLD_FILES:
         if not (folder / file).is_file():
-            raise WorldFormatError(f"{file}: missing file in {folder}")
+            judge_only = file == VERIFIER_FILE and (folder / JUDGE_VERIFIER_FILE).is_file()
+            note = (
+                f" ({JUDGE_VERIFIER_FILE} holds AWM's LLM-judge verifiers; episodes here are "
+                f"scored by the pure-code ones)"
+                if judge_only
+                else ""
+            )
+            raise WorldFormatError(f"{file}: missing file in {folder}{note}")
     wanted = None
     if scenarios is not None:
         wanted = set(scenarios)
