@@ -1,0 +1,141 @@
+"""A scenario in the real AgentWorldModel-1K format (fixtures/real_world) runs here as in AWM.
+
+Its full_code is a plain FastAPI + SQLAlchemy app that never mounts MCP and whose engine
+defaults to outputs/databases/...; the launcher prepares it, so it starts, lists its tools over
+MCP, answers calls on the episode's database, and the closed-loop agent completes episodes in it
+with verifier rewards.
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from echo_jax.awm.capture import LiveWorld
+from echo_jax.awm.harness import run_episode
+from echo_jax.awm.world_format import WorldFormatError, load_worlds
+from echo_jax.check_data import check
+
+ROOT = Path(__file__).parents[2]
+REAL = Path(__file__).parent / "fixtures" / "real_world"
+SCENARIO = "recipe_platform_7"
+WARM_START = ROOT / "data" / "warm_start"
+
+
+@pytest.fixture(scope="module")
+def world():
+    return load_worlds(REAL)[SCENARIO]
+
+
+@pytest.fixture(scope="module")
+def live(world):
+    live = LiveWorld(world, timeout_s=30.0)
+    live.open()
+    yield live
+    live.close()
+
+
+class Scripted:
+    def __init__(self, *actions):
+        self.actions = actions
+
+    def next_action(self, steps):
+        return self.actions[len(steps)]
+
+
+def call(tool_name, **arguments):
+    return {"tool_name": tool_name, "arguments": arguments}
+
+
+VERIFY = call("verify", verifier_mode="code")
+
+
+def test_fixture_is_real_format(world):
+    code = world.full_code
+    assert "mcp" not in code.lower()  # Real AWM-1K code never mounts MCP; the launcher does.
+    assert 'os.getenv("DATABASE_PATH", "sqlite:///outputs/databases/' in code
+    assert "uvicorn.run(app, host=host, port=port)" in code
+    assert "example=" in code and "datetime.utcnow" in code
+    assert sum(len(g["endpoints"]) for g in world.api_spec["api_groups"]) == 10
+
+
+def test_folder_with_judge_verifiers_loads_the_pure_code_ones(world):
+    assert (REAL / "gen_verifier.jsonl").is_file()
+    # Pure-code verifiers (the first of a repeated record), never the judge-mode ones.
+    assert all(code.startswith("def verify_task_completion(") for code in world.verifiers.values())
+    assert all("mode=ro" in code for code in world.verifiers.values())
+    report = check([str(REAL)])
+    assert report.ok, report.errors
+    assert "1 valid scenarios, 2 tasks" in report.text()
+
+
+def test_missing_pure_code_file_names_the_judge_file(tmp_path):
+    folder = shutil.copytree(REAL, tmp_path / "awm")
+    (folder / "gen_verifier.pure_code.jsonl").unlink()
+    with pytest.raises(WorldFormatError, match="missing file.*gen_verifier.jsonl holds AWM's LLM"):
+        load_worlds(folder)
+
+
+def test_starts_lists_tools_and_answers_on_the_episode_database(live, world):
+    tools = {tool["name"]: tool for tool in live.client.list_tools()}
+    spec_tools = {e["operation_id"] for g in world.api_spec["api_groups"] for e in g["endpoints"]}
+    assert set(tools) == spec_tools
+    assert "cuisine" in tools["search_recipes"]["inputSchema"]["properties"]
+    result = live.client.call_tool("search_recipes", {"cuisine": "italian", "max_minutes": 30})
+    assert not result.is_error
+    assert '"title": "Spaghetti Carbonara"' in result.text
+    created = live.client.call_tool("create_collection", {"name": "Probe"})
+    assert '"name": "Probe"' in created.text
+    import sqlite3
+
+    with sqlite3.connect(live.server.db_path) as db:  # The engine used the episode's file...
+        assert db.execute("SELECT COUNT(*) FROM collections WHERE name = 'Probe'").fetchone()[0]
+    server_dir = live.server.db_path.parent
+    assert not (server_dir / "outputs").exists()  # ...not the code's default path.
+    log = live.server.stderr_tail()
+    assert "Warning" not in log and "deprecated" not in log.lower(), log  # Starts cleanly.
+    live.server.reset()
+
+
+def test_scripted_episodes_get_verifier_rewards(live, world):
+    solve = Scripted(
+        call("search_recipes", cuisine="italian", max_minutes=30),
+        call("create_collection", name="Weeknight Dinners"),
+        call("add_recipe_to_collection", collection_id=2, recipe_id=2),
+        VERIFY,
+    )
+    episode = run_episode(live.server, live.client, world, 0, solve)
+    assert episode["step_reward_types"] == ["tool_call_ok"] * 3 + ["complete"]
+    assert episode["reward"] == 1.0
+    wrong = Scripted(
+        call("create_recipe_review", recipe_id=1, rating=4, title="Perfect every time"), VERIFY
+    )
+    episode = run_episode(live.server, live.client, world, 1, wrong)
+    assert episode["step_reward_types"] == ["tool_call_ok", "others"]
+    assert episode["steps"][-1]["observation"]["verify_result"]["execution_status"] == "success"
+
+
+def test_closed_loop_agent_completes_episodes_in_a_real_world(tmp_path):
+    from echo_jax.closed_loop import evaluate_checkpoint
+    from echo_jax.config import AgentConfig
+
+    metrics = evaluate_checkpoint(
+        str(WARM_START),
+        "train",
+        1,
+        worlds=str(REAL),
+        corpus_dir=None,  # Every task of the folder: no corpus was ever captured in it.
+        agent=AgentConfig(max_new_tokens=24, max_steps=2),
+        tool_call_positions=0,
+        out=str(tmp_path / "eval"),
+    )
+    assert metrics["tasks"] == 2 and metrics["episodes"] == 4  # Greedy + 1 sample per task.
+    from echo_jax.awm.capture import read_shard
+
+    episodes = list(read_shard(metrics["rollouts"]))
+    for episode in episodes:
+        assert episode["scenario"] == SCENARIO
+        assert len(episode["tools"]) == 10  # The tools the server listed over MCP.
+        verify = episode["steps"][-1]["observation"]
+        assert verify["verify_result"]["execution_status"] == "success"
+        assert episode["reward"] == (1.0 if verify["reward_type"] == "complete" else 0.0)
