@@ -2,6 +2,10 @@
 
     python -m experiments.capture --worlds=data/awm_worlds --episodes_per_task=4 --seed=0 \
         --out=runs/capture0 [--scenarios=a,b] [--workers=2]
+
+In a folder without scripted-policy parameters (e.g. a downloaded AgentWorldModel-1K copy) a
+trained agent acts instead: --policy=agent --checkpoint=RUN_DIR [--temperature --top_p
+--max_new_tokens]; its steps carry the generated tokens and log-probs under "policy".
 """
 
 import shlex
@@ -9,8 +13,9 @@ import sys
 
 from absl import app, flags, logging
 
+from echo_jax import config as C
 from echo_jax import corpus
-from echo_jax.awm.capture import CaptureConfig, run_capture, write_manifest
+from echo_jax.awm.capture import POLICIES, CaptureConfig, CaptureError, run_capture, write_manifest
 from echo_jax.awm.harness import HarnessConfig
 from echo_jax.awm.replay import check_corpus
 from echo_jax.awm.world_format import WorldFormatError, load_worlds
@@ -28,14 +33,22 @@ _REPLAY = flags.DEFINE_bool(
     "replay_check", True, "Replay every episode against a fresh world and record the result."
 )
 _POLICY_MODULE = flags.DEFINE_string(
-    "policy_module", "echo_jax.awm.policies", "Module providing the behaviour policies."
+    "policy_module", "echo_jax.awm.policies", "Module providing the scripted policies."
 )
+_POLICY = flags.DEFINE_enum(
+    "policy", "scripted", POLICIES, "scripted (--policy_module) or agent (--checkpoint's model)."
+)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training run whose agent acts (agent).")
+_A = C.AgentConfig()
+_TEMPERATURE = flags.DEFINE_float("temperature", _A.temperature, "Agent sampling temperature.")
+_TOP_P = flags.DEFINE_float("top_p", _A.top_p, "Agent nucleus sampling mass.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", _A.max_new_tokens, "Agent tokens per call.")
 
 
 def main(argv: list[str]) -> None:
     try:
         _main(argv)
-    except WorldFormatError as e:  # A broken world folder is the user's input, not a crash.
+    except (WorldFormatError, CaptureError) as e:  # The user's input, not a crash.
         raise SystemExit(f"error: {e}") from None
 
 
@@ -50,6 +63,14 @@ def _main(argv: list[str]) -> None:
         workers=_WORKERS.value,
         policy_module=_POLICY_MODULE.value,
         harness=HarnessConfig(max_tool_calls=_MAX_TOOL_CALLS.value),
+        policy=_POLICY.value,
+        checkpoint=_CHECKPOINT.value,
+        agent=C.AgentConfig(
+            temperature=_TEMPERATURE.value,
+            top_p=_TOP_P.value,
+            max_new_tokens=_MAX_NEW.value,
+            max_steps=_MAX_TOOL_CALLS.value,
+        ),
         command=shlex.join([sys.executable, "-m", "experiments.capture", *sys.argv[1:]]),
     )
     manifest = run_capture(config)
@@ -60,7 +81,10 @@ def _main(argv: list[str]) -> None:
     manifest.update(corpus.describe(config.out_dir, manifest["splits"]))
     if _REPLAY.value:
         manifest["replay"] = check_corpus(
-            config.worlds_dir, corpus.shard_files(config.out_dir), workers=config.workers
+            config.worlds_dir,
+            corpus.shard_files(config.out_dir),
+            workers=config.workers,
+            config=config.harness,
         )
         logging.info(
             "replay: %d of %d episodes reproduced",

@@ -10,6 +10,11 @@ A world server that dies, hangs or answers 5xx costs at most the episode in flig
 discarded, the server restarted, and the episode rerun from its own seed (a bounded number of
 times). An episode that still fails is left out of its shard and reported in the manifest; the
 incomplete shard is then redone by the next run.
+
+The behaviour policy is either the scripted one (`policy_module`, which needs its parameters
+in the world folder, e.g. our `echo_task_params.jsonl`) or, for any AWM folder such as a
+downloaded AgentWorldModel-1K copy, a training run's agent (`policy="agent"`,
+`echo_jax.agent_capture`). A scripted capture of a folder without parameters is refused up front.
 """
 
 from __future__ import annotations
@@ -38,12 +43,19 @@ from echo_jax.awm.harness import HarnessConfig, run_episode
 from echo_jax.awm.mcp_client import McpClient, WorldUnavailable
 from echo_jax.awm.world_format import World, load_worlds
 from echo_jax.awm.world_server import WorldServer, WorldServerError, parent_death_hook
+from echo_jax.config import AgentConfig
 from echo_jax.provenance import git_commit
 
 log = logging.getLogger(__name__)
 
 SHARD_SUFFIX = ".jsonl.gz"
 WORLD_FAILURES = (WorldUnavailable, WorldServerError, sqlite3.Error)
+SCRIPTED, AGENT = "scripted", "agent"
+POLICIES = (SCRIPTED, AGENT)
+
+
+class CaptureError(ValueError):
+    """A capture that cannot run as configured (e.g. no policy parameters); nothing is written."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,9 @@ class CaptureConfig:
     request_timeout_s: float = 30.0  # A world that answers no MCP request within this is hung.
     policy_module: str = "echo_jax.awm.policies"
     harness: HarnessConfig = field(default_factory=HarnessConfig)
+    policy: str = SCRIPTED  # SCRIPTED (policy_module) or AGENT (the checkpoint's model).
+    checkpoint: str | None = None  # Training run whose agent acts when policy == AGENT.
+    agent: AgentConfig | None = None  # Its sampling settings (default AgentConfig()).
     command: str = ""
 
 
@@ -139,6 +154,10 @@ def _capture_episode(
     live: LiveWorld, config: CaptureConfig, task_idx: int, k: int
 ) -> tuple[dict[str, Any] | None, str | None]:
     """Run one episode, restarting the world after a failure; return (episode, last error)."""
+    if config.policy == AGENT:
+        from echo_jax.agent_capture import capture_agent_episode  # JAX only where it is used.
+
+        return capture_agent_episode(live, config, task_idx, k)
     policies, params = _policy_source(config.policy_module, config.worlds_dir)
     last_error = None
     for _ in range(config.episode_attempts):
@@ -252,7 +271,9 @@ def build_manifest(
         "worlds_dir": str(config.worlds_dir),
         "seed": config.seed,
         "episodes_per_task": config.episodes_per_task,
-        "policy_module": config.policy_module,
+        "policy": config.policy,
+        "policy_module": config.policy_module if config.policy == SCRIPTED else None,
+        "checkpoint": config.checkpoint if config.policy == AGENT else None,
         "git_commit": git_commit(mark_dirty=False) or "unknown",
         "n_scenarios": len(counts),
         "n_episodes": n_episodes,
@@ -277,10 +298,45 @@ def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
+def check_policy(config: CaptureConfig, worlds: dict[str, World]) -> None:
+    """Raise CaptureError, before any server starts, when the policy cannot act in these worlds."""
+    if config.policy not in POLICIES:
+        raise CaptureError(f"policy={config.policy!r} is not one of {POLICIES}")
+    if config.policy == AGENT:
+        if not config.checkpoint or not (Path(config.checkpoint) / "config.json").is_file():
+            raise CaptureError(
+                f"policy=agent needs --checkpoint=DIR, a training run folder with config.json "
+                f"(got {config.checkpoint!r})"
+            )
+        return
+    try:
+        _, params = _policy_source(config.policy_module, config.worlds_dir)
+    except FileNotFoundError as error:
+        raise CaptureError(
+            f"{config.worlds_dir} has no parameters for the scripted policies of "
+            f"{config.policy_module} ({error.filename} is missing); to capture in this folder, "
+            f"let a trained agent act: --policy=agent --checkpoint=RUN_DIR"
+        ) from None
+    if isinstance(params, dict) and params and all(isinstance(key, tuple) for key in params):
+        missing = [
+            (name, t)
+            for name, world in worlds.items()
+            for t in range(len(world.tasks))
+            if (name, t) not in params
+        ]
+        if missing:
+            raise CaptureError(
+                f"{config.worlds_dir}: the scripted policies of {config.policy_module} have no "
+                f"parameters for {len(missing)} task(s), e.g. scenario {missing[0][0]!r} task_idx "
+                f"{missing[0][1]}; use --policy=agent --checkpoint=RUN_DIR or pick --scenarios"
+            )
+
+
 def run_capture(config: CaptureConfig) -> dict[str, Any]:
     """Capture every requested scenario not already complete on disk; write the manifest."""
     started = time.monotonic()
     worlds = load_worlds(config.worlds_dir, config.scenarios)
+    check_policy(config, worlds)
     resumed = [
         name
         for name, world in worlds.items()

@@ -13,21 +13,37 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from echo_jax.awm.capture import LiveWorld, read_shard
-from echo_jax.awm.harness import INVALID_ACTION_TOOL, HarnessConfig, run_episode
+from echo_jax.awm.harness import INVALID_ACTION_TOOL, PARSE_ERROR_KEY, HarnessConfig, run_episode
 from echo_jax.awm.world_format import World, load_worlds
 
 _COMPARED_FIELDS = ("reward_type", "tool_result", "error", "warning")
 
 
-class ReplayPolicy:
-    """Plays back recorded actions in order; a recorded invalid action is replayed as invalid."""
+_INVALID_PREFIX = "Invalid action: "
 
-    def __init__(self, actions: Sequence[dict[str, Any]]):
+
+class ReplayPolicy:
+    """Plays back recorded actions in order; a recorded invalid action is replayed as invalid.
+
+    An invalid action never reaches the world. Given the recorded observations, it is replayed
+    with its recorded reason (a model's unparsable call keeps its parser message); without
+    them, as an action with no tool name.
+    """
+
+    def __init__(
+        self,
+        actions: Sequence[dict[str, Any]],
+        observations: Sequence[dict[str, Any]] | None = None,
+    ):
         self.actions = list(actions)
+        self.observations = None if observations is None else list(observations)
 
     def next_action(self, steps: list[dict[str, Any]]) -> dict[str, Any]:
         action = self.actions[len(steps)]
         if action["tool_name"] == INVALID_ACTION_TOOL:
+            error = (self.observations or [{}] * len(self.actions))[len(steps)].get("error", "")
+            if error.startswith(_INVALID_PREFIX):
+                return {PARSE_ERROR_KEY: error[len(_INVALID_PREFIX) :]}
             return {"tool_name": ""}  # Rejected by the harness exactly as the original was.
         return {"tool_name": action["tool_name"], "arguments": action.get("arguments", {})}
 
@@ -60,7 +76,10 @@ def replay_scenario(
     try:
         live.open()
         for recorded in episodes:
-            policy = ReplayPolicy([step["action"] for step in recorded["steps"]])
+            policy = ReplayPolicy(
+                [step["action"] for step in recorded["steps"]],
+                [step["observation"] for step in recorded["steps"]],
+            )
             replayed = run_episode(
                 live.server, live.client, world, recorded["task_idx"], policy, config
             )
@@ -70,7 +89,9 @@ def replay_scenario(
     return out
 
 
-def _replay_shard(worlds_dir: str, shard: str) -> dict[str, Any]:
+def _replay_shard(
+    worlds_dir: str, shard: str, config: HarnessConfig | None = None
+) -> dict[str, Any]:
     episodes = list(read_shard(shard))
     if not episodes:
         return {"shard": shard, "episodes": 0, "mismatches": []}
@@ -78,17 +99,26 @@ def _replay_shard(worlds_dir: str, shard: str) -> dict[str, Any]:
     world = load_worlds(worlds_dir, [scenario])[scenario]
     mismatches = [
         {"task_idx": ep["task_idx"], "k": ep.get("capture", {}).get("k"), "diffs": diffs}
-        for ep, diffs in replay_scenario(world, episodes)
+        for ep, diffs in replay_scenario(world, episodes, config)
         if diffs
     ]
     return {"shard": shard, "episodes": len(episodes), "mismatches": mismatches}
 
 
-def check_corpus(worlds_dir: str, shards: Sequence[str], workers: int = 2) -> dict[str, Any]:
-    """Replays every episode of every shard; returns counts and every mismatch found."""
+def check_corpus(
+    worlds_dir: str,
+    shards: Sequence[str],
+    workers: int = 2,
+    config: HarnessConfig | None = None,
+) -> dict[str, Any]:
+    """Replays every episode of every shard; returns counts and every mismatch found.
+
+    `config` is the capture's harness (its step limit decides where a verify was forced).
+    """
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        results = list(pool.map(_replay_shard, [worlds_dir] * len(shards), shards))
+        n = len(shards)
+        results = list(pool.map(_replay_shard, [worlds_dir] * n, shards, [config] * n))
     mismatches = [{"shard": r["shard"], **m} for r in results for m in r["mismatches"]]
     return {
         "replayed": sum(r["episodes"] for r in results),

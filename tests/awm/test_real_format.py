@@ -139,3 +139,50 @@ def test_closed_loop_agent_completes_episodes_in_a_real_world(tmp_path):
         verify = episode["steps"][-1]["observation"]
         assert verify["verify_result"]["execution_status"] == "success"
         assert episode["reward"] == (1.0 if verify["reward_type"] == "complete" else 0.0)
+
+
+def test_scripted_capture_without_parameters_is_refused_clearly(tmp_path):
+    from tests.cli import run_module
+
+    out = tmp_path / "corpus"
+    done = run_module("experiments.capture", f"--worlds={REAL}", f"--out={out}", timeout=120)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "has no parameters for the scripted policies" in done.stderr
+    assert "--policy=agent --checkpoint=RUN_DIR" in done.stderr
+    assert not out.exists()  # Refused before any server started or file was written.
+
+
+def test_agent_captures_a_real_world_and_its_episodes_replay(tmp_path):
+    from echo_jax.awm.capture import CaptureConfig, read_shard, run_capture, shard_path
+    from echo_jax.awm.harness import HarnessConfig
+    from echo_jax.awm.replay import check_corpus
+    from echo_jax.config import AgentConfig
+
+    harness = HarnessConfig(max_tool_calls=2)
+    manifest = run_capture(
+        CaptureConfig(
+            worlds_dir=str(REAL),
+            out_dir=str(tmp_path),
+            episodes_per_task=1,
+            seed=0,
+            workers=1,
+            harness=harness,
+            policy="agent",
+            checkpoint=str(WARM_START),
+            agent=AgentConfig(max_new_tokens=24),
+        )
+    )
+    assert manifest["n_episodes"] == 2 and manifest["policy"] == "agent"
+    assert manifest["failed_scenarios"] == {} and manifest["failed_episodes"] == {}
+    shard = shard_path(tmp_path, SCENARIO)
+    episodes = list(read_shard(shard))
+    assert [(ep["task_idx"], ep["capture"]["policy"]) for ep in episodes] == [
+        (0, "agent"),
+        (1, "agent"),
+    ]
+    for episode in episodes:
+        assert episode["steps"][-1]["observation"]["verify_result"]["execution_status"] == "success"
+        assert "tokens" in episode["steps"][0]["policy"]  # What the model generated, kept.
+    replay = check_corpus(str(REAL), [str(shard)], workers=1, config=harness)
+    assert replay == {"replayed": 2, "reproduced": 2, "mismatches": []}

@@ -103,7 +103,8 @@ def insert_statement(table: str, row: dict[str, Any]) -> str:
 
 
 def server_code(file_name: str) -> str:
-    """The complete FastAPI + MCP server of a domain, as stored in gen_envs.jsonl."""
+    """The complete FastAPI server of a domain, as stored in gen_envs.jsonl; like a real AWM-1K
+    full_code it does not mount MCP (echo_jax.awm.launcher does, as AWM's launcher does)."""
     return (SERVERS_DIR / file_name).read_text(encoding="utf-8")
 
 

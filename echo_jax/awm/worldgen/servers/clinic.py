@@ -8,7 +8,6 @@ from datetime import date, timedelta
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Query
-from fastapi_mcp import FastApiMCP
 from pydantic import BaseModel, Field
 from sqlalchemy import create_engine, text
 
@@ -331,9 +330,6 @@ def reschedule_appointment(appointment_id: int, body: RescheduleAppointmentReque
         )
     return {"appointment": my_appointment(appointment_id)}
 
-
-mcp = FastApiMCP(app)
-mcp.mount_http()
 
 if __name__ == "__main__":
     uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8000")))

@@ -8,7 +8,6 @@ from typing import Literal
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Query
-from fastapi_mcp import FastApiMCP
 from pydantic import BaseModel, Field
 from sqlalchemy import create_engine, text
 
@@ -506,9 +505,6 @@ def add_item_to_wishlist(wishlist_id: int, body: AddWishlistItemRequest):
     item = fetch_one("SELECT * FROM wishlist_items WHERE id = :iid", iid=result.lastrowid)
     return {"wishlist_item": item}
 
-
-mcp = FastApiMCP(app)
-mcp.mount_http()
 
 if __name__ == "__main__":
     uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8000")))

@@ -9,7 +9,6 @@ from typing import Literal
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Query
-from fastapi_mcp import FastApiMCP
 from pydantic import BaseModel, Field
 from sqlalchemy import create_engine, text
 
@@ -386,9 +385,6 @@ def cancel_hold(hold_id: int):
         )
     return {"hold": fetch_one(HOLD_SQL + " WHERE h.id = :hid", hid=hold_id)}
 
-
-mcp = FastApiMCP(app)
-mcp.mount_http()
 
 if __name__ == "__main__":
     uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT", "8000")))
