@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from echo_jax.awm import policies
+from echo_jax.awm.launcher import prepare_server_code
 from echo_jax.awm.worldgen import DOMAINS, FILES, generate_world, write_world
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,12 +113,13 @@ def test_scenarios_of_a_domain_hold_different_data_and_tasks(files):
         assert len(set(r["tasks"])) == 10
 
 
-def test_server_code_is_an_awm_style_fastapi_mcp_app(files):
+def test_server_code_is_a_real_format_fastapi_app(files):
     for r in files["gen_envs.jsonl"]:
         code = r["full_code"]
         ast.parse(code)
         assert 'os.environ.get("DATABASE_PATH"' in code
-        assert "FastApiMCP(app)" in code and ".mount_http()" in code
+        assert "mcp" not in code.lower().replace("mcp tool name", "")  # The launcher mounts it.
+        prepare_server_code(code, scenario=r["scenario"], database_url="sqlite:///x.db")
         assert 'if __name__ == "__main__":' in code
         assert 'uvicorn.run(app, host="127.0.0.1", port=int(os.environ.get("PORT"' in code
 
