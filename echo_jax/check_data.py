@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from echo_jax import corpus, roles
+from echo_jax.awm.launcher import LaunchError, prepare_server_code
 from echo_jax.awm.world_format import SCENARIO_FILE, WorldFormatError, load_worlds
 from echo_jax.episodes import (
     DEFAULT_MAX_FIELD_CHARS,
@@ -143,6 +144,10 @@ def _check_worlds(folder: str, report: Report) -> None:
         errors.append(f"{folder}/{e}" if isinstance(e, WorldFormatError) else f"{folder}: {e}")
         worlds = _load_each(folder, errors)
     for name, world in worlds.items():
+        try:  # What the world server will run: AWM's preparation of full_code.
+            prepare_server_code(world.full_code, scenario=name, database_url="sqlite:///check.db")
+        except LaunchError as e:
+            errors.append(f"{folder}/gen_envs.jsonl: {e}")
         for what, code in [("gen_envs.jsonl full_code", world.full_code)] + [
             (f"gen_verifier.pure_code.jsonl task_idx {i} verification.code", c)
             for i, c in world.verifiers.items()

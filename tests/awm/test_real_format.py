@@ -186,3 +186,19 @@ def test_agent_captures_a_real_world_and_its_episodes_replay(tmp_path):
         assert "tokens" in episode["steps"][0]["policy"]  # What the model generated, kept.
     replay = check_corpus(str(REAL), [str(shard)], workers=1, config=harness)
     assert replay == {"replayed": 2, "reproduced": 2, "mismatches": []}
+
+
+def test_check_data_reports_code_that_cannot_be_prepared(tmp_path):
+    import json
+
+    folder = shutil.copytree(REAL, tmp_path / "awm")
+    envs = folder / "gen_envs.jsonl"
+    record = json.loads(envs.read_text())
+    record["full_code"] = record["full_code"].replace("uvicorn.run(app,", "print(app,")
+    envs.write_text(json.dumps(record) + "\n")
+    report = check([str(folder)])
+    assert not report.ok
+    assert report.errors == [
+        f"{folder}/gen_envs.jsonl: scenario '{SCENARIO}': gen_envs.jsonl full_code cannot be "
+        "prepared to run: no `uvicorn.run(app, ...)` call to serve the app from"
+    ]
