@@ -21,19 +21,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from echo_jax import corpus
-from echo_jax.agent import ModelAgent, attach_records, load_run, tool_call_accuracy
+from echo_jax.agent import load_run, tool_call_accuracy
 from echo_jax.atomic import atomic_write_text
-from echo_jax.awm.capture import WORLD_FAILURES, LiveWorld, episode_rng, write_shard
-from echo_jax.awm.harness import HarnessConfig, run_episode
+from echo_jax.awm.capture import episode_rng, write_shard
 from echo_jax.awm.rewards import FORMAT_ERROR_TYPES
 from echo_jax.awm.world_format import World, load_worlds
 from echo_jax.config import SPLITS, AgentConfig
 from echo_jax.decoding import Decoder
 from echo_jax.episodes import load_episodes
+from echo_jax.rollout import EngineConfig, EpisodeRequest, RolloutEngine
 
 log = logging.getLogger(__name__)
 
@@ -77,74 +76,24 @@ def choose_tasks(tasks: list[tuple[str, int]], max_tasks: int | None, seed: int)
     return sorted(tasks[i] for i in keep)
 
 
-class _TimedDecoder:
-    """The agent's generate function at fixed sampling settings, counting tokens and time."""
-
-    def __init__(self, decoder: Decoder, temperature: float, top_p: float):
-        self.decoder, self.temperature, self.top_p = decoder, temperature, top_p
-        self.tokens = 0
-        self.seconds = 0.0
-
-    def __call__(self, prompts, key):
-        start = time.perf_counter()
-        gens = self.decoder.generate(prompts, key, self.temperature, self.top_p)
-        self.seconds += time.perf_counter() - start
-        self.tokens += sum(g.tokens.size for g in gens)
-        return gens
-
-
 def mute_fork_warning() -> None:
     """World servers and verifiers are subprocesses that fork and at once exec, so JAX's
     warning that a fork of a multithreaded process may deadlock does not apply to them."""
     warnings.filterwarnings("ignore", "os.fork\\(\\) was called", RuntimeWarning)
 
 
-def _start(live: LiveWorld, restart: bool = False) -> None:
-    """Starts (or restarts) a world server, its fork warning muted (`mute_fork_warning`)."""
-    mute_fork_warning()
-    if restart:
-        live.restart()
-    else:
-        live.open()
+def episode_seed(seed: int, scenario: str, task_idx: int, sample: int) -> int:
+    """The sampling seed of one evaluation episode (capture's derivation; greedy is 0)."""
+    return int(episode_rng(seed, scenario, task_idx, sample + 1).integers(2**31))
 
 
-def _episode_key(seed: int, scenario: str, task_idx: int, sample: int) -> jax.Array:
-    rng = episode_rng(seed, scenario, task_idx, sample + 1)  # Capture's derivation; greedy is 0.
-    return jax.random.key(int(rng.integers(2**31)))
-
-
-def run_agent_episode(
-    live: LiveWorld,
-    task_idx: int,
-    generate,
-    decoder: Decoder,
-    key: jax.Array,
-    harness: HarnessConfig,
-    canonical_json: bool,
-    attempts: int = 3,
-) -> dict[str, Any]:
-    """One closed-loop episode, restarting the world after a transport failure (as capture)."""
-    world = live.world
-    for attempt in range(attempts):
-        try:
-            tools = [tool["name"] for tool in live.client.list_tools()]
-            agent = ModelAgent(
-                generate,
-                world.tasks[task_idx],
-                tools,
-                decoder.vocab,
-                decoder.max_len - decoder.max_new_tokens,
-                key,
-                canonical_json,
-            )
-            episode = run_episode(live.server, live.client, world, task_idx, agent, harness)
-            return attach_records(episode, agent.records)
-        except WORLD_FAILURES as error:
-            log.warning("%s task %d: %s; restarting the world", world.name, task_idx, error)
-            if attempt + 1 == attempts:
-                raise
-            _start(live, restart=True)
-    raise AssertionError("unreachable")
+def engine_config(agent: AgentConfig) -> EngineConfig:
+    return EngineConfig(
+        slots=agent.slots,
+        max_new_tokens=agent.max_new_tokens,
+        max_steps=agent.max_steps,
+        servers_per_scenario=agent.servers_per_scenario,
+    )
 
 
 def summarize(episodes: Sequence[dict[str, Any]], samples: int) -> dict[str, float]:
@@ -221,43 +170,39 @@ def evaluate_checkpoint(
     if samples < 0 or agent.max_steps < 0:
         raise ValueError(f"samples={samples} and max_steps={agent.max_steps} must be >= 0")
     cfg, vocab, graphdef, params, ckpt_step = load_run(workdir, step)
-    decoder = Decoder(graphdef, params, vocab, cfg.data.max_len, agent.max_new_tokens)
     loaded = load_worlds(worlds, scenarios)
     tasks = choose_tasks(split_tasks(loaded, corpus_dir, split), max_tasks, seed)
     if not tasks:
         raise ValueError(f"no tasks of split {split!r} among the worlds in {worlds}")
-    harness = HarnessConfig(max_tool_calls=agent.max_steps)
-    greedy = _TimedDecoder(decoder, 0.0, 1.0)
-    sampled = _TimedDecoder(decoder, agent.temperature, agent.top_p)
-    canonical = cfg.data.canonical_json
-    episodes: list[dict[str, Any]] = []
-    for scenario in sorted({s for s, _ in tasks}):
-        live = LiveWorld(loaded[scenario])
-        try:
-            _start(live)
-            for task_idx in [t for s, t in tasks if s == scenario]:
-                for sample in range(GREEDY, samples):
-                    generate = greedy if sample == GREEDY else sampled
-                    key = _episode_key(seed, scenario, task_idx, sample)
-                    ep = run_agent_episode(
-                        live, task_idx, generate, decoder, key, harness, canonical
-                    )
-                    ep["agent"] = {
-                        "checkpoint": os.path.abspath(workdir),
-                        "step": ckpt_step,
-                        "sample": sample,
-                        "seed": seed,
-                        "temperature": 0.0 if sample == GREEDY else agent.temperature,
-                        "top_p": 1.0 if sample == GREEDY else agent.top_p,
-                    }
-                    episodes.append(ep)
-                log.info("%s task %d: %d episodes", scenario, task_idx, samples + 1)
-        finally:
-            live.close()
+    requests = [
+        EpisodeRequest(
+            scenario,
+            task_idx,
+            episode_seed(seed, scenario, task_idx, sample),
+            0.0 if sample == GREEDY else agent.temperature,
+            1.0 if sample == GREEDY else agent.top_p,
+            tag={
+                "checkpoint": os.path.abspath(workdir),
+                "step": ckpt_step,
+                "sample": sample,
+                "seed": seed,
+                "temperature": 0.0 if sample == GREEDY else agent.temperature,
+                "top_p": 1.0 if sample == GREEDY else agent.top_p,
+            },
+        )
+        for scenario, task_idx in tasks
+        for sample in range(GREEDY, samples)
+    ]
+    engine = RolloutEngine(graphdef, params, vocab, cfg.data.max_len, loaded,
+                           engine_config(agent), cfg.data.canonical_json)  # fmt: skip
+    with engine:
+        episodes = engine.run(requests)
+    timing = engine.timing
 
     metrics: dict[str, Any] = {"split": split, "checkpoint_step": ckpt_step, "samples": samples}
     metrics.update(summarize(episodes, samples))
     if tool_call_positions != 0 and corpus_dir is not None:
+        decoder = Decoder(graphdef, params, vocab, cfg.data.max_len, agent.max_new_tokens)
         chosen = set(tasks)
         recorded = [
             ep
@@ -272,13 +217,14 @@ def evaluate_checkpoint(
                     recorded,
                     success_reward=cfg.eval.success_reward,
                     max_positions=tool_call_positions,
-                    canonical_json=canonical,
+                    canonical_json=cfg.data.canonical_json,
                 ).items()
             }
         )
-    tokens, seconds = greedy.tokens + sampled.tokens, greedy.seconds + sampled.seconds
-    metrics["generated_tokens"] = tokens
-    metrics["decode_tokens_per_s"] = tokens / seconds if seconds else math.nan
+    metrics["generated_tokens"] = timing.generated_tokens
+    metrics["decode_tokens_per_s"] = timing.generated_tokens / timing.decode_s
+    metrics["env_steps_per_s"] = timing.env_steps / timing.wall_s
+    metrics["rollout"] = timing.as_dict()
     metrics["wall_s"] = time.perf_counter() - started
 
     out = out or os.path.join(workdir, "closed_loop", f"{split}_step{ckpt_step}")

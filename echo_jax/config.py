@@ -128,6 +128,8 @@ class AgentConfig:
     top_p: float = 1.0  # Nucleus sampling: smallest token set with this much probability.
     max_new_tokens: int = 256  # Tokens per call before it counts as unclosed (a format error).
     max_steps: int = 30  # Tool calls before the harness forces verify (HarnessConfig).
+    slots: int = 16  # Episodes in flight in the rollout engine (one KV-cache row each).
+    servers_per_scenario: int = 1  # World servers per scenario (each serves one episode).
 
 
 LAM_SCHEDULES: tuple[str, ...] = ("constant", "linear", "step")
@@ -137,17 +139,27 @@ LAM_SCHEDULES: tuple[str, ...] = ("constant", "linear", "step")
 class RLConfig:
     """The on-policy loop (echo_jax.rl); its loss is Config.loss, its model the start's."""
 
-    iterations: int = 4  # Rounds of rollouts then updates (an upper bound when env_steps > 0).
-    env_steps: int = 0  # Stop once this many tool calls were made in rollouts (0: iterations).
-    tasks_per_iteration: int = 4  # Training tasks drawn per iteration (seeded, no repeats).
-    group_size: int = 4  # G: rollouts per task; advantages are relative within each group.
-    temperature: float = 1.0  # Sampling temperature of the rollouts.
-    top_p: float = 1.0  # Nucleus sampling mass of the rollouts.
+    iterations: int = 16  # Rounds of rollouts then updates; every round revisits the pool.
+    group_size: int = 8  # G: rollouts per pool task; advantages are relative within each group.
+    # The task pool, chosen once from the start checkpoint (rl.choose_pool): pool_probe
+    # rollouts of each of pool_candidates training tasks (a seeded draw), keeping those whose
+    # success rate lies in [pool_min_success, pool_max_success], at most pool_size of them.
+    pool_size: int = 4
+    pool_candidates: int = 16
+    pool_probe: int = 8
+    pool_min_success: float = 0.1
+    pool_max_success: float = 0.7
+    pool_seed: int = 0  # The candidates' draw and the probes' sampling (the same for all arms).
+    pool_file: str = ""  # A pool.json written earlier (rl_sweep shares one); "": choose here.
+    # Sampling of the rollouts. The PPO ratio needs the sampler's own distribution, which is the
+    # model's softmax only at temperature 1 and top_p 1; other values are refused.
+    temperature: float = 1.0
+    top_p: float = 1.0
     max_new_tokens: int = 128  # Tokens per generated call before it counts as unclosed.
     max_steps: int = 8  # Tool calls per rollout before the harness forces verify.
     epochs: int = 2  # Passes over an iteration's rows, each in a fresh order.
-    minibatch_size: int = 4  # Rows per update step; the last minibatch is padded with empty rows.
-    learning_rate: float = 1e-4  # Constant AdamW learning rate (clip and decay from TrainConfig).
+    minibatch_size: int = 16  # Rows per update step; the last minibatch is padded with empty rows.
+    learning_rate: float = 3e-4  # Constant AdamW learning rate (clip and decay from TrainConfig).
     # λ at each iteration: "constant" (loss.lam), "linear" (loss.lam to lam_final at the last
     # iteration), "step" (loss.lam times lam_decay every lam_step_every iterations).
     lam_schedule: str = "constant"
@@ -158,15 +170,25 @@ class RLConfig:
     # were tool calls the world accepted (reward_type tool_call_ok, verify counted as valid) ...
     min_valid_call_share: float = 0.0
     min_parse_share: float = 0.0  # ... and at least this share of its generated calls parsed.
+    # Groups whose rewards are all equal have no policy term; their observations still train
+    # the world model unless this drops them from the env term too.
+    drop_equal_reward_groups: bool = False
+    # Env-term weight of each kind of observation token (1 is the plain env term; WARNING
+    # tokens count only under loss.world_loss_target="all").
+    weight_tool_result: float = 1.0
+    weight_tool_error: float = 1.0
+    weight_verifier: float = 1.0
+    weight_warning: float = 1.0
     # Training reward: the verifier's (AWM's table) minus this times the share of the rollout's
     # steps that were format errors (AWM scores each -1.0; 0 keeps the verifier's alone).
     format_penalty: float = 0.0
-    workers: int = 2  # Worlds stepped in parallel threads (one scenario per thread at a time).
-    split: str = "train"  # Corpus split whose tasks are trained on.
-    eval_every: int = 0  # Iterations between greedy held-out pass@1 runs (0: first and last).
-    eval_split: str = "heldout_tasks"  # Split of those pass@1 runs ("": none).
+    slots: int = 16  # Rollouts in flight in the rollout engine.
+    servers_per_scenario: int = 2  # World servers per scenario, kept across iterations.
+    split: str = "train"  # Corpus split whose tasks are pool candidates.
+    eval_every: int = 4  # Iterations between greedy pass@1 runs on the pool and held out.
+    eval_split: str = "heldout_tasks"  # Split of the held-out pass@1 runs ("": none).
     eval_max_tasks: int = 8  # Fixed random subset of its tasks (0: all).
-    seed: int = 0  # Task draws and sampling keys.
+    seed: int = 0  # Sampling keys and minibatch order.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,14 +295,22 @@ def validate_rl(rl: RLConfig) -> RLConfig:
         _choice("eval_split", rl.eval_split, SPLITS)
     checks = [
         (rl.iterations >= 1, f"iterations must be >= 1, got {rl.iterations}"),
-        (rl.env_steps >= 0, f"env_steps must be >= 0, got {rl.env_steps}"),
-        (rl.tasks_per_iteration >= 1, "tasks_per_iteration must be >= 1"),
         (
             rl.group_size >= 2,
             f"group_size must be >= 2 (advantages compare within a group), got {rl.group_size}",
         ),
-        (rl.temperature > 0, f"temperature must be > 0 (on-policy sampling), got {rl.temperature}"),
-        (0 < rl.top_p <= 1, f"top_p must be in (0, 1], got {rl.top_p}"),
+        (rl.pool_size >= 1 and rl.pool_candidates >= 1, "pool_size, pool_candidates >= 1"),
+        (rl.pool_probe >= 2, f"pool_probe must be >= 2, got {rl.pool_probe}"),
+        (
+            0 <= rl.pool_min_success <= rl.pool_max_success <= 1,
+            "need 0 <= pool_min_success <= pool_max_success <= 1",
+        ),
+        (
+            rl.temperature == 1.0 and rl.top_p == 1.0,
+            f"temperature={rl.temperature}, top_p={rl.top_p}: the PPO update's old log-probs "
+            "are the model's softmax, which is the sampling distribution only at temperature 1 "
+            "and top_p 1; use those",
+        ),
         (rl.max_new_tokens >= 1 and rl.max_steps >= 0, "max_new_tokens >= 1, max_steps >= 0"),
         (rl.epochs >= 1 and rl.minibatch_size >= 1, "epochs and minibatch_size must be >= 1"),
         (rl.learning_rate > 0, f"learning_rate must be > 0, got {rl.learning_rate}"),
@@ -288,8 +318,13 @@ def validate_rl(rl: RLConfig) -> RLConfig:
         (rl.lam_step_every >= 1, "lam_step_every must be >= 1"),
         (0 <= rl.min_valid_call_share <= 1, "min_valid_call_share must be in [0, 1]"),
         (0 <= rl.min_parse_share <= 1, "min_parse_share must be in [0, 1]"),
+        (
+            min(rl.weight_tool_result, rl.weight_tool_error, rl.weight_verifier,
+                rl.weight_warning) >= 0,
+            "observation weights must be >= 0",
+        ),  # fmt: skip
         (rl.format_penalty >= 0, "format_penalty must be >= 0"),
-        (rl.workers >= 1, "workers must be >= 1"),
+        (rl.slots >= 1 and rl.servers_per_scenario >= 1, "slots, servers_per_scenario >= 1"),
         (rl.eval_every >= 0 and rl.eval_max_tasks >= 0, "eval_every, eval_max_tasks >= 0"),
     ]
     for ok, message in checks:

@@ -1,16 +1,19 @@
-"""Batched generation with a KV cache: one jitted prefill + `lax.while_loop` of decode steps.
+"""Generation with a KV cache that stays on the device: jitted `extend` and `decode` calls over
+fixed-shape cache rows, shared by the batch API (`Decoder.generate`) and the rollout engine
+(`echo_jax.rollout`), which keeps one cache row per episode in flight.
 
-Prompts are left-aligned in rows of the model's training length T (the cache has T slots, and
-rotary positions continue from each row's own prompt length). Each step samples one token per
-row -- greedy at temperature 0, otherwise softmax(logits / temperature) restricted to the top-p
-nucleus; PAD is never sampled -- and a row stops once its decoded text contains the stop string
-(the call's closing marker, `render.END_CALL`), after `max_new_tokens`, or when its row is full.
+`extend` appends up to C given tokens to each row (a prompt, an observation) and keeps the
+logits after each row's last one; `decode` then samples up to M tokens per active row -- greedy
+at temperature 0, otherwise softmax(logits / temperature) restricted to the top-p nucleus; PAD is
+never sampled -- each row with its own key, temperature and top-p, so a row's tokens do not
+depend on which other rows share the call. A row stops once its decoded text contains the stop
+string (the call's closing marker, `render.END_CALL`), when its token budget is spent, or when
+its row is full.
 
 The stop test runs on device: the stop string's KMP automaton is folded over every compact
 token's bytes once, on the host, into a [V, states] transition table; each row carries its
 automaton state, and one lookup per generated token advances it (a match may straddle tokens or
-sit inside one). So the whole generation is one jitted call with fixed shapes; nothing
-recompiles between prompts of different lengths.
+sit inside one). Nothing recompiles between prompts of different lengths.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +30,7 @@ from flax import nnx
 from jax import Array
 
 from echo_jax import tokenizer
+from echo_jax.model import KVCache
 from echo_jax.render import END_CALL
 from echo_jax.vocab import PAD_ID, Vocab
 
@@ -86,19 +90,21 @@ def token_stop_transitions(vocab: Vocab, stop: str) -> np.ndarray:
 NUCLEUS_BISECTIONS = 32  # Halvings of [0, max prob] that locate the top-p cut-off.
 
 
-def nucleus_mask(probs_BV: Array, top_p: Array) -> Array:
-    """bool [B, V]: the smallest set of most likely tokens holding at least top_p of the mass
-    (ties at the cut-off stay in; at least the most likely token; everything when top_p >= 1).
+def nucleus_mask(probs_BV: Array, top_p_B: Array) -> Array:
+    """bool [B, V]: per row, the smallest set of most likely tokens holding at least top_p of
+    the mass (ties at the cut-off stay in; at least the most likely token; everything when
+    top_p >= 1).
 
     The cut-off probability is found by bisection -- {p >= c} must hold >= top_p of the mass --
     which costs a few passes over V instead of a sort.
     """
+    top_p_B = jnp.broadcast_to(top_p_B, probs_BV.shape[:1])
 
     def halve(_, bounds):
         lo_B, hi_B = bounds
         mid_B = 0.5 * (lo_B + hi_B)
         mass_B = jnp.sum(jnp.where(probs_BV >= mid_B[:, None], probs_BV, 0.0), axis=-1)
-        enough_B = mass_B >= top_p
+        enough_B = mass_B >= top_p_B
         return jnp.where(enough_B, mid_B, lo_B), jnp.where(enough_B, hi_B, mid_B)
 
     max_B = probs_BV.max(axis=-1)
@@ -106,99 +112,144 @@ def nucleus_mask(probs_BV: Array, top_p: Array) -> Array:
         0, NUCLEUS_BISECTIONS, halve, (jnp.zeros_like(max_B), max_B * (1 + 1e-6))
     )
     keep_BV = probs_BV >= jnp.minimum(lo_B, max_B)[:, None]
-    return keep_BV | (top_p >= 1.0)
+    return keep_BV | (top_p_B >= 1.0)[:, None]
 
 
 def sample_tokens(
-    logits_BV: Array, key: Array, temperature: Array, top_p: Array
+    logits_BV: Array, keys_B: Array, temperature_B: Array, top_p_B: Array
 ) -> tuple[Array, Array]:
-    """(token [B], its log-prob under the sampled distribution [B]).
+    """(token [B], its log-prob under the distribution it was drawn from [B]), one key per row.
 
-    Greedy (log-prob 0) when temperature <= 0. Otherwise softmax(logits / temperature)
+    Greedy (log-prob 0) where temperature <= 0. Otherwise softmax(logits / temperature)
     restricted to its top-p nucleus (`nucleus_mask`). PAD is never chosen.
     """
+    b = logits_BV.shape[0]
+    temperature_B = jnp.broadcast_to(temperature_B, (b,))
     logits_BV = logits_BV.astype(jnp.float32)
     logits_BV = logits_BV.at[:, PAD_ID].set(-jnp.inf)
     greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
-    keep_BV = nucleus_mask(jax.nn.softmax(scaled_BV, axis=-1), top_p)
+    scaled_BV = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
+    keep_BV = nucleus_mask(jax.nn.softmax(scaled_BV, axis=-1), top_p_B)
     filtered_BV = jnp.where(keep_BV, scaled_BV, -jnp.inf)
-    sampled_B = jax.random.categorical(key, filtered_BV, axis=-1).astype(jnp.int32)
+    sampled_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BV).astype(jnp.int32)
     logp_B = jnp.take_along_axis(
         jax.nn.log_softmax(filtered_BV, axis=-1), sampled_B[:, None], axis=-1
     )[:, 0]
-    is_greedy = temperature <= 0
-    return jnp.where(is_greedy, greedy_B, sampled_B), jnp.where(is_greedy, 0.0, logp_B)
+    is_greedy_B = temperature_B <= 0
+    return jnp.where(is_greedy_B, greedy_B, sampled_B), jnp.where(is_greedy_B, 0.0, logp_B)
+
+
+class Rows(NamedTuple):
+    """Per cache row, what `decode` carries between calls (host numpy or device arrays)."""
+
+    position: Any  # int32 [S]: tokens in the row's cache; the next token goes there
+    active: Any  # bool [S]: the row is generating
+    budget: Any  # int32 [S]: tokens it may still generate in this call of the policy
+    stop_state: Any  # int32 [S]: its stop automaton's state
+    key: Any  # uint32 [S, 2]: its random key's data (threefry)
+    temperature: Any  # float32 [S]
+    top_p: Any  # float32 [S]
+
+    @classmethod
+    def empty(cls, rows: int) -> Rows:
+        def zeros(dtype, *shape):
+            return np.zeros((rows, *shape), dtype)
+
+        return cls(zeros(np.int32), zeros(bool), zeros(np.int32), zeros(np.int32),
+                   zeros(np.uint32, 2), zeros(np.float32), np.ones(rows, np.float32))  # fmt: skip
 
 
 @functools.lru_cache(maxsize=16)
-def make_generate_fn(graphdef: nnx.GraphDef, max_new_tokens: int):
-    """The jitted `(params, tokens_BT, lengths_B, key, temperature, top_p, stop_VS) -> dict of
-    arrays` for one model graph and token budget (stop_VS from `token_stop_transitions`).
+def make_extend_fn(graphdef: nnx.GraphDef):
+    """Jitted `(params, cache, logits_SV, tokens_SC, start_S, count_S) -> (cache, logits_SV)`:
+    appends count_S tokens to each row; rows with count 0 keep their logits. The cache is
+    donated. Compiles once per (S, C)."""
 
-    Cached, so decoders of one model share compilations (one per batch size and stop length).
-    """
+    def extend(params, cache, logits_SV, tokens_SC, start_S, count_S):
+        new_SV, cache = nnx.merge(graphdef, params).extend(tokens_SC, start_S, count_S, cache)
+        return cache, jnp.where((count_S > 0)[:, None], new_SV.astype(jnp.float32), logits_SV)
 
-    def generate(params, tokens_BT, lengths_B, key, temperature, top_p, stop_VS):
+    return jax.jit(extend, donate_argnums=(1,))
+
+
+@functools.lru_cache(maxsize=16)
+def make_decode_fn(graphdef: nnx.GraphDef, steps: int):
+    """Jitted `(params, cache, logits_SV, rows, stop_VS) -> (cache, logits_SV, rows, out)`: up
+    to `steps` tokens for every active row, each fed back into the cache. `out` holds tokens_SM,
+    logp_SM (under the model's own softmax, as the training forward pass computes it),
+    sample_logp_SM (under the distribution sampled), n_S (tokens this call) and stopped_S.
+    The cache is donated. Compiles once per S."""
+
+    def decode(params, cache, logits_SV, rows: Rows, stop_VS):
         model = nnx.merge(graphdef, params)
-        b, t = tokens_BT.shape
-        logits_BV, cache_k, cache_v = model.prefill(tokens_BT, lengths_B)
-        zeros_BN = jnp.zeros((b, max_new_tokens), jnp.float32)
-        state = {
+        s, t = logits_SV.shape[0], cache[0][0].shape[2]
+        zeros_SM = jnp.zeros((s, steps), jnp.float32)
+        carry = {
             "i": jnp.zeros((), jnp.int32),
-            "logits_BV": logits_BV.astype(jnp.float32),
-            "cache_k": cache_k,
-            "cache_v": cache_v,
-            "key": key,
-            "tokens_BN": jnp.full((b, max_new_tokens), PAD_ID, jnp.int32),
-            "logp_BN": zeros_BN,
-            "sample_logp_BN": zeros_BN,
-            "n_B": jnp.zeros((b,), jnp.int32),
-            "done_B": lengths_B >= t,
-            "stopped_B": jnp.zeros((b,), bool),
-            "stop_state_B": jnp.zeros((b,), jnp.int32),
+            "cache": cache,
+            "logits_SV": logits_SV,
+            "rows": rows,
+            "tokens_SM": jnp.full((s, steps), PAD_ID, jnp.int32),
+            "logp_SM": zeros_SM,
+            "sample_logp_SM": zeros_SM,
+            "n_S": jnp.zeros((s,), jnp.int32),
+            "stopped_S": jnp.zeros((s,), bool),
         }
 
-        def cond(s):
-            return (s["i"] < max_new_tokens) & ~jnp.all(s["done_B"])
+        def cond(c):
+            return (c["i"] < steps) & jnp.any(c["rows"].active)
 
-        def body(s):
-            key, sub = jax.random.split(s["key"])
-            token_B, sample_logp_B = sample_tokens(s["logits_BV"], sub, temperature, top_p)
-            logp_B = jnp.take_along_axis(
-                jax.nn.log_softmax(s["logits_BV"], axis=-1), token_B[:, None], axis=-1
+        def body(c):
+            r, i = c["rows"], c["i"]
+            keys_S = jax.random.wrap_key_data(r.key)
+            split_S2 = jax.vmap(jax.random.split)(keys_S)
+            token_S, sample_logp_S = sample_tokens(
+                c["logits_SV"], split_S2[:, 1], r.temperature, r.top_p
+            )
+            logp_S = jnp.take_along_axis(
+                jax.nn.log_softmax(c["logits_SV"], axis=-1), token_S[:, None], axis=-1
             )[:, 0]
-            active_B = ~s["done_B"]
-            token_B = jnp.where(active_B, token_B, PAD_ID)
-            i = s["i"]
-            stop_state_B = stop_VS[token_B, s["stop_state_B"]]  # PAD (inactive) keeps it.
-            stopped_B = stop_state_B == FOUND
-            positions_B = lengths_B + i  # Where this step's token sits.
-            full_B = positions_B + 1 >= t
-            logits_BV, cache_k, cache_v = model.decode_step(
-                token_B, jnp.minimum(positions_B, t - 1), s["cache_k"], s["cache_v"]
+            active_S = r.active
+            token_S = jnp.where(active_S, token_S, PAD_ID)
+            stop_state_S = stop_VS[token_S, r.stop_state]  # PAD (inactive) keeps it.
+            stopped_S = active_S & (stop_state_S == FOUND)
+            new_SV, cache = model.extend(
+                token_S[:, None], r.position, active_S.astype(jnp.int32), c["cache"]
+            )
+            position_S = r.position + active_S
+            budget_S = r.budget - active_S
+            done_S = stopped_S | (budget_S <= 0) | (position_S >= t)
+            rows = r._replace(
+                position=position_S,
+                active=active_S & ~done_S,
+                budget=budget_S,
+                stop_state=stop_state_S,
+                key=jnp.where(active_S[:, None], jax.random.key_data(split_S2[:, 0]), r.key),
             )
             return {
                 "i": i + 1,
-                "logits_BV": logits_BV.astype(jnp.float32),
-                "cache_k": cache_k,
-                "cache_v": cache_v,
-                "key": key,
-                "tokens_BN": s["tokens_BN"].at[:, i].set(token_B),
-                "logp_BN": s["logp_BN"].at[:, i].set(jnp.where(active_B, logp_B, 0.0)),
-                "sample_logp_BN": s["sample_logp_BN"]
+                "cache": cache,
+                "logits_SV": jnp.where(
+                    active_S[:, None], new_SV.astype(jnp.float32), c["logits_SV"]
+                ),
+                "rows": rows,
+                "tokens_SM": c["tokens_SM"].at[:, i].set(token_S),
+                "logp_SM": c["logp_SM"].at[:, i].set(jnp.where(active_S, logp_S, 0.0)),
+                "sample_logp_SM": c["sample_logp_SM"]
                 .at[:, i]
-                .set(jnp.where(active_B, sample_logp_B, 0.0)),
-                "n_B": s["n_B"] + active_B,
-                "done_B": s["done_B"] | stopped_B | full_B,
-                "stopped_B": stopped_B,
-                "stop_state_B": stop_state_B,
+                .set(jnp.where(active_S, sample_logp_S, 0.0)),
+                "n_S": c["n_S"] + active_S,
+                "stopped_S": c["stopped_S"] | stopped_S,
             }
 
-        out = jax.lax.while_loop(cond, body, state)
-        return {k: out[k] for k in ("tokens_BN", "logp_BN", "sample_logp_BN", "n_B", "stopped_B")}
+        c = jax.lax.while_loop(cond, body, carry)
+        out = {k: c[k] for k in ("tokens_SM", "logp_SM", "sample_logp_SM", "n_S", "stopped_S")}
+        return c["cache"], c["logits_SV"], c["rows"], out
 
-    return jax.jit(generate)
+    return jax.jit(decode, donate_argnums=(1,))
+
+
+PROMPT_CHUNK = 128  # Tokens per row per `extend` call of `Decoder.generate`.
 
 
 def decode_text(vocab: Vocab, compact_ids: np.ndarray) -> str:
@@ -220,14 +271,22 @@ class Decoder:
         max_len: int,
         max_new_tokens: int,
         stop: str = END_CALL,
+        block: int | None = None,
     ):
+        self.graphdef = graphdef
         self.params = params
         self.vocab = vocab
         self.max_len = max_len
         self.max_new_tokens = max_new_tokens
         self.stop = stop
-        self._stop_VS = jnp.asarray(token_stop_transitions(vocab, stop))
-        self._generate = make_generate_fn(graphdef, max_new_tokens)
+        self.stop_VS = jnp.asarray(token_stop_transitions(vocab, stop))
+        self.extend_fn = make_extend_fn(graphdef)
+        self.decode_fn = make_decode_fn(graphdef, max_new_tokens)
+        # Tokens per call of the rollout engine's decode, which hands finished rows back.
+        self.block_fn = make_decode_fn(graphdef, block or max_new_tokens)
+
+    def empty_cache(self, rows: int) -> KVCache:
+        return nnx.merge(self.graphdef, self.params).empty_cache(rows, self.max_len)
 
     def generate(
         self,
@@ -236,45 +295,57 @@ class Decoder:
         temperature: float = 0.0,
         top_p: float = 1.0,
     ) -> list[Generation]:
-        """Continues each prompt (compact ids, shorter than max_len); one row per prompt.
+        """Continues each prompt (compact ids, shorter than max_len); one row per prompt, row r
+        sampling with the r-th key split from `key`.
 
         Compiles once per batch size: callers that vary it should pad with repeated prompts.
         """
         b, t = len(prompts), self.max_len
+        lengths_B = np.array([p.size for p in prompts], np.int32)
+        for n in lengths_B:
+            if not 0 < n < t:
+                raise ValueError(f"prompt of {n} tokens; need 1..{t - 1} (max_len={t})")
         tokens_BT = np.full((b, t), PAD_ID, np.int32)
-        lengths_B = np.zeros(b, np.int32)
         for row, prompt in enumerate(prompts):
-            if not 0 < prompt.size < t:
-                raise ValueError(f"prompt of {prompt.size} tokens; need 1..{t - 1} (max_len={t})")
             tokens_BT[row, : prompt.size] = prompt
-            lengths_B[row] = prompt.size
-        out = jax.device_get(
-            self._generate(
-                self.params,
-                tokens_BT,
-                lengths_B,
-                key,
-                jnp.float32(temperature),
-                jnp.float32(top_p),
-                self._stop_VS,
+        cache = self.empty_cache(b)
+        logits_BV = jnp.zeros((b, self.vocab.size), jnp.float32)
+        for lo in range(0, int(lengths_B.max()), PROMPT_CHUNK):
+            chunk_BC = np.zeros((b, PROMPT_CHUNK), np.int32)
+            width = min(PROMPT_CHUNK, t - lo)
+            chunk_BC[:, :width] = tokens_BT[:, lo : lo + width]
+            count_B = np.clip(lengths_B - lo, 0, PROMPT_CHUNK).astype(np.int32)
+            start_B = np.full(b, lo, np.int32)
+            cache, logits_BV = self.extend_fn(
+                self.params, cache, logits_BV, chunk_BC, start_B, count_B
             )
+        rows = Rows(
+            position=lengths_B,
+            active=np.ones(b, bool),
+            budget=np.full(b, self.max_new_tokens, np.int32),
+            stop_state=np.zeros(b, np.int32),
+            key=np.asarray(jax.random.key_data(jax.random.split(key, b))),
+            temperature=np.full(b, temperature, np.float32),
+            top_p=np.full(b, top_p, np.float32),
         )
-        results = []
-        for row in range(b):
-            n = int(out["n_B"][row])
-            tokens = out["tokens_BN"][row, :n].astype(np.int32)
-            text = decode_text(self.vocab, tokens)
-            stopped = bool(out["stopped_B"][row])
-            if stopped and self.stop in text:
-                text = text[: text.index(self.stop) + len(self.stop)]
-            results.append(
-                Generation(
-                    tokens=tokens,
-                    logp=out["logp_BN"][row, :n].astype(np.float32),
-                    sample_logp=out["sample_logp_BN"][row, :n].astype(np.float32),
-                    text=text,
-                    stopped=stopped,
-                    prompt_len=int(lengths_B[row]),
-                )
-            )
-        return results
+        _, _, _, out = self.decode_fn(self.params, cache, logits_BV, rows, self.stop_VS)
+        out = jax.device_get(out)
+        return [
+            self.generation(out, row, int(lengths_B[row]), int(out["n_S"][row])) for row in range(b)
+        ]
+
+    def generation(self, out: dict[str, np.ndarray], row: int, prompt_len: int, n: int):
+        """Row `row` of a decode call's output, its first n tokens, as a Generation."""
+        tokens = out["tokens_SM"][row, :n].astype(np.int32)
+        text = decode_text(self.vocab, tokens)
+        stopped = bool(out["stopped_S"][row])
+        if stopped and self.stop in text:
+            text = text[: text.index(self.stop) + len(self.stop)]
+        return Generation(
+            tokens=tokens,
+            logp=out["logp_SM"][row, :n].astype(np.float32),
+            sample_logp=out["sample_logp_SM"][row, :n].astype(np.float32),
+            text=text,
+            stopped=stopped,
+            prompt_len=prompt_len,
+        )

@@ -116,7 +116,8 @@ def counted_targets(target_roles_BS: Array, world_loss_target: str = "env_only")
 
 
 def _safe_div(num: Array, den: Array) -> Array:
-    return num / jnp.maximum(den, 1.0)
+    """num / den, and 0 where den is 0 (an empty term; den is a count or a sum of weights)."""
+    return num / jnp.where(den > 0, den, 1.0)
 
 
 def echo_loss_from_logprobs(
@@ -132,10 +133,13 @@ def echo_loss_from_logprobs(
     old_logp_BS: Array | None = None,
     clip_eps: float = 0.2,
     env_weight_B: Array | None = None,
+    pg_weight_B: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """The objective given per-target log-probs; shared by the plain and the fused-vocab paths.
 
-    S = T - 1 targets per row; `target_roles_BS` are the roles of tokens[:, 1:].
+    S = T - 1 targets per row; `target_roles_BS` are the roles of tokens[:, 1:]. `pg_weight_B`
+    weighs each row in the policy term (default 1): an episode cut into several rows gives each
+    its share of the episode's action tokens, so the episode counts once (`rl.episode_rows`).
     """
     _check_options(objective, world_loss_target, world_loss_normalization, pg_loss_reduction)
     f32 = jnp.float32
@@ -145,8 +149,10 @@ def echo_loss_from_logprobs(
     warning_BS = (target_roles_BS == roles.WARNING).astype(f32)
     observation_BS = env_BS + warning_BS
     selected_BS = world_targets(target_roles_BS, world_loss_target).astype(f32)
-    if env_weight_B is not None:
-        selected_BS = selected_BS * env_weight_B.astype(f32)[:, None]
+    if env_weight_B is not None:  # Per row [B], or per target [B, S].
+        env_weight_BS = env_weight_B.astype(f32)
+        env_weight_BS = env_weight_BS[:, None] if env_weight_BS.ndim == 1 else env_weight_BS
+        selected_BS = selected_BS * env_weight_BS
 
     # Action (policy-gradient) term.
     adv_B1 = advantages_B.astype(f32)[:, None]
@@ -160,12 +166,13 @@ def echo_loss_from_logprobs(
         clipped_BS = (jnp.abs(ratio_BS - 1.0) > clip_eps).astype(f32)
     n_action_B = action_BS.sum(axis=1)
     n_action = n_action_B.sum()
+    w_B = jnp.ones_like(n_action_B) if pg_weight_B is None else pg_weight_B.astype(f32)
     if pg_loss_reduction == "sequence_mean":
         row_mean_B = _safe_div((pg_BS * action_BS).sum(axis=1), n_action_B)
-        has_action_B = (n_action_B > 0).astype(f32)
+        has_action_B = (n_action_B > 0).astype(f32) * w_B
         pg_loss = _safe_div((row_mean_B * has_action_B).sum(), has_action_B.sum())
     else:
-        pg_loss = _safe_div((pg_BS * action_BS).sum(), n_action)
+        pg_loss = _safe_div((pg_BS * action_BS).sum(axis=1) @ w_B, n_action_B @ w_B)
 
     # Env (world-model) term.
     ce_BS = -logp_BS
@@ -174,8 +181,9 @@ def echo_loss_from_logprobs(
     if world_loss_normalization == "full_observation_tokens":
         n_obs_B = observation_BS.sum(axis=1)
         has_obs_B = (n_obs_B > 0).astype(f32)
-        if env_weight_B is not None:
-            has_obs_B = has_obs_B * (env_weight_B > 0).astype(f32)
+        if env_weight_B is not None:  # A row whose observations all weigh 0 is left out.
+            kept_B = (env_weight_BS * observation_BS).sum(axis=1) > 0
+            has_obs_B = has_obs_B * kept_B.astype(f32)
         env_loss = _safe_div(
             (selected_ce_B / (n_obs_B + FULL_OBS_EPS) * has_obs_B).sum(), has_obs_B.sum()
         )
@@ -216,6 +224,7 @@ def echo_loss(
     old_logp_BT: Array | None = None,
     clip_eps: float = 0.2,
     env_weight_B: Array | None = None,
+    pg_weight_B: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """L = L_pg(ACTION targets) + λ · CE(ENV_OUTPUT targets), as a pure function of arrays.
 
@@ -234,4 +243,5 @@ def echo_loss(
         old_logp_BS=old_logp_BT,
         clip_eps=clip_eps,
         env_weight_B=env_weight_B,
+        pg_weight_B=pg_weight_B,
     )

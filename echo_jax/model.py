@@ -18,6 +18,9 @@ from echo_jax.attention import resolve as resolve_attention
 from echo_jax.config import ModelConfig
 from echo_jax.matmul import matmul
 
+# Per layer, (keys, values) [S, N, T, H]: the KV cache of S rows of T positions.
+KVCache = tuple[tuple[Array, Array], ...]
+
 
 def _sin_cos(positions: Array, half: int) -> tuple[Array, Array]:
     """sin and cos [..., half] of the rotary angles at `positions`.
@@ -82,36 +85,40 @@ class Attention(nnx.Module):
 
     # --- KV-cache decoding (echo_jax.decoding); training uses __call__ only. ---
 
-    def prefill(self, x_BTD: Array, positions_T: Array) -> tuple[Array, Array, Array]:
-        """As __call__, also returning the rotated keys and the values [B, T, N, H] to cache."""
-        b, t, _ = x_BTD.shape
-        qkv = self.qkv(x_BTD).reshape(b, t, 3, self.n_heads, self.head_dim)
-        q_BTNH, k_BTNH, v_BTNH = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q_BTNH, k_BTNH = rotary(q_BTNH, positions_T), rotary(k_BTNH, positions_T)
-        y_BTNH = causal_attention(q_BTNH, k_BTNH, v_BTNH, self.impl)
-        return self.out(y_BTNH.reshape(b, t, -1)), k_BTNH, v_BTNH
+    def extend(
+        self, x_SCD: Array, positions_SC: Array, write_SC: Array, cache: tuple[Array, Array]
+    ) -> tuple[Array, tuple[Array, Array]]:
+        """C new tokens per cache row at positions_SC: writes their keys and values where
+        write_SC (elsewhere the write is dropped), then each attends to cache positions at or
+        before its own. Returns (output [S, C, D], (keys, values) [S, N, T, H])."""
+        s, c, d = x_SCD.shape
+        qkv = self.qkv(x_SCD.reshape(s * c, d)).reshape(s, c, 3, self.n_heads, self.head_dim)
+        q_SCNH, k_SCNH, v_SCNH = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q_SCNH, k_SCNH = rotary_rows(q_SCNH, positions_SC), rotary_rows(k_SCNH, positions_SC)
+        cache_k_SNTH, cache_v_SNTH = cache
+        t = cache_k_SNTH.shape[2]
+        slots_SC = jnp.where(write_SC, positions_SC, t)  # Out of range: dropped.
+        # Heads before positions, so both products below read the cache without a transpose.
+        k_SNCH, v_SNCH = k_SCNH.transpose(0, 2, 1, 3), v_SCNH.transpose(0, 2, 1, 3)
+        cache_k_SNTH = _write(cache_k_SNTH, k_SNCH, slots_SC)
+        cache_v_SNTH = _write(cache_v_SNTH, v_SNCH, slots_SC)
+        q_SNCH = q_SCNH.transpose(0, 2, 1, 3).astype(jnp.float32) * (self.head_dim**-0.5)
+        scores_SNCT = jnp.einsum("snch,snth->snct", q_SNCH, cache_k_SNTH.astype(jnp.float32))
+        visible_SCT = jnp.arange(t)[None, None, :] <= positions_SC[:, :, None]
+        scores_SNCT = jnp.where(visible_SCT[:, None], scores_SNCT, -jnp.inf)
+        probs_SNCT = jax.nn.softmax(scores_SNCT, axis=-1)
+        y_SNCH = jnp.einsum("snct,snth->snch", probs_SNCT, cache_v_SNTH.astype(jnp.float32))
+        y_ND = y_SNCH.transpose(0, 2, 1, 3).reshape(s * c, d).astype(x_SCD.dtype)
+        return self.out(y_ND).reshape(s, c, d), (cache_k_SNTH, cache_v_SNTH)
 
-    def decode(
-        self, x_B1D: Array, positions_B: Array, cache_k_BTNH: Array, cache_v_BTNH: Array
-    ) -> tuple[Array, Array, Array]:
-        """One new token per row at positions_B: writes its key/value into the cache, then
-        attends to cache positions <= positions_B. Returns (output [B, 1, D], caches)."""
-        b = x_B1D.shape[0]
-        qkv = self.qkv(x_B1D).reshape(b, 1, 3, self.n_heads, self.head_dim)
-        q_B1NH, k_B1NH, v_B1NH = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        positions_B1 = positions_B[:, None]
-        q_B1NH, k_B1NH = rotary_rows(q_B1NH, positions_B1), rotary_rows(k_B1NH, positions_B1)
-        rows_B = jnp.arange(b)
-        cache_k_BTNH = cache_k_BTNH.at[rows_B, positions_B].set(k_B1NH[:, 0])
-        cache_v_BTNH = cache_v_BTNH.at[rows_B, positions_B].set(v_B1NH[:, 0])
-        q_BNH = q_B1NH[:, 0].astype(jnp.float32) * (self.head_dim**-0.5)
-        scores_BNT = jnp.einsum("bnh,btnh->bnt", q_BNH, cache_k_BTNH.astype(jnp.float32))
-        visible_BT = jnp.arange(cache_k_BTNH.shape[1])[None, :] <= positions_B[:, None]
-        scores_BNT = jnp.where(visible_BT[:, None, :], scores_BNT, -jnp.inf)
-        probs_BNT = jax.nn.softmax(scores_BNT, axis=-1)
-        y_BNH = jnp.einsum("bnt,btnh->bnh", probs_BNT, cache_v_BTNH.astype(jnp.float32))
-        y_B1D = y_BNH.reshape(b, 1, -1).astype(x_B1D.dtype)
-        return self.out(y_B1D), cache_k_BTNH, cache_v_BTNH
+
+def _write(cache_SNTH: Array, new_SNCH: Array, slots_SC: Array) -> Array:
+    """cache[s, :, slots[s, c]] = new[s, :, c]; slots out of range are dropped."""
+    s, n, c, _ = new_SNCH.shape
+    rows = jnp.broadcast_to(jnp.arange(s)[:, None, None], (s, n, c))
+    heads = jnp.broadcast_to(jnp.arange(n)[None, :, None], (s, n, c))
+    slots = jnp.broadcast_to(slots_SC[:, None, :], (s, n, c))
+    return cache_SNTH.at[rows, heads, slots].set(new_SNCH, mode="drop")
 
 
 class Mlp(nnx.Module):
@@ -136,19 +143,10 @@ class Block(nnx.Module):
         x_BTD = x_BTD + self.attn(self.norm1(x_BTD), positions_T)
         return x_BTD + self.mlp(self.norm2(x_BTD))
 
-    def prefill(self, x_BTD: Array, positions_T: Array) -> tuple[Array, Array, Array]:
-        y_BTD, k_BTNH, v_BTNH = self.attn.prefill(self.norm1(x_BTD), positions_T)
-        x_BTD = x_BTD + y_BTD
-        return x_BTD + self.mlp(self.norm2(x_BTD)), k_BTNH, v_BTNH
-
-    def decode(
-        self, x_B1D: Array, positions_B: Array, cache_k_BTNH: Array, cache_v_BTNH: Array
-    ) -> tuple[Array, Array, Array]:
-        y_B1D, cache_k_BTNH, cache_v_BTNH = self.attn.decode(
-            self.norm1(x_B1D), positions_B, cache_k_BTNH, cache_v_BTNH
-        )
-        x_B1D = x_B1D + y_B1D
-        return x_B1D + self.mlp(self.norm2(x_B1D)), cache_k_BTNH, cache_v_BTNH
+    def extend(self, x_SCD, positions_SC, write_SC, cache):
+        y_SCD, cache = self.attn.extend(self.norm1(x_SCD), positions_SC, write_SC, cache)
+        x_SCD = x_SCD + y_SCD
+        return x_SCD + self.mlp(self.norm2(x_SCD)), cache
 
 
 class Transformer(nnx.Module):
@@ -194,34 +192,31 @@ class Transformer(nnx.Module):
 
     # --- KV-cache decoding (echo_jax.decoding); training uses __call__ only. ---
 
-    def prefill(self, tokens_BT: Array, lengths_B: Array) -> tuple[Array, Array, Array]:
-        """Left-aligned prompts of lengths_B in rows of T -> (next-token logits [B, V] at each
-        row's position lengths_B - 1, keys [L, B, T, N, H], values [L, B, T, N, H]).
+    def empty_cache(self, rows: int, max_len: int) -> KVCache:
+        """Keys and values of `rows` rows of `max_len` positions, per layer, all zero."""
+        attn = self.blocks[0].attn
+        shape = (rows, attn.n_heads, max_len, attn.head_dim)
+        dtype = attn.qkv.dtype or attn.qkv.param_dtype
+        return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.blocks)
 
-        The forward pass is __call__'s, so cache entries below each length are exact; those at
-        and after it hold padding and are overwritten by `decode_step` before they are visible.
+    def extend(
+        self, tokens_SC: Array, start_S: Array, count_S: Array, cache: KVCache
+    ) -> tuple[Array, KVCache]:
+        """Appends count_S (<= C) tokens to each cache row, at positions start_S onwards ->
+        (next-token logits [S, V] after each row's last new token, the cache).
+
+        The arithmetic is __call__'s, so a row's logits equal the training forward pass's over
+        the same tokens (rows with count 0 are left as they were; their logits are arbitrary).
+        C = 1 is one decoding step; a prompt is appended in chunks.
         """
-        x_BTD = self.embed(tokens_BT)
-        positions_T = np.arange(x_BTD.shape[1])  # Static: see _sin_cos.
-        keys, values = [], []
-        for block in self.blocks:
-            x_BTD, k_BTNH, v_BTNH = block.prefill(x_BTD, positions_T)
-            keys.append(k_BTNH)
-            values.append(v_BTNH)
-        h_BTD = self.final_norm(x_BTD)
-        last_B = jnp.clip(lengths_B - 1, 0, h_BTD.shape[1] - 1)
-        h_B1D = h_BTD[jnp.arange(h_BTD.shape[0]), last_B][:, None]
-        return self.logits(h_B1D)[:, 0], jnp.stack(keys), jnp.stack(values)
-
-    def decode_step(
-        self, tokens_B: Array, positions_B: Array, cache_k_LBTNH: Array, cache_v_LBTNH: Array
-    ) -> tuple[Array, Array, Array]:
-        """Feeds one token per row at positions_B -> (next-token logits [B, V], caches)."""
-        x_B1D = self.embed(tokens_B[:, None])
-        for layer, block in enumerate(self.blocks):
-            x_B1D, k_BTNH, v_BTNH = block.decode(
-                x_B1D, positions_B, cache_k_LBTNH[layer], cache_v_LBTNH[layer]
-            )
-            cache_k_LBTNH = cache_k_LBTNH.at[layer].set(k_BTNH)
-            cache_v_LBTNH = cache_v_LBTNH.at[layer].set(v_BTNH)
-        return self.logits(self.final_norm(x_B1D))[:, 0], cache_k_LBTNH, cache_v_LBTNH
+        s, c = tokens_SC.shape
+        positions_SC = start_S[:, None] + jnp.arange(c)[None, :]
+        write_SC = jnp.arange(c)[None, :] < count_S[:, None]
+        x_SCD = self.embed(tokens_SC)
+        new_cache = []
+        for block, layer_cache in zip(self.blocks, cache, strict=True):
+            x_SCD, layer_cache = block.extend(x_SCD, positions_SC, write_SC, layer_cache)
+            new_cache.append(layer_cache)
+        last_S = jnp.clip(count_S - 1, 0, c - 1)
+        h_S1D = self.final_norm(x_SCD[jnp.arange(s), last_S][:, None])
+        return self.logits(h_S1D)[:, 0], tuple(new_cache)

@@ -86,13 +86,18 @@ def step_function(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss
 
     Besides tokens, roles and advantage, a batch may carry (on-policy updates, echo_jax.rl)
     "old_logp" [B, T-1] (the PPO-clip surrogate), "env_weight" [B] (rows kept out of the env
-    term) and "lam" (a scalar λ that overrides loss_cfg.lam without recompiling).
+    term), "pg_weight" [B] (each row's weight in the policy term) and "lam" (a scalar λ that
+    overrides loss_cfg.lam without recompiling).
     """
     base_kwargs = loss_kwargs(loss_cfg)
 
     def loss_fn(params, batch: Batch):
         kwargs = dict(base_kwargs)
-        for key, name in (("old_logp", "old_logp_BT"), ("env_weight", "env_weight_B")):
+        for key, name in (
+            ("old_logp", "old_logp_BT"),
+            ("env_weight", "env_weight_B"),
+            ("pg_weight", "pg_weight_B"),
+        ):
             if key in batch:
                 kwargs[name] = batch[key]
         if "lam" in batch:

@@ -73,30 +73,40 @@ def prompts(vocab, lengths, seed=0):
 
 
 def test_cached_decoding_matches_the_full_forward_pass(decoder, vocab):
-    """Prefill rows of different lengths, then feed the true tokens one at a time: every
-    position's logits equal the training forward pass's (compared as log-softmax)."""
+    """Append rows of different lengths in chunks of 7 (prime, so chunks end mid-prompt), then
+    feed the true tokens one at a time: every position's logits equal the training forward
+    pass's (compared as log-softmax)."""
     graphdef, params = decoder_graph(vocab), decoder.params
     tokens_BT = np.random.default_rng(0).integers(1, vocab.size, (2, MAX_LEN)).astype(np.int32)
     full_BTV = np.asarray(forward_fn(graphdef)(params, tokens_BT))
     lengths_B = np.array([MAX_LEN - 20, MAX_LEN - 30], np.int32)
-    padded_BT = np.where(np.arange(MAX_LEN) < lengths_B[:, None], tokens_BT, 0)
     steps = MAX_LEN - int(lengths_B.max())
     rows = np.arange(2)
+    chunk = 7
 
     @jax.jit
-    def cached_logits(params, padded_BT, lengths_B, tokens_BT):
-        """Prefill, then feed the true tokens one at a time: logits [B, V] and [S, B, V]."""
+    def cached_logits(params, tokens_BT):
+        """Chunked prompts, then one true token at a time: logits [B, V] and [S, B, V]."""
         model = nnx.merge(graphdef, params)
-        logits_BV, cache_k, cache_v = model.prefill(padded_BT, lengths_B)
+        cache = model.empty_cache(2, MAX_LEN)
+        logits_BV = jnp.zeros((2, vocab.size))
+        for lo in range(0, int(lengths_B.max()), chunk):
+            count_B = jnp.clip(lengths_B - lo, 0, chunk)
+            window_BC = jax.lax.dynamic_slice_in_dim(
+                jnp.pad(tokens_BT, ((0, 0), (0, chunk))), lo, chunk, axis=1
+            )
+            new_BV, cache = model.extend(window_BC, jnp.full(2, lo), count_B, cache)
+            logits_BV = jnp.where((count_B > 0)[:, None], new_BV, logits_BV)
 
-        def feed(caches, i):
+        def feed(cache, i):
             pos_B = lengths_B + i
-            logits_BV, *caches = model.decode_step(tokens_BT[rows, pos_B], pos_B, *caches)
-            return tuple(caches), logits_BV
+            one_B1 = tokens_BT[rows, pos_B][:, None]
+            logits_BV, cache = model.extend(one_B1, pos_B, jnp.ones(2, jnp.int32), cache)
+            return cache, logits_BV
 
-        return logits_BV, jax.lax.scan(feed, (cache_k, cache_v), jnp.arange(steps))[1]
+        return logits_BV, jax.lax.scan(feed, cache, jnp.arange(steps))[1]
 
-    first_BV, fed_SBV = cached_logits(params, padded_BT, lengths_B, tokens_BT)
+    first_BV, fed_SBV = cached_logits(params, tokens_BT)
     close = functools.partial(np.testing.assert_allclose, atol=1e-4, rtol=1e-4)
     close(jax.nn.log_softmax(first_BV, axis=-1), full_BTV[rows, lengths_B - 1])
     for i in range(steps):
@@ -149,7 +159,7 @@ def test_sampling_follows_the_tempered_softmax(temperature):
     n = 20_000
     logits_BV = jnp.tile(logits_V, (n, 1))
     tokens, sample_logp = jax.jit(sample_tokens)(
-        logits_BV, jax.random.key(0), jnp.float32(temperature), jnp.float32(1.0)
+        logits_BV, jax.random.split(jax.random.key(0), n), jnp.float32(temperature), 1.0
     )
     want = np.asarray(jax.nn.softmax(logits_V.at[0].set(-jnp.inf) / temperature))  # PAD is 0.
     freq = np.bincount(np.asarray(tokens), minlength=5) / n
@@ -160,7 +170,7 @@ def test_sampling_follows_the_tempered_softmax(temperature):
 def test_top_p_keeps_the_smallest_nucleus():
     logits_BV = jnp.log(jnp.array([[1e-9, 0.5, 0.3, 0.15, 0.05]] * 20_000))
     tokens, _ = jax.jit(sample_tokens)(
-        logits_BV, jax.random.key(1), jnp.float32(1.0), jnp.float32(0.75)
+        logits_BV, jax.random.split(jax.random.key(1), 20_000), jnp.float32(1.0), 0.75
     )
     assert set(np.unique(np.asarray(tokens)).tolist()) == {1, 2}
 

@@ -154,10 +154,6 @@ def _capture_episode(
     live: LiveWorld, config: CaptureConfig, task_idx: int, k: int
 ) -> tuple[dict[str, Any] | None, str | None]:
     """Run one episode, restarting the world after a failure; return (episode, last error)."""
-    if config.policy == AGENT:
-        from echo_jax.agent_capture import capture_agent_episode  # JAX only where it is used.
-
-        return capture_agent_episode(live, config, task_idx, k)
     policies, params = _policy_source(config.policy_module, config.worlds_dir)
     last_error = None
     for _ in range(config.episode_attempts):
@@ -182,6 +178,13 @@ def capture_scenario(config: CaptureConfig, scenario: str) -> dict[str, Any]:
     """Capture and write one scenario's shard; returns a summary for the progress log."""
     started = time.monotonic()
     world = load_worlds(config.worlds_dir, [scenario])[scenario]
+    if config.policy == AGENT:
+        from echo_jax.agent_capture import capture_agent_scenario
+
+        episodes, failures = capture_agent_scenario(config, world)
+        write_shard(shard_path(config.out_dir, scenario), episodes)
+        return {"scenario": scenario, "episodes": len(episodes), "failed_episodes": failures,
+                "seconds": time.monotonic() - started}  # fmt: skip
     live = LiveWorld(world, config.request_timeout_s)
     episodes, failures = [], []
     try:

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -107,10 +109,11 @@ def _invalid_action_reason(action: Any) -> str | None:
 class _Episode:
     """Accumulates the steps of one episode in the capture shape."""
 
-    def __init__(self, world: World, task_idx: int, config: HarnessConfig):
+    def __init__(self, world: World, task_idx: int, config: HarnessConfig, timings: Counter):
         self.world = world
         self.task_idx = task_idx
         self.config = config
+        self.timings = timings
         self.steps: list[dict[str, Any]] = []
         self.env_steps = 1  # OpenEnv counts the initial tools/list as a step in steps_taken.
 
@@ -132,6 +135,7 @@ class _Episode:
 
     def call_tool(self, client: McpClient, name: str, arguments: dict[str, Any]) -> None:
         observation: dict[str, Any] = {"done": False, "metadata": {}}
+        started = time.perf_counter()
         try:
             result = client.call_tool(name, arguments)
         except McpError as error:
@@ -145,6 +149,8 @@ class _Episode:
                 observation.update(
                     reward_type="tool_call_ok", tool_name=name, tool_result=result.text
                 )
+        finally:
+            self.timings["tool_s"] += time.perf_counter() - started
         warnings: list[str] = []
         self._clip(observation, "error" if "error" in observation else "tool_result", warnings)
         self.append({"tool_name": name, "arguments": arguments}, observation, warnings)
@@ -164,6 +170,7 @@ class _Episode:
         final_answer = action.get("arguments", {}).get("final_answer")
         if final_answer is not None and not isinstance(final_answer, str):
             final_answer = json.dumps(final_answer)
+        started = time.perf_counter()
         verify_result = run_verifier(
             self.world.verifiers[self.task_idx],
             server.initial_db_path,
@@ -171,6 +178,7 @@ class _Episode:
             final_answer=final_answer,
             limits=self.config.verifier_limits,
         )
+        self.timings["verify_s"] += time.perf_counter() - started
         reward_type = _verify_reward_type(verify_result)
         observation = {
             "done": False,
@@ -193,16 +201,22 @@ def run_episode(
     task_idx: int,
     policy: Policy,
     config: HarnessConfig | None = None,
+    timings: Counter | None = None,
 ) -> dict[str, Any]:
     """Reset the world, let `policy` act until it calls verify (or hits the step limit).
 
     Transport failures (mcp_client.WorldUnavailable) propagate: the episode is then unusable and
-    the caller decides whether to restart the server and retry.
+    the caller decides whether to restart the server and retry. `timings`, if given, gains the
+    seconds spent in tool calls ("tool_s", the reset and tool listing included) and in the
+    verifier ("verify_s").
     """
     config = config or HarnessConfig()
+    timings = Counter() if timings is None else timings
+    started = time.perf_counter()
     server.reset()
     tools = client.list_tools()
-    episode = _Episode(world, task_idx, config)
+    timings["tool_s"] += time.perf_counter() - started
+    episode = _Episode(world, task_idx, config, timings)
     tool_calls = 0
     while True:
         if tool_calls >= config.max_tool_calls:
