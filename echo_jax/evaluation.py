@@ -221,9 +221,14 @@ class Evaluator:
 
     @classmethod
     def for_run(
-        cls, cfg: Config, vocab: Vocab, train_data: PackedData | None, workdir: str, log=print
+        cls,
+        cfg: Config,
+        vocab: Vocab,
+        train_data: PackedData | None,
+        workdir: str | None,
+        log=print,
     ) -> Evaluator | None:
-        """None when cfg.eval.splits is empty."""
+        """None when cfg.eval.splits is empty; a workdir of None writes no eval.jsonl."""
         if not cfg.eval.splits:
             return None
         sets = load_eval_sets(cfg, vocab, train_data, log)
@@ -238,7 +243,8 @@ class Evaluator:
                 or "none"
             )
         )
-        return cls(cfg, sets, os.path.join(workdir, EVAL_FILE), log)
+        path = None if workdir is None else os.path.join(workdir, EVAL_FILE)
+        return cls(cfg, sets, path, log)
 
     def due(self, step: int) -> bool:
         every, last = self.cfg.eval.every, self.cfg.train.steps

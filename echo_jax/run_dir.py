@@ -2,6 +2,11 @@
 
 A workdir belongs to one configuration: reusing it needs `resume=True` and the same config, so a
 sweep can never silently overwrite or mix two runs.
+
+Several processes (echo_jax.distributed) share one workdir, on a filesystem they all see: every
+process reads it, only process 0 writes its files (config, metrics, summary), and checkpoints
+are saved and restored by all of them together (orbax), so every process must call `claim`,
+`save`, `restore` and `latest_checkpoint_step` at the same points.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from echo_jax import distributed
 from echo_jax.atomic import atomic_open, atomic_write_text
 from echo_jax.config import Config
 
@@ -84,8 +90,12 @@ class RunDir:
         return run
 
     def claim(self) -> None:
-        """Writes the run's config (once); from here on the workdir belongs to this run."""
-        if not os.path.exists(self.file(self.CONFIG)):
+        """Writes the run's config (once); from here on the workdir belongs to this run.
+
+        Every process calls it: it waits until all have checked the workdir (`open`), so none
+        mistakes the config that process 0 then writes for an earlier run's."""
+        distributed.barrier("echo_jax.run_dir.claim")
+        if distributed.is_primary() and not os.path.exists(self.file(self.CONFIG)):
             atomic_write_text(self.file(self.CONFIG), self._config_json)
 
     def file(self, name: str) -> str:
@@ -110,7 +120,9 @@ class RunDir:
     @property
     def manager(self) -> ocp.CheckpointManager:
         if self._manager is None:
-            self._drop_partial_checkpoints()
+            if distributed.is_primary():
+                self._drop_partial_checkpoints()
+            distributed.barrier("echo_jax.run_dir.manager")  # No process sees them before.
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=self._keep, create=True, enable_async_checkpointing=False
             )
@@ -139,6 +151,8 @@ class RunDir:
         return type(template)(**restored.state), restored.meta
 
     def append_metrics(self, line: dict[str, Any]) -> None:
+        if not distributed.is_primary():
+            return
         with open(self.file(self.METRICS), "a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -157,9 +171,13 @@ class RunDir:
 
     def truncate_metrics(self, after_step: int) -> None:
         """Keeps only complete lines up to `after_step`, so a resumed run logs each step once."""
+        if not distributed.is_primary():
+            return
         kept = [m for m in self.read_metrics() if m["step"] <= after_step]
         with atomic_open(self.file(self.METRICS)) as f:
             f.writelines(json.dumps(m) + "\n" for m in kept)
 
     def write_json(self, name: str, obj: Any) -> None:
+        if not distributed.is_primary():
+            return
         atomic_write_text(self.file(name), json.dumps(obj, indent=2, sort_keys=True))

@@ -1,9 +1,9 @@
 """Data parallelism over every local device: the batch split on a "data" mesh axis, the
 parameters and optimiser state replicated. One device is the same program with a mesh of one.
 
-Multi-host: call `jax.distributed.initialize()` before anything else touches JAX. Every host
-builds the same global batch (`train.batch_indices` is a pure function of step and seed) and
-`jax.device_put` keeps only the rows of that host's devices.
+Several processes (echo_jax.distributed): the mesh spans every process's devices, ordered by
+process, so each process holds one contiguous block of a batch's rows; it builds only those
+(`distributed.process_slice`) and `distributed.global_batch` assembles the global arrays.
 """
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ class DataParallel:
 
 
 def data_parallel(batch_size: int, devices: Sequence[jax.Device] | None = None) -> DataParallel:
-    """Shardings for `batch_size` rows over `devices` (default: all of them, every host's)."""
-    devices = list(jax.devices() if devices is None else devices)
+    """Shardings for `batch_size` rows over `devices` (default: all of them, every process's,
+    ordered by process so that each process's rows are one block)."""
+    if devices is None:
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    devices = list(devices)
     if batch_size % len(devices):
         raise ConfigError(
             f"batch_size={batch_size} is not divisible by the {len(devices)} devices the batch "

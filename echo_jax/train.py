@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from echo_jax import roles
+from echo_jax import distributed, roles
 from echo_jax.config import Config, LossConfig, TrainConfig, validate
 from echo_jax.dataset import load_packed
 from echo_jax.evaluation import Evaluator
@@ -252,23 +252,27 @@ def train(
     """Trains to cfg.train.steps, resuming from the run's latest checkpoint if there is one.
 
     `evaluator`, when given, runs on the steps it says are due, before that step's checkpoint.
+
+    Several processes (echo_jax.distributed) each call it alike: each builds only its rows of
+    every batch, the steps and checkpoints are collective, and every process reads the same
+    metrics (so all stop alike on a divergence); only process 0 writes the run's files.
     """
     validate(cfg)
     tcfg = cfg.train
     tx = make_optimizer(tcfg)
     graphdef, params = init_model(cfg, vocab_size, tcfg.seed)
-    state = init_state(params, tx)
+    dp = data_parallel(tcfg.batch_size)  # Rows split over all devices, the state replicated.
+    state = jax.device_put(init_state(params, tx), dp.replicated)
     start = run.latest_checkpoint_step() or 0
     if start:
-        state, meta = run.restore(state, start)
+        state, meta = run.restore(state, start)  # Restored into the template's shardings.
         log(f"resumed from step {start} (data position {meta['data_position']})")
     run.truncate_metrics(after_step=start)
-    dp = data_parallel(tcfg.batch_size)  # Rows split over all devices, the state replicated.
-    state = jax.device_put(state, dp.replicated)
     if evaluator is not None:
         evaluator.truncate(after_step=start)
     train_steps = make_train_steps(graphdef, tx, cfg.loss)
     b, t, k = tcfg.batch_size, data.tokens.shape[1], tcfg.steps_per_call
+    share = distributed.process_slice(b, dp.steps)  # This process's rows of every batch.
     metrics_log = MetricsLog(run, tokens_per_step=b * t)
     t_start = time.perf_counter()
     last_line: dict[str, float] = {}
@@ -287,7 +291,7 @@ def train(
     def finish(first: int, n: int, metrics) -> None:
         """Reads a call's n steps' metrics (steps first+1 ... first+n) and logs them."""
         nonlocal last_line
-        host = jax.device_get(metrics)
+        host = distributed.to_host(metrics)
         for i in range(n):
             step, line = first + i + 1, {key: float(v[i]) for key, v in host.items()}
             _check_finite(step, line, run)
@@ -302,8 +306,8 @@ def train(
         n = next(i for i in range(1, k + 1) if i == k or stops_at(step + i))
         rows = [batch_indices(step + i, data.num_rows, b, tcfg.seed) for i in range(n)]
         rows += rows[-1:] * (k - n)  # Inactive steps' batches: read by nothing.
-        batches = make_batch(data, np.stack(rows), cfg.loss.advantage)
-        batches = jax.device_put(batches, dp.steps)
+        batches = make_batch(data, np.stack(rows)[:, share], cfg.loss.advantage)
+        batches = distributed.global_batch(batches, dp.steps, b)
         active = np.arange(k) < n
         state, metrics = train_steps(state, batches, active)  # Dispatched before the last read.
         if pending is not None:
@@ -337,16 +341,28 @@ def train(
     return summary
 
 
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
 def run_experiment(cfg: Config, workdir: str, resume: bool = False, log=print) -> dict[str, Any]:
-    """The whole job behind `experiments.train`: claim the workdir, pack the data, train."""
+    """The whole job behind `experiments.train`: claim the workdir, pack the data, train.
+
+    With several processes each runs it alike (after `distributed.initialize`); only process 0
+    logs and writes files. Every process evaluates (the jitted evaluation spans all devices);
+    process 0 writes eval.jsonl.
+    """
     validate(cfg)
+    primary = distributed.is_primary()
+    if not primary:
+        log = _silent
     data_parallel(cfg.train.batch_size)  # A batch the devices cannot split fails here, early.
     run = RunDir.open(workdir, cfg, resume)
     vocab_path = run.file(RunDir.VOCAB)
     saved_vocab = Vocab.load(vocab_path) if os.path.exists(vocab_path) else None
     data, vocab = load_packed(cfg.data, saved_vocab)
     run.claim()
-    if saved_vocab is None:
+    if saved_vocab is None and primary:
         vocab.save(vocab_path)
     stats = data.stats.as_dict()
     log(
@@ -355,5 +371,5 @@ def run_experiment(cfg: Config, workdir: str, resume: bool = False, log=print) -
         + ", ".join(f"{n} {stats[f'kept_{n}']}/{stats[f'dropped_{n}']}" for n in roles.NAMES[1:])
         + f"; straddles {stats['straddles']}"
     )
-    evaluator = Evaluator.for_run(cfg, vocab, data, run.path, log)
+    evaluator = Evaluator.for_run(cfg, vocab, data, run.path if primary else None, log)
     return train(cfg, data, vocab.size, run, log, evaluator)

@@ -1,6 +1,10 @@
 """Train a tiny Flax transformer on captured AWM episodes with grpo, echo or verifier_free.
 
 python -m experiments.train --objective=echo
+
+As N processes (README, "Launch on a cluster"): the same command in each, with
+--coordinator_address, --num_processes and --process_id (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID, or under srun / mpirun nothing at all).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import time
 from absl import app, flags, logging
 
 from echo_jax import config as C
+from echo_jax import distributed
 from echo_jax.episodes import EpisodeError
 from echo_jax.run_dir import RunDirError
 from echo_jax.train import TrainingDiverged, run_experiment
@@ -97,6 +102,18 @@ flags.DEFINE_list(
 )
 flags.DEFINE_integer("eval_max_rows", _E.max_rows, "Rows evaluated per set (fixed subsample).")
 flags.DEFINE_string("eval_real", _E.real_path, "The real capture evaluated as set 'real'.")
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0's coordinator, for a run as several processes (default: "
+    "$JAX_COORDINATOR_ADDRESS, or what srun / mpirun tell JAX; none: one process).",
+)
+flags.DEFINE_integer(
+    "num_processes", None, "Processes in the run (default: $JAX_NUM_PROCESSES, srun / mpirun)."
+)
+flags.DEFINE_integer(
+    "process_id", None, "This process's index, 0 .. num_processes-1 (default: $JAX_PROCESS_ID)."
+)
 FLAGS = flags.FLAGS
 
 
@@ -156,9 +173,16 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.
-    workdir = FLAGS.workdir or f"runs/{FLAGS.objective}_{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        run_experiment(config_from_flags(), workdir, resume=FLAGS.resume)
+        cfg = config_from_flags()
+        # Before anything touches JAX.
+        if (
+            distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+            and not FLAGS.workdir
+        ):
+            raise C.ConfigError("a run as several processes needs --workdir, the same in each")
+        workdir = FLAGS.workdir or f"runs/{FLAGS.objective}_{time.strftime('%Y%m%d-%H%M%S')}"
+        run_experiment(cfg, workdir, resume=FLAGS.resume)
     except (C.ConfigError, EpisodeError, RunDirError, TrainingDiverged) as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -1,0 +1,216 @@
+"""Training as several processes (echo_jax.distributed): two CPU processes of
+`experiments.train` end with the parameters, metrics and evaluation of one process training on
+the same global batches; and the launch settings' rules, checked in this (one) process.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from echo_jax import distributed
+from echo_jax.config import Config, ConfigError
+from echo_jax.evaluation import EVAL_FILE, read_lines
+from echo_jax.run_dir import RunDir
+from echo_jax.sharding import data_parallel
+from echo_jax.train import init_model, init_state, make_optimizer
+from echo_jax.vocab import Vocab
+from tests.test_data import small_episode, write_jsonl
+from tests.test_train import assert_same_metrics
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+TIMEOUT_S = 240  # For the three runs together; a hung collective is killed, never waited on.
+LAUNCH_VARS = (*(v for v in os.environ if v.startswith(("SLURM_", "OMPI_"))), "XLA_FLAGS")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _child_env(**extra: str) -> dict[str, str]:
+    """The CPU backend, one device per process, no launcher or proxy settings inherited (gRPC
+    would route the coordinator's localhost connections through a proxy)."""
+    drop = {*LAUNCH_VARS, distributed.ENV_COORDINATOR_ADDRESS, distributed.ENV_NUM_PROCESSES}
+    drop.add(distributed.ENV_PROCESS_ID)
+    env = {k: v for k, v in os.environ.items() if k not in drop and "_proxy" not in k.lower()}
+    return dict(env, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **extra)
+
+
+def _run_all(runs: dict[str, tuple[list[str], dict[str, str]]], logs) -> dict[str, int]:
+    """Starts every run at once (each in its own process group), waits for all within
+    TIMEOUT_S and kills what is left, so a hang fails the test instead of stalling CI."""
+    procs = {}
+    try:
+        for name, (args, env) in runs.items():
+            with open(logs / f"{name}.out", "w") as out, open(logs / f"{name}.err", "w") as err:
+                procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "experiments.train", *args],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=out,
+                    stderr=err,
+                    start_new_session=True,
+                )
+        deadline = time.monotonic() + TIMEOUT_S
+        for proc in procs.values():
+            proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        return {name: proc.returncode for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def _final_state(workdir, step: int):
+    run = RunDir(workdir)
+    with open(run.file(RunDir.CONFIG)) as f:
+        cfg = Config.from_dict(json.load(f))
+    vocab = Vocab.load(run.file(RunDir.VOCAB))
+    template = init_state(init_model(cfg, vocab.size, 0)[1], make_optimizer(cfg.train))
+    state, meta = run.restore(template, step)
+    return state, meta, template.params
+
+
+def test_two_processes_train_as_one(tmp_path):
+    """Each process builds its half of every batch; their run ends where a one-process run on
+    the same global batches does. Process 0 via the environment, process 1 via the flags."""
+    records = [small_episode(task_idx=i % 3, reward=float(i % 2)) for i in range(6)]
+    data = write_jsonl(tmp_path / "eps.jsonl", records)
+    args = [
+        f"--data={data}",
+        "--max_len=128",
+        "--steps=4",
+        "--batch_size=4",
+        "--log_every=1",
+        "--checkpoint_every=2",
+        "--d_model=16",
+        "--n_layers=1",
+        "--d_ff=32",
+        "--cache_dir=",
+        "--eval_splits=train",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    address = f"localhost:{_free_port()}"
+    runs = {
+        "one": ([*args, f"--workdir={one}"], _child_env()),
+        "p0": (
+            [*args, f"--workdir={two}"],
+            _child_env(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0"),
+        ),
+        "p1": (
+            [
+                *args,
+                f"--workdir={two}",
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                "--process_id=1",
+            ],
+            _child_env(),
+        ),
+    }
+    codes = _run_all(runs, tmp_path)
+    for name, code in codes.items():
+        assert code == 0, f"{name}: {(tmp_path / f'{name}.err').read_text()[-3000:]}"
+
+    want, want_meta, init = _final_state(one, 4)
+    got, got_meta, _ = _final_state(two, 4)
+    assert got_meta == want_meta == {"data_position": 16, "seed": 0}
+    assert int(got.step) == 4
+    chex.assert_trees_all_close(got.params, want.params, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(got.opt_state, want.opt_state, rtol=1e-5, atol=1e-6)
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), got.params, init)
+    assert max(jax.tree.leaves(moved)) > 1e-3  # It trained: equal by doing nothing can't pass.
+    assert sorted(RunDir(two).manager.all_steps()) == [2, 4]
+
+    # One writer: one metrics file, each step logged once, with the one-process run's values.
+    assert sorted(os.listdir(two)) == sorted(os.listdir(one))
+    assert sorted(p.name for p in two.rglob("*.jsonl")) == ["eval.jsonl", "metrics.jsonl"]
+    assert_same_metrics(one, two, range(1, 5), rtol=1e-5)
+    (want_eval,), (got_eval,) = read_lines(one / EVAL_FILE), read_lines(two / EVAL_FILE)
+    for key, value in want_eval.items():
+        if key != "wall_s" and value is not None:
+            np.testing.assert_allclose(got_eval[key], value, rtol=1e-5, err_msg=key)
+    assert "done: 4 steps" in (tmp_path / "p0.out").read_text()
+    assert "step" not in (tmp_path / "p1.out").read_text()  # Only process 0 logs.
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """No launch settings in the environment: neither JAX's variables nor srun's or mpirun's."""
+    for name in (
+        *LAUNCH_VARS,
+        distributed.ENV_COORDINATOR_ADDRESS,
+        distributed.ENV_NUM_PROCESSES,
+        distributed.ENV_PROCESS_ID,
+    ):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_one_process_is_a_no_op(no_launcher):
+    assert not distributed.initialize()
+    assert not distributed.initialize(num_processes=1)
+    no_launcher.setenv(distributed.ENV_NUM_PROCESSES, "1")
+    assert not distributed.initialize(coordinator_address="localhost:1234")
+    # srun with one task, as JAX's own SLURM detector reads it.
+    for name, value in (
+        ("SLURM_JOB_ID", "7"),
+        ("SLURM_STEP_NODELIST", "node001"),
+        ("SLURM_NTASKS", "1"),
+        ("SLURM_PROCID", "0"),
+        ("SLURM_LOCALID", "0"),
+    ):
+        no_launcher.setenv(name, value)
+    no_launcher.delenv(distributed.ENV_NUM_PROCESSES)
+    assert not distributed.initialize()
+    assert not jax.distributed.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "kwargs, env, message",
+    [
+        ({"coordinator_address": "localhost:1"}, {}, "missing --num_processes"),
+        ({"num_processes": 2, "process_id": 0}, {}, "missing --coordinator_address"),
+        ({}, {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two' is not an integer"),
+        (
+            {"coordinator_address": "localhost:1", "num_processes": 2, "process_id": 2},
+            {},
+            r"\[0, 2\)",
+        ),
+        ({"num_processes": 0}, {}, "num_processes must be >= 1"),
+    ],
+)
+def test_incomplete_launch_settings_are_refused(no_launcher, kwargs, env, message):
+    for name, value in env.items():
+        no_launcher.setenv(name, value)
+    with pytest.raises(ConfigError, match=message):
+        distributed.initialize(**kwargs)
+    assert not jax.distributed.is_initialized()
+
+
+def test_one_process_holds_every_row_and_assembles_its_batch():
+    dp = data_parallel(4)
+    assert distributed.process_slice(4) == slice(0, 4)
+    assert distributed.process_slice(4, dp.steps) == slice(0, 4)
+    assert distributed.process_share(5) == slice(0, 5)
+    local = {
+        "tokens": np.arange(2 * 4 * 3, dtype=np.int32).reshape(2, 4, 3),
+        "lam": np.float32(0.5),
+    }
+    out = distributed.global_batch(local, dp.steps, 4)
+    assert out["tokens"].sharding == dp.steps and out["lam"].sharding.is_fully_replicated
+    np.testing.assert_array_equal(distributed.to_host(out)["tokens"], local["tokens"])
+    assert float(out["lam"]) == 0.5
+    with pytest.raises(ValueError, match="share of the 8 is 8"):
+        distributed.global_batch(local, dp.steps, 8)
