@@ -319,8 +319,8 @@ def validate_rl(rl: RLConfig) -> RLConfig:
         (0 <= rl.min_valid_call_share <= 1, "min_valid_call_share must be in [0, 1]"),
         (0 <= rl.min_parse_share <= 1, "min_parse_share must be in [0, 1]"),
         (
-            min(rl.weight_tool_result, rl.weight_tool_error, rl.weight_verifier,
-                rl.weight_warning) >= 0,
+            min(rl.weight_tool_result, rl.weight_tool_error, rl.weight_verifier, rl.weight_warning)
+            >= 0,
             "observation weights must be >= 0",
         ),  # fmt: skip
         (rl.format_penalty >= 0, "format_penalty must be >= 0"),

@@ -107,12 +107,16 @@ def nucleus_mask(probs_BV: Array, top_p_B: Array) -> Array:
         enough_B = mass_B >= top_p_B
         return jnp.where(enough_B, mid_B, lo_B), jnp.where(enough_B, hi_B, mid_B)
 
-    max_B = probs_BV.max(axis=-1)
-    lo_B, _ = jax.lax.fori_loop(
-        0, NUCLEUS_BISECTIONS, halve, (jnp.zeros_like(max_B), max_B * (1 + 1e-6))
-    )
-    keep_BV = probs_BV >= jnp.minimum(lo_B, max_B)[:, None]
-    return keep_BV | (top_p_B >= 1.0)[:, None]
+    def cut(_):
+        max_B = probs_BV.max(axis=-1)
+        lo_B, _ = jax.lax.fori_loop(
+            0, NUCLEUS_BISECTIONS, halve, (jnp.zeros_like(max_B), max_B * (1 + 1e-6))
+        )
+        return (probs_BV >= jnp.minimum(lo_B, max_B)[:, None]) | (top_p_B >= 1.0)[:, None]
+
+    # The bisection is most of a decoding step's work on a CPU: skipped when no row needs it.
+    everything = jnp.ones(probs_BV.shape, bool)
+    return jax.lax.cond(jnp.any(top_p_B < 1.0), cut, lambda _: everything, None)
 
 
 def sample_tokens(
@@ -161,27 +165,34 @@ class Rows(NamedTuple):
 
 @functools.lru_cache(maxsize=16)
 def make_extend_fn(graphdef: nnx.GraphDef):
-    """Jitted `(params, cache, logits_SV, tokens_SC, start_S, count_S) -> (cache, logits_SV)`:
-    appends count_S tokens to each row; rows with count 0 keep their logits. The cache is
-    donated. Compiles once per (S, C)."""
+    """Jitted `(params, cache, logits_SV, tokens_RC, start_R, count_R, rows_R) -> (cache,
+    logits_SV)`: appends count_R tokens to cache rows rows_R (distinct; a row with count 0 is
+    left as it was, so rows_R may be padded with any row and count 0). Only those R rows are
+    computed. The cache is donated. Compiles once per (R, C)."""
 
-    def extend(params, cache, logits_SV, tokens_SC, start_S, count_S):
-        new_SV, cache = nnx.merge(graphdef, params).extend(tokens_SC, start_S, count_S, cache)
-        return cache, jnp.where((count_S > 0)[:, None], new_SV.astype(jnp.float32), logits_SV)
+    def extend(params, cache, logits_SV, tokens_RC, start_R, count_R, rows_R):
+        model = nnx.merge(graphdef, params)
+        new_RV, cache = model.extend(tokens_RC, start_R, count_R, cache, rows_R)
+        keep_R = jnp.where((count_R > 0)[:, None], new_RV.astype(jnp.float32), logits_SV[rows_R])
+        return cache, logits_SV.at[rows_R].set(keep_R)
 
     return jax.jit(extend, donate_argnums=(1,))
 
 
 @functools.lru_cache(maxsize=16)
 def make_decode_fn(graphdef: nnx.GraphDef, steps: int):
-    """Jitted `(params, cache, logits_SV, rows, stop_VS) -> (cache, logits_SV, rows, out)`: up
-    to `steps` tokens for every active row, each fed back into the cache. `out` holds tokens_SM,
+    """Jitted `(params, cache, logits_SV, rows, rows_R, stop_VS) -> (cache, logits_SV, rows,
+    out)`: up to `steps` tokens for every active one of the cache rows rows_R (distinct;
+    `rows` holds their state, R entries), each fed back into the cache. Only those R rows are
+    computed: their cache is gathered once, decoded, and written back. `out` holds tokens_SM,
     logp_SM (under the model's own softmax, as the training forward pass computes it),
-    sample_logp_SM (under the distribution sampled), n_S (tokens this call) and stopped_S.
-    The cache is donated. Compiles once per S."""
+    sample_logp_SM (under the distribution sampled), n_S (tokens this call) and stopped_S, per
+    row of rows_R. The cache is donated. Compiles once per R."""
 
-    def decode(params, cache, logits_SV, rows: Rows, stop_VS):
+    def decode(params, full_cache, full_logits_SV, rows: Rows, rows_R, stop_VS):
         model = nnx.merge(graphdef, params)
+        cache = jax.tree.map(lambda x: x[rows_R], full_cache)
+        logits_SV = full_logits_SV[rows_R]
         s, t = logits_SV.shape[0], cache[0][0].shape[2]
         zeros_SM = jnp.zeros((s, steps), jnp.float32)
         carry = {
@@ -215,7 +226,7 @@ def make_decode_fn(graphdef: nnx.GraphDef, steps: int):
             stopped_S = active_S & (stop_state_S == FOUND)
             new_SV, cache = model.extend(
                 token_S[:, None], r.position, active_S.astype(jnp.int32), c["cache"]
-            )
+            )  # Every row: decoding rows are most of them.
             position_S = r.position + active_S
             budget_S = r.budget - active_S
             done_S = stopped_S | (budget_S <= 0) | (position_S >= t)
@@ -244,7 +255,8 @@ def make_decode_fn(graphdef: nnx.GraphDef, steps: int):
 
         c = jax.lax.while_loop(cond, body, carry)
         out = {k: c[k] for k in ("tokens_SM", "logp_SM", "sample_logp_SM", "n_S", "stopped_S")}
-        return c["cache"], c["logits_SV"], c["rows"], out
+        full_cache = jax.tree.map(lambda x, y: x.at[rows_R].set(y), full_cache, c["cache"])
+        return full_cache, full_logits_SV.at[rows_R].set(c["logits_SV"]), c["rows"], out
 
     return jax.jit(decode, donate_argnums=(1,))
 
@@ -317,7 +329,7 @@ class Decoder:
             count_B = np.clip(lengths_B - lo, 0, PROMPT_CHUNK).astype(np.int32)
             start_B = np.full(b, lo, np.int32)
             cache, logits_BV = self.extend_fn(
-                self.params, cache, logits_BV, chunk_BC, start_B, count_B
+                self.params, cache, logits_BV, chunk_BC, start_B, count_B, np.arange(b)
             )
         rows = Rows(
             position=lengths_B,
@@ -328,7 +340,9 @@ class Decoder:
             temperature=np.full(b, temperature, np.float32),
             top_p=np.full(b, top_p, np.float32),
         )
-        _, _, _, out = self.decode_fn(self.params, cache, logits_BV, rows, self.stop_VS)
+        _, _, _, out = self.decode_fn(
+            self.params, cache, logits_BV, rows, np.arange(b), self.stop_VS
+        )
         out = jax.device_get(out)
         return [
             self.generation(out, row, int(lengths_B[row]), int(out["n_S"][row])) for row in range(b)

@@ -86,36 +86,45 @@ class Attention(nnx.Module):
     # --- KV-cache decoding (echo_jax.decoding); training uses __call__ only. ---
 
     def extend(
-        self, x_SCD: Array, positions_SC: Array, write_SC: Array, cache: tuple[Array, Array]
+        self,
+        x_RCD: Array,
+        rows_R: Array,
+        positions_RC: Array,
+        write_RC: Array,
+        cache: tuple[Array, Array],
     ) -> tuple[Array, tuple[Array, Array]]:
-        """C new tokens per cache row at positions_SC: writes their keys and values where
-        write_SC (elsewhere the write is dropped), then each attends to cache positions at or
-        before its own. Returns (output [S, C, D], (keys, values) [S, N, T, H])."""
+        """C new tokens for each of the cache rows rows_R, at positions_RC: writes their keys
+        and values where write_RC (elsewhere the write is dropped), then each attends to its
+        row's cache positions at or before its own. Returns (output [R, C, D], (keys, values)
+        [S, N, T, H])."""
+        x_SCD, positions_SC, write_SC = x_RCD, positions_RC, write_RC
         s, c, d = x_SCD.shape
         qkv = self.qkv(x_SCD.reshape(s * c, d)).reshape(s, c, 3, self.n_heads, self.head_dim)
         q_SCNH, k_SCNH, v_SCNH = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q_SCNH, k_SCNH = rotary_rows(q_SCNH, positions_SC), rotary_rows(k_SCNH, positions_SC)
         cache_k_SNTH, cache_v_SNTH = cache
-        t = cache_k_SNTH.shape[2]
+        t = cache_k_SNTH.shape[2]  # Here S is R: the rows being extended.
         slots_SC = jnp.where(write_SC, positions_SC, t)  # Out of range: dropped.
         # Heads before positions, so both products below read the cache without a transpose.
         k_SNCH, v_SNCH = k_SCNH.transpose(0, 2, 1, 3), v_SCNH.transpose(0, 2, 1, 3)
-        cache_k_SNTH = _write(cache_k_SNTH, k_SNCH, slots_SC)
-        cache_v_SNTH = _write(cache_v_SNTH, v_SNCH, slots_SC)
+        cache_k_SNTH = _write(cache_k_SNTH, rows_R, k_SNCH, slots_SC)
+        cache_v_SNTH = _write(cache_v_SNTH, rows_R, v_SNCH, slots_SC)
+        keys_SNTH, values_SNTH = cache_k_SNTH[rows_R], cache_v_SNTH[rows_R]  # R of the S rows.
         q_SNCH = q_SCNH.transpose(0, 2, 1, 3).astype(jnp.float32) * (self.head_dim**-0.5)
-        scores_SNCT = jnp.einsum("snch,snth->snct", q_SNCH, cache_k_SNTH.astype(jnp.float32))
+        scores_SNCT = jnp.einsum("snch,snth->snct", q_SNCH, keys_SNTH.astype(jnp.float32))
         visible_SCT = jnp.arange(t)[None, None, :] <= positions_SC[:, :, None]
         scores_SNCT = jnp.where(visible_SCT[:, None], scores_SNCT, -jnp.inf)
         probs_SNCT = jax.nn.softmax(scores_SNCT, axis=-1)
-        y_SNCH = jnp.einsum("snct,snth->snch", probs_SNCT, cache_v_SNTH.astype(jnp.float32))
+        y_SNCH = jnp.einsum("snct,snth->snch", probs_SNCT, values_SNTH.astype(jnp.float32))
         y_ND = y_SNCH.transpose(0, 2, 1, 3).reshape(s * c, d).astype(x_SCD.dtype)
         return self.out(y_ND).reshape(s, c, d), (cache_k_SNTH, cache_v_SNTH)
 
 
-def _write(cache_SNTH: Array, new_SNCH: Array, slots_SC: Array) -> Array:
-    """cache[s, :, slots[s, c]] = new[s, :, c]; slots out of range are dropped."""
+def _write(cache_SNTH: Array, rows_R: Array, new_RNCH: Array, slots_RC: Array) -> Array:
+    """cache[rows[r], :, slots[r, c]] = new[r, :, c]; slots out of range are dropped."""
+    new_SNCH, slots_SC = new_RNCH, slots_RC
     s, n, c, _ = new_SNCH.shape
-    rows = jnp.broadcast_to(jnp.arange(s)[:, None, None], (s, n, c))
+    rows = jnp.broadcast_to(rows_R[:, None, None], (s, n, c))
     heads = jnp.broadcast_to(jnp.arange(n)[None, :, None], (s, n, c))
     slots = jnp.broadcast_to(slots_SC[:, None, :], (s, n, c))
     return cache_SNTH.at[rows, heads, slots].set(new_SNCH, mode="drop")
@@ -143,8 +152,8 @@ class Block(nnx.Module):
         x_BTD = x_BTD + self.attn(self.norm1(x_BTD), positions_T)
         return x_BTD + self.mlp(self.norm2(x_BTD))
 
-    def extend(self, x_SCD, positions_SC, write_SC, cache):
-        y_SCD, cache = self.attn.extend(self.norm1(x_SCD), positions_SC, write_SC, cache)
+    def extend(self, x_SCD, rows_S, positions_SC, write_SC, cache):
+        y_SCD, cache = self.attn.extend(self.norm1(x_SCD), rows_S, positions_SC, write_SC, cache)
         x_SCD = x_SCD + y_SCD
         return x_SCD + self.mlp(self.norm2(x_SCD)), cache
 
@@ -200,22 +209,30 @@ class Transformer(nnx.Module):
         return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in self.blocks)
 
     def extend(
-        self, tokens_SC: Array, start_S: Array, count_S: Array, cache: KVCache
+        self,
+        tokens_SC: Array,
+        start_S: Array,
+        count_S: Array,
+        cache: KVCache,
+        rows_S: Array | None = None,
     ) -> tuple[Array, KVCache]:
-        """Appends count_S (<= C) tokens to each cache row, at positions start_S onwards ->
-        (next-token logits [S, V] after each row's last new token, the cache).
+        """Appends count_S (<= C) tokens to cache rows rows_S (default: all, in order), at
+        positions start_S onwards -> (next-token logits [S, V] after each row's last new
+        token, the cache).
 
         The arithmetic is __call__'s, so a row's logits equal the training forward pass's over
         the same tokens (rows with count 0 are left as they were; their logits are arbitrary).
-        C = 1 is one decoding step; a prompt is appended in chunks.
+        C = 1 is one decoding step; a prompt is appended in chunks. Only the rows named are
+        computed, so appending to a few rows of a large cache costs a few rows.
         """
         s, c = tokens_SC.shape
+        rows_S = jnp.arange(s) if rows_S is None else rows_S
         positions_SC = start_S[:, None] + jnp.arange(c)[None, :]
         write_SC = jnp.arange(c)[None, :] < count_S[:, None]
         x_SCD = self.embed(tokens_SC)
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache, strict=True):
-            x_SCD, layer_cache = block.extend(x_SCD, positions_SC, write_SC, layer_cache)
+            x_SCD, layer_cache = block.extend(x_SCD, rows_S, positions_SC, write_SC, layer_cache)
             new_cache.append(layer_cache)
         last_S = jnp.clip(count_S - 1, 0, c - 1)
         h_S1D = self.final_norm(x_SCD[jnp.arange(s), last_S][:, None])

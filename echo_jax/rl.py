@@ -1,41 +1,37 @@
-"""On-policy GRPO / ECHO in the local AWM worlds: sample, verify, pack, update, repeat.
+"""On-policy GRPO / ECHO in the local AWM worlds, trained on exactly the tokens it sampled.
 
-One iteration:
-  1. draw `tasks_per_iteration` training tasks and run G rollouts of each with the current
-     policy (the closed-loop agent of `echo_jax.closed_loop`, worlds in parallel threads);
-  2. score each rollout with the task's verifier (the harness's final verify step), compute
-     group-relative advantages per task, and pack the rollouts into fixed [B, T] rows with the
-     one renderer -- the model's own generated text is ACTION, the world's replies ENV_OUTPUT,
-     harness text WARNING or CONTEXT (`rollout_actions`);
-  3. score the rows with the sampling policy (`old_logp`, PPO's ratio denominators, and the env
-     CE of data the model has not trained on), then take `epochs` passes of minibatch updates
-     with `echo_loss` (PPO-clip; λ from its schedule; rows that fail the env-term filters get
-     env_weight 0);
-  4. score again for the KL to the sampling policy, checkpoint, and optionally run a greedy
-     held-out pass@1 evaluation.
-
-old_logp is recomputed by a forward pass of the sampling parameters over the packed rows rather
-than copied from the decoder: the two agree token for token where the canonical tokenisation of
-the generated text is the generated token sequence, and the forward pass also covers the rest
-(re-tokenised text, history windows cut differently from the prompt). `logp_agreement` reports
-how far apart the two are on the steps where both exist.
+`run_rl` is a loop over named steps:
+  0. `choose_pool`: once, from the start checkpoint, the training tasks whose success rate lies
+     in a band where groups carry signal; every iteration revisits the whole pool.
+  1. `RolloutEngine.run`: G rollouts of each pool task with the current policy. Each rollout
+     comes with its token-exact rows (`echo_jax.rollout`): the tokens the sampler consumed and
+     produced, and the log-probability it sampled each action token with.
+  2. `rollout_batch`: those rows as fixed [N, T] arrays; group-relative advantages of the
+     training reward; each row's weight in the policy term (an episode counts once however many
+     rows it spans); per-target env-term weights (filters, observation kinds).
+  3. `score_rows` at the sampling parameters: the gap between the recorded log-probs and the
+     update's forward pass (`logp_gap_*`, the check that the update sees what the sampler saw)
+     and the env CE of fresh rollouts.
+  4. `update`: `epochs` passes of minibatch PPO-clip steps of `echo_loss`, old log-probs the
+     recorded ones; then the KL to the sampling policy on the sampled tokens, a checkpoint, and
+     every `eval_every` iterations greedy pass@1 on the pool and on held-out tasks.
 
 Workdir: config.json and vocab.json (so `experiments.evaluate` reads an RL run like any
-other), rl_config.json, metrics.jsonl (one line per iteration), rollouts/iter_NNNN.jsonl.gz
-(capture format, each step's policy record included), checkpoints/<iteration>, summary.json.
+other), rl_config.json, pool.json, metrics.jsonl (one line per iteration),
+rollouts/iter_NNNN.jsonl.gz (capture format with each step's policy record and the rows),
+checkpoints/<iteration>, summary.json.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,39 +41,38 @@ import optax
 from flax import nnx
 
 from echo_jax import roles
-from echo_jax.agent import POLICY_KEY, build_prompt, load_run
-from echo_jax.awm.capture import LiveWorld, write_shard
-from echo_jax.awm.harness import HarnessConfig
+from echo_jax.advantages import group_advantages
+from echo_jax.agent import POLICY_KEY, load_run
+from echo_jax.atomic import atomic_write_text
+from echo_jax.awm.capture import write_shard
 from echo_jax.awm.rewards import FORMAT_ERROR_TYPES
-from echo_jax.awm.world_format import World, load_worlds
-from echo_jax.closed_loop import (
-    SUCCESS,
-    _start,
-    _TimedDecoder,
-    evaluate_checkpoint,
-    mute_fork_warning,
-    run_agent_episode,
-    split_tasks,
-)
-from echo_jax.config import AgentConfig, Config, ConfigError, RLConfig, validate, validate_rl
-from echo_jax.decoding import Decoder
-from echo_jax.episodes import Episode, parse_episode
+from echo_jax.awm.world_format import load_worlds
+from echo_jax.closed_loop import SUCCESS, choose_tasks, mute_fork_warning, split_tasks
+from echo_jax.config import Config, ConfigError, RLConfig, validate, validate_rl
 from echo_jax.fused_loss import chunked_label_logprobs, resolve_impl
 from echo_jax.loss import label_logprobs
-from echo_jax.packing import PackedData, pack
-from echo_jax.render import render_action, render_episode
+from echo_jax.rollout import (
+    EPISODE_ROWS,
+    TOOL_ERROR,
+    TOOL_RESULT,
+    VERIFIER,
+    WARNING_TEXT,
+    EngineConfig,
+    EpisodeRequest,
+    RolloutEngine,
+)
 from echo_jax.run_dir import RunDir
 from echo_jax.sharding import data_parallel
-from echo_jax.tokenizer import tokenize_rendered
 from echo_jax.train import init_model, init_state, make_optimizer, make_train_step
-from echo_jax.vocab import Vocab
+from echo_jax.vocab import PAD_ID, Vocab
 
 RL_CONFIG = "rl_config.json"
+POOL = "pool.json"
 ROLLOUT_DIR = "rollouts"
 SUMMARY = "summary.json"
 
 
-# --- λ schedule and rollout filters ---------------------------------------------------------
+# --- λ schedule, rewards and rollout filters -------------------------------------------------
 
 
 def lam_at(rl: RLConfig, lam: float, iteration: int) -> float:
@@ -87,7 +82,9 @@ def lam_at(rl: RLConfig, lam: float, iteration: int) -> float:
     if rl.lam_schedule == "linear":
         frac = iteration / max(rl.iterations - 1, 1)
         return lam + (rl.lam_final - lam) * frac
-    return lam * rl.lam_decay ** (iteration // rl.lam_step_every)
+    if rl.lam_schedule == "step":
+        return lam * rl.lam_decay ** (iteration // rl.lam_step_every)
+    raise ConfigError(f"lam_schedule={rl.lam_schedule!r} is unknown")
 
 
 def rollout_stats(record: dict[str, Any]) -> dict[str, float]:
@@ -122,47 +119,70 @@ def env_term_kept(record: dict[str, Any], rl: RLConfig) -> bool:
 # --- rollouts to rows -----------------------------------------------------------------------
 
 
-def rollout_actions(record: dict[str, Any]) -> list[list[tuple[str, int]]]:
-    """Per step, the segments its call is rendered as: the generated text itself (ACTION) where
-    the policy wrote it, a newline (CONTEXT) closing an unclosed call so roles stay on token
-    boundaries, and the harness's own forced verify as CONTEXT."""
-    out = []
-    for step in record["steps"]:
-        policy = step.get(POLICY_KEY)
-        if policy is None:
-            action = step["action"]
-            text = render_action(action["tool_name"], action.get("arguments", {}))
-            out.append([(text, roles.CONTEXT)])
-            continue
-        text = policy["text"]
-        segments = [(text, roles.ACTION)] if text else []
-        if not text.endswith("\n"):
-            segments.append(("\n", roles.CONTEXT))
-        out.append(segments)
-    return out
-
-
 @dataclasses.dataclass(frozen=True)
 class RolloutBatch:
-    data: PackedData  # rows of the iteration's rollouts (advantages from the training reward)
-    env_weight: np.ndarray  # float32 [N]: 0 for rows of rollouts the env-term filters drop
-    episodes: list[Episode]
+    """An iteration's rollouts as training rows, N rows of T tokens."""
+
+    tokens: np.ndarray  # int32 [N, T]: exactly what the sampler consumed and produced, PAD after
+    roles: np.ndarray  # int8 [N, T]: each token's role as a target
+    sample_logp: np.ndarray  # float32 [N, T-1]: recorded log-prob of each sampled target (else 0)
+    advantage: np.ndarray  # float32 [N]: the episode's group-relative advantage
+    pg_weight: np.ndarray  # float32 [N]: row's share of its episode's action tokens
+    env_weight: np.ndarray  # float32 [N, T-1]: env-term weight of each target
+    episode: np.ndarray  # int32 [N]: index of the rollout
+    rewards: np.ndarray  # float32 [E]: training reward per rollout
+    informative: np.ndarray  # bool [E]: the rollout's group has more than one reward
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.tokens.shape[0])
 
 
-def pack_rollouts(
-    records: Sequence[dict[str, Any]], vocab: Vocab, cfg: Config, rl: RLConfig, source: str
-) -> RolloutBatch:
-    """Rollouts -> role-masked rows exactly as captured episodes, but with generated text."""
-    episodes, tokenized = [], []
-    for i, record in enumerate(records):
-        ep = parse_episode(record, f"{source}#{i}")
-        ep = dataclasses.replace(ep, reward=training_reward(record, rl))
-        rendered = render_episode(ep, cfg.data.canonical_json, rollout_actions(record))
-        episodes.append(ep)
-        tokenized.append(tokenize_rendered(rendered))
-    data = pack(episodes, tokenized, vocab, cfg.data.max_len, cfg.data.overflow)
-    kept = np.array([env_term_kept(r, rl) for r in records], np.float32)
-    return RolloutBatch(data, kept[data.episode], episodes)
+def rollout_batch(records: Sequence[dict[str, Any]], rl: RLConfig, max_len: int) -> RolloutBatch:
+    """The rollouts' recorded rows as arrays. Groups are (scenario, task_idx)."""
+    keys = [(r["scenario"], r["task_idx"]) for r in records]
+    group_ids = {k: i for i, k in enumerate(dict.fromkeys(keys))}
+    groups_E = np.array([group_ids[k] for k in keys], np.int32)
+    rewards_E = np.array([training_reward(r, rl) for r in records], np.float32)
+    adv_E = np.asarray(group_advantages(rewards_E, groups_E, len(group_ids)))
+    spread_G = np.zeros(len(group_ids), bool)
+    for g in range(len(group_ids)):
+        spread_G[g] = np.ptp(rewards_E[groups_E == g]) > 0
+    informative_E = spread_G[groups_E]
+    kind_weight = np.zeros(8, np.float32)
+    kind_weight[[TOOL_RESULT, TOOL_ERROR, VERIFIER, WARNING_TEXT]] = (
+        rl.weight_tool_result, rl.weight_tool_error, rl.weight_verifier, rl.weight_warning
+    )  # fmt: skip
+    rows = [(e, row) for e, r in enumerate(records) for row in r[EPISODE_ROWS]]
+    n, t = len(rows), max_len
+    tokens = np.full((n, t), PAD_ID, np.int32)
+    roles_NT = np.full((n, t), roles.PAD, np.int8)
+    logp = np.zeros((n, t), np.float32)
+    kinds = np.zeros((n, t), np.int32)
+    for i, (_, row) in enumerate(rows):
+        m = len(row["tokens"])
+        if m > t:
+            raise ValueError(f"a recorded row of {m} tokens does not fit max_len={t}")
+        tokens[i, :m], roles_NT[i, :m] = row["tokens"], row["roles"]
+        logp[i, :m], kinds[i, :m] = row["logp"], row["kinds"]
+    episode = np.array([e for e, _ in rows], np.int32)
+    actions_N = (roles_NT == roles.ACTION).sum(axis=1).astype(np.float32)
+    actions_E = np.bincount(episode, actions_N, minlength=len(records))
+    kept_E = np.array([env_term_kept(r, rl) for r in records], np.float32)
+    if rl.drop_equal_reward_groups:
+        kept_E = kept_E * informative_E
+    env_weight = kind_weight[kinds[:, 1:]] * kept_E[episode][:, None]
+    return RolloutBatch(
+        tokens=tokens,
+        roles=roles_NT,
+        sample_logp=logp[:, 1:],
+        advantage=adv_E[episode].astype(np.float32),
+        pg_weight=(actions_N / np.maximum(actions_E[episode], 1.0)).astype(np.float32),
+        env_weight=env_weight.astype(np.float32),
+        episode=episode,
+        rewards=rewards_E,
+        informative=informative_E,
+    )
 
 
 # --- scoring and updating -------------------------------------------------------------------
@@ -202,40 +222,24 @@ def role_ce(logp_NS: np.ndarray, roles_NT: np.ndarray, role: int) -> float:
     return float(-logp_NS[mask].mean()) if mask.any() else math.nan
 
 
-def recorded_logp_gap(records: Sequence[dict[str, Any]], vocab: Vocab, score, params, t: int):
-    """Mean |decoder logp - forward-pass logp| over generated tokens of first steps (whose
-    prompt, the CONTEXT prefix and call marker, is never cut): a check that the recorded
-    log-probs are the sampling policy's."""
-    gaps = []
-    for record in records:
-        step = record["steps"][0]
-        policy = step.get(POLICY_KEY)
-        if policy is None or not policy["tokens"]:
-            continue
-        prompt, _ = build_prompt(record["task"], record["tools"], [], vocab, t)
-        ids = np.concatenate([prompt, np.asarray(policy["tokens"], np.int32)])[:t]
-        row = np.zeros((1, t), np.int32)
-        row[0, : ids.size] = ids
-        logp = np.asarray(score(params, row))[0, prompt.size - 1 : ids.size - 1]
-        gaps.append(np.abs(logp - np.asarray(policy["logp"][: logp.size])).mean())
-        if len(gaps) == 4:
-            break
-    return float(np.mean(gaps)) if gaps else math.nan
+def logp_gap(batch: RolloutBatch, logp_NS: np.ndarray) -> dict[str, float]:
+    """Mean and max |recorded sampling log-prob - forward-pass log-prob| over every sampled
+    token: 0 up to float rounding when the rows are what the sampler saw."""
+    mask = batch.roles[:, 1:] == roles.ACTION
+    if not mask.any():
+        return {"logp_gap_mean": math.nan, "logp_gap_max": math.nan, "logp_gap_tokens": 0}
+    gap = np.abs(logp_NS[mask].astype(np.float64) - batch.sample_logp[mask])
+    return {
+        "logp_gap_mean": float(gap.mean()),
+        "logp_gap_max": float(gap.max()),
+        "logp_gap_tokens": int(mask.sum()),
+    }
 
 
-def update(
-    train_step,
-    state,
-    batch: RolloutBatch,
-    old_logp_NS: np.ndarray,
-    lam: float,
-    rl: RLConfig,
-    rng: np.random.Generator,
-    dp,
-):
+def update(train_step, state, batch: RolloutBatch, lam: float, rl: RLConfig,
+           rng: np.random.Generator, dp):  # fmt: skip
     """`epochs` passes of minibatch PPO-clip updates; returns the state and mean metrics."""
-    data, b = batch.data, rl.minibatch_size
-    n = data.num_rows
+    b, n = rl.minibatch_size, batch.num_rows
     lam_ = np.float32(lam)
     sums: dict[str, float] = {}
     steps = 0
@@ -250,23 +254,30 @@ def update(
         for k in ("loss", "pg_loss", "env_loss", "clip_frac", "grad_norm"):
             sums[k] = sums.get(k, 0.0) + host[k]
 
+    def rows(idx: np.ndarray) -> dict[str, np.ndarray]:
+        real = idx >= 0
+        take = np.where(real, idx, 0)
+
+        def pick(x, fill=0):
+            mask = real.reshape(-1, *([1] * (x.ndim - 1)))
+            return np.where(mask, x[take], fill)
+
+        return {
+            "tokens": pick(batch.tokens).astype(np.int32),
+            "roles": pick(batch.roles, roles.PAD).astype(np.int32),
+            "advantage": pick(batch.advantage).astype(np.float32),
+            "old_logp": pick(batch.sample_logp).astype(np.float32),
+            "pg_weight": pick(batch.pg_weight).astype(np.float32),
+            "env_weight": pick(batch.env_weight).astype(np.float32),
+        }
+
     pending = None
     for _ in range(rl.epochs):
         order = rng.permutation(n)
         order = np.concatenate([order, np.full(padded_rows(n, b) - n, -1)])
         for lo in range(0, len(order), b):
-            idx = order[lo : lo + b]
-            real = idx >= 0
-            take = np.where(real, idx, 0)
-            mb = {
-                "tokens": np.where(real[:, None], data.tokens[take], 0).astype(np.int32),
-                "roles": np.where(real[:, None], data.roles[take], roles.PAD).astype(np.int32),
-                "advantage": np.where(real, data.advantage[take], 0.0).astype(np.float32),
-                "old_logp": np.where(real[:, None], old_logp_NS[take], 0.0).astype(np.float32),
-                "env_weight": np.where(real, batch.env_weight[take], 0.0).astype(np.float32),
-            }
-            mb = jax.device_put(mb, dp.batch) | {"lam": jax.device_put(lam_, dp.replicated)}
-            state, metrics = train_step(state, mb)
+            mb = jax.device_put(rows(order[lo : lo + b]), dp.batch)
+            state, metrics = train_step(state, mb | {"lam": jax.device_put(lam_, dp.replicated)})
             if pending is not None:
                 read(pending)
             pending = metrics
@@ -276,7 +287,8 @@ def update(
 
 
 def approx_kl(old_logp_NS, new_logp_NS, roles_NT) -> float:
-    """KL(sampling policy || updated policy) on the action tokens, Schulman's k3 estimator."""
+    """KL(sampling policy || updated policy) on the sampled tokens in the contexts they were
+    sampled in (the rows), Schulman's k3 estimator."""
     mask = roles_NT[:, 1:] == roles.ACTION
     if not mask.any():
         return math.nan
@@ -284,75 +296,58 @@ def approx_kl(old_logp_NS, new_logp_NS, roles_NT) -> float:
     return float(np.mean(np.expm1(log_ratio) - log_ratio))
 
 
-# --- rollouts in the worlds -----------------------------------------------------------------
+# --- the task pool and greedy evaluations --------------------------------------------------
 
 
-class WorldPool:
-    """One live server per scenario, started on first use and kept across iterations, and the
-    threads that step them. The threads live as long as the pool: a server gets SIGKILL when
-    the thread that started it ends (PR_SET_PDEATHSIG follows the parent thread), so servers
-    started by short-lived threads would die between iterations."""
-
-    def __init__(self, worlds: dict[str, World], workers: int):
-        self.worlds = worlds
-        self.live: dict[str, LiveWorld] = {}
-        self.lock = threading.Lock()
-        self.threads = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="world")
-
-    def get(self, scenario: str) -> LiveWorld:
-        with self.lock:
-            live = self.live.get(scenario)
-            if live is None:
-                live = self.live[scenario] = LiveWorld(self.worlds[scenario])
-                _start(live)
-            return live
-
-    def close(self) -> None:
-        self.threads.shutdown(wait=True)
-        for live in self.live.values():
-            live.close()
-        self.live.clear()
+def engine_config(rl: RLConfig) -> EngineConfig:
+    return EngineConfig(
+        slots=rl.slots,
+        max_new_tokens=rl.max_new_tokens,
+        max_steps=rl.max_steps,
+        servers_per_scenario=rl.servers_per_scenario,
+    )
 
 
-def rollout_key(seed: int, iteration: int, scenario: str, task_idx: int, g: int) -> jax.Array:
-    digest = [ord(c) for c in scenario]
-    rng = np.random.default_rng([seed, iteration, task_idx, g, *digest])
-    return jax.random.key(int(rng.integers(2**31)))
+def rollout_seed(seed: int, iteration: int, scenario: str, task_idx: int, g: int) -> int:
+    rng = np.random.default_rng([seed, iteration, task_idx, g, *(ord(c) for c in scenario)])
+    return int(rng.integers(2**31))
 
 
-def collect_rollouts(
-    pool: WorldPool,
-    tasks: Sequence[tuple[str, int]],
-    decoder: Decoder,
-    rl: RLConfig,
-    iteration: int,
-    canonical_json: bool,
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """G rollouts of each task; a scenario's rollouts run in order on its world, scenarios in
-    parallel threads. Returned in (task, g) order whatever the threads' timing."""
-    generate = _TimedDecoder(decoder, rl.temperature, rl.top_p)
-    harness = HarnessConfig(max_tool_calls=rl.max_steps)
-    by_scenario: dict[str, list[tuple[int, int, int]]] = {}
-    for n, (scenario, task_idx) in enumerate(tasks):
-        for g in range(rl.group_size):
-            by_scenario.setdefault(scenario, []).append((n, task_idx, g))
+def group_requests(tasks, iteration: int, seed: int, g: int, temperature: float):
+    """g rollouts of each task, each with its own sampling seed (greedy at temperature 0)."""
+    return [
+        EpisodeRequest(scenario, task_idx, rollout_seed(seed, iteration, scenario, task_idx, k),
+                       temperature, 1.0, {"iteration": iteration, "sample": k, "seed": seed,
+                                          "temperature": temperature, "top_p": 1.0})
+        for scenario, task_idx in tasks
+        for k in range(g)
+    ]  # fmt: skip
 
-    def run_scenario(scenario: str) -> list[tuple[tuple[int, int], dict[str, Any]]]:
-        live = pool.get(scenario)
-        out = []
-        for n, task_idx, g in by_scenario[scenario]:
-            key = rollout_key(rl.seed, iteration, scenario, task_idx, g)
-            ep = run_agent_episode(live, task_idx, generate, decoder, key, harness, canonical_json)
-            ep["agent"] = {"iteration": iteration, "sample": g, "seed": rl.seed,
-                           "temperature": rl.temperature, "top_p": rl.top_p}  # fmt: skip
-            out.append(((n, g), ep))
-        return out
 
-    parts = pool.threads.map(run_scenario, sorted(by_scenario))
-    results = [r for part in parts for r in part]
-    records = [ep for _, ep in sorted(results, key=lambda r: r[0])]
-    timing = {"decode_tokens": generate.tokens, "decode_s": generate.seconds}
-    return records, timing
+def success_rate(records: Sequence[dict[str, Any]]) -> float:
+    return float(np.mean([r["step_reward_types"][-1] == SUCCESS for r in records]))
+
+
+def choose_pool(engine: RolloutEngine, candidates, rl: RLConfig) -> dict[str, Any]:
+    """Probes each candidate task with rl.pool_probe sampled rollouts and keeps those whose
+    success rate lies in [pool_min_success, pool_max_success], closest to 0.5 first."""
+    records = engine.run(group_requests(candidates, 0, rl.pool_seed, rl.pool_probe, 1.0))
+    rates = [success_rate(records[i * rl.pool_probe : (i + 1) * rl.pool_probe])
+             for i in range(len(candidates))]  # fmt: skip
+    band = [(abs(p - 0.5), c, p) for c, p in zip(candidates, rates, strict=True)
+            if rl.pool_min_success <= p <= rl.pool_max_success]  # fmt: skip
+    chosen = sorted(band)[: rl.pool_size]
+    return {
+        "tasks": sorted([list(c) for _, c, _ in chosen]),
+        "probe_success": {f"{s}/{t}": p for (s, t), p in zip(candidates, rates, strict=True)},
+        "probe_env_steps": sum(len(r["steps"]) for r in records),
+        "settings": {k: getattr(rl, k) for k in ("pool_size", "pool_candidates", "pool_probe",
+                     "pool_min_success", "pool_max_success", "pool_seed", "split")},
+    }  # fmt: skip
+
+
+def greedy_pass(engine: RolloutEngine, tasks, seed: int) -> float:
+    return success_rate(engine.run(group_requests(tasks, 0, seed, 1, 0.0)))
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -381,6 +376,11 @@ def start_run(
     return cfg, vocab, graphdef, params, run
 
 
+def load_pool(path: str) -> list[tuple[str, int]]:
+    with open(path) as f:
+        return [(s, int(t)) for s, t in json.load(f)["tasks"]]
+
+
 def run_rl(
     workdir: str,
     rl: RLConfig,
@@ -403,116 +403,106 @@ def run_rl(
     mute_fork_warning()
     cfg, vocab, graphdef, params, run = start_run(workdir, start, cfg, rl)
     loaded = load_worlds(worlds, scenarios)
-    train_tasks = split_tasks(loaded, corpus_dir, rl.split)
-    if not train_tasks:
-        raise ValueError(f"no tasks of split {rl.split!r} among the worlds in {worlds}")
-    tcfg = cfg.train
-    # A (constant) schedule keeps the optimiser state's structure that of training runs, so RL
-    # checkpoints restore through the same template (agent.load_run).
-    tx = make_optimizer(tcfg, schedule=optax.constant_schedule(rl.learning_rate))
+    tx = make_optimizer(cfg.train, schedule=optax.constant_schedule(rl.learning_rate))
     dp = data_parallel(rl.minibatch_size)
     state = jax.device_put(init_state(params, tx), dp.replicated)
     train_step = make_train_step(graphdef, tx, cfg.loss)
     score = make_score_fn(graphdef, cfg.loss.impl, cfg.loss.chunk_size)
     t = cfg.data.max_len
     rng = np.random.default_rng([rl.seed, 1])
-    pool = WorldPool(loaded, rl.workers)
     rollout_dir = Path(run.path) / ROLLOUT_DIR
     rollout_dir.mkdir(exist_ok=True)
-    agent = AgentConfig(temperature=0.0, max_new_tokens=rl.max_new_tokens, max_steps=rl.max_steps)
+    engine = RolloutEngine(graphdef, state.params, vocab, t, loaded, engine_config(rl),
+                           cfg.data.canonical_json)  # fmt: skip
+    with engine:
+        if rl.pool_file:
+            pool = {"tasks": load_pool(rl.pool_file), "from": os.path.abspath(rl.pool_file)}
+        else:
+            train_tasks = split_tasks(loaded, corpus_dir, rl.split)
+            candidates = choose_tasks(train_tasks, rl.pool_candidates, rl.pool_seed)
+            pool = choose_pool(engine, candidates, rl)
+        tasks = [tuple(x) for x in pool["tasks"]]
+        if not tasks:
+            raise ValueError(f"no task's success rate lies in [{rl.pool_min_success}, "
+                             f"{rl.pool_max_success}]: {pool}")  # fmt: skip
+        run.write_json(POOL, pool)
+        held = []
+        if rl.eval_split:
+            held = split_tasks(loaded, corpus_dir, rl.eval_split)
+            held = choose_tasks(held, rl.eval_max_tasks or None, rl.seed)
 
-    def held_out(iteration: int) -> dict[str, float]:
-        if not rl.eval_split:
-            return {}
-        m = evaluate_checkpoint(
-            run.path, rl.eval_split, 0, worlds=worlds, corpus_dir=corpus_dir, agent=agent,
-            max_tasks=rl.eval_max_tasks or None, scenarios=scenarios, tool_call_positions=0,
-            seed=rl.seed, step=iteration,
-        )  # fmt: skip
-        return {"heldout_pass@1": m["pass@1_greedy"], "heldout_tasks": m["tasks"]}
+        def evaluations(iteration: int) -> dict[str, float]:
+            due = iteration in (0, rl.iterations) or (
+                rl.eval_every > 0 and iteration % rl.eval_every == 0
+            )
+            if not due:
+                return {}
+            out = {"pool_pass@1": greedy_pass(engine, tasks, rl.seed)}
+            if held:
+                out["heldout_pass@1"] = greedy_pass(engine, held, rl.seed)
+            return out
 
-    def eval_due(iteration: int, last: bool) -> bool:
-        return iteration == 0 or last or (rl.eval_every > 0 and iteration % rl.eval_every == 0)
-
-    env_steps = 0
-    lines = []
-    started = time.perf_counter()
-    try:
+        env_steps = 0
+        lines = []
+        started = time.perf_counter()
         run.save(state, 0, {"iteration": 0, "env_steps": 0})
-        first = {"iteration": 0, "env_steps": 0, **held_out(0)}
+        first = {"iteration": 0, "env_steps": 0, "pool_tasks": len(tasks), **evaluations(0)}
         run.append_metrics(first)
         lines.append(first)
         for it in range(rl.iterations):
             t0 = time.perf_counter()
-            decoder = Decoder(graphdef, state.params, vocab, t, rl.max_new_tokens)
-            draw = np.random.default_rng([rl.seed, it]).permutation(len(train_tasks))
-            tasks = sorted(train_tasks[i] for i in draw[: rl.tasks_per_iteration])
-            records, timing = collect_rollouts(
-                pool, tasks, decoder, rl, it + 1, cfg.data.canonical_json
-            )
+            before = engine.timing.as_dict()
+            records = engine.run(group_requests(tasks, it + 1, rl.seed, rl.group_size, 1.0))
             write_shard(rollout_dir / f"iter_{it + 1:04d}.jsonl.gz", records)
             rollout_s = time.perf_counter() - t0
+            timing = {k: v - before[k] for k, v in engine.timing.as_dict().items()}
 
             t1 = time.perf_counter()
-            batch = pack_rollouts(records, vocab, cfg, rl, f"{rollout_dir}/iter_{it + 1:04d}")
-            old_logp = score_rows(score, state.params, batch.data.tokens, rl.minibatch_size)
-            gap = recorded_logp_gap(records, vocab, score, state.params, t - rl.max_new_tokens)
+            batch = rollout_batch(records, rl, t)
+            sampled = score_rows(score, state.params, batch.tokens, rl.minibatch_size)
             lam = lam_at(rl, cfg.loss.lam, it)
-            state, upd = update(train_step, state, batch, old_logp, lam, rl, rng, dp)
-            new_logp = score_rows(score, state.params, batch.data.tokens, rl.minibatch_size)
+            state, upd = update(train_step, state, batch, lam, rl, rng, dp)
+            updated = score_rows(score, state.params, batch.tokens, rl.minibatch_size)
+            engine.set_params(state.params)  # The update donated the sampling parameters.
             update_s = time.perf_counter() - t1
 
-            stats = [rollout_stats(r) for r in records]
             steps_now = sum(len(r["steps"]) for r in records)
             env_steps += steps_now
-            last = it + 1 == rl.iterations or (rl.env_steps and env_steps >= rl.env_steps)
             run.save(state, it + 1, {"iteration": it + 1, "env_steps": env_steps})
+            stats = [rollout_stats(r) for r in records]
+            format_errors = sum(sum(t in FORMAT_ERROR_TYPES for t in r["step_reward_types"])
+                                for r in records)  # fmt: skip
             line = {
                 "iteration": it + 1,
                 "env_steps": env_steps,
                 "rollouts": len(records),
+                "success_rate": success_rate(records),
                 "mean_reward": float(np.mean([r["reward"] for r in records])),
-                "mean_training_reward": float(np.mean([ep.reward for ep in batch.episodes])),
-                "success_rate": float(np.mean([s["success"] for s in stats])),
-                "format_error_share": sum(
-                    s["format_error_share"] * len(r["steps"])
-                    for s, r in zip(stats, records, strict=True)
-                )
-                / steps_now,
+                "mean_training_reward": float(batch.rewards.mean()),
+                "format_error_share": format_errors / steps_now,
                 "parse_share": float(np.mean([s["parse_share"] for s in stats])),
                 "mean_steps": steps_now / len(records),
-                "env_ce_fresh": role_ce(old_logp, batch.data.roles, roles.ENV_OUTPUT),
-                "action_ce_fresh": role_ce(old_logp, batch.data.roles, roles.ACTION),
-                "env_rows_kept": float(batch.env_weight.mean()),
-                "informative_groups": float(
-                    np.mean(
-                        [
-                            np.ptp([e.reward for e in batch.episodes[i : i + rl.group_size]]) > 0
-                            for i in range(0, len(records), rl.group_size)
-                        ]
-                    )
-                ),  # fmt: skip
+                "env_ce_fresh": role_ce(sampled, batch.roles, roles.ENV_OUTPUT),
+                "action_ce_fresh": role_ce(sampled, batch.roles, roles.ACTION),
+                **logp_gap(batch, sampled),
+                "informative_groups": float(batch.informative.mean()),
                 "lam": lam,
                 **upd,
-                "kl": approx_kl(old_logp, new_logp, batch.data.roles),
-                "logp_agreement": gap,
-                "rows": batch.data.num_rows,
+                "kl": approx_kl(batch.sample_logp, updated, batch.roles),
+                "rows": batch.num_rows,
                 "rollout_s": rollout_s,
                 "update_s": update_s,
-                "decode_tokens_per_s": timing["decode_tokens"] / max(timing["decode_s"], 1e-9),
-            }
-            if eval_due(it + 1, bool(last)):
-                line.update(held_out(it + 1))
+                "decode_tokens_per_s": timing["generated_tokens"] / max(timing["decode_s"], 1e-9),
+                "env_steps_per_s": steps_now / rollout_s,
+                **evaluations(it + 1),
+            }  # fmt: skip
             run.append_metrics(line)
             lines.append(line)
             log(format_line(line))
-            if last:
-                break
-    finally:
-        pool.close()
     summary = {
         "iterations": lines[-1]["iteration"],
         "env_steps": env_steps,
+        "pool": pool["tasks"],
         "wall_s": time.perf_counter() - started,
         "objective": cfg.loss.objective,
         "lam": cfg.loss.lam,
@@ -525,14 +515,14 @@ def run_rl(
 
 
 def format_line(line: dict[str, Any]) -> str:
-    held = line.get("heldout_pass@1")
+    evals = "".join(f"  {k} {line[k]:.2f}" for k in ("pool_pass@1", "heldout_pass@1") if k in line)
     return (
         f"iter {line['iteration']:>3}  env steps {line['env_steps']:>5}  "
         f"success {line['success_rate']:.2f}  reward {line['mean_reward']:+.2f}  "
         f"format err {line['format_error_share']:.2f}  env_ce {line['env_ce_fresh']:.3f}  "
         f"pg {line['pg_loss']:+.4f}  clip {line['clip_frac']:.3f}  kl {line['kl']:.4f}  "
-        f"rollout {line['rollout_s']:.0f}s  update {line['update_s']:.0f}s"
-        + (f"  held-out pass@1 {held:.2f}" if held is not None else "")
+        f"gap {line['logp_gap_mean']:.1e}  "
+        f"rollout {line['rollout_s']:.0f}s  update {line['update_s']:.0f}s" + evals
     )
 
 
@@ -547,3 +537,26 @@ def remove_unfinished(workdir: str) -> bool:
         shutil.rmtree(workdir)
         return True
     return False
+
+
+def make_pool(
+    out_path: str,
+    start: str,
+    rl: RLConfig,
+    worlds: str,
+    corpus_dir: str | None,
+    scenarios: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Chooses the pool from the `start` run's checkpoint (`choose_pool`) and writes it to
+    out_path, so that every arm and seed of a sweep trains on the same tasks."""
+    validate_rl(rl)
+    mute_fork_warning()
+    cfg, vocab, graphdef, params, _ = load_run(start)
+    loaded = load_worlds(worlds, scenarios)
+    candidates = choose_tasks(split_tasks(loaded, corpus_dir, rl.split), rl.pool_candidates,
+                              rl.pool_seed)  # fmt: skip
+    with RolloutEngine(graphdef, params, vocab, cfg.data.max_len, loaded, engine_config(rl),
+                       cfg.data.canonical_json) as engine:  # fmt: skip
+        pool = choose_pool(engine, candidates, rl)
+    atomic_write_text(out_path, json.dumps(pool, indent=2, sort_keys=True))
+    return pool

@@ -43,15 +43,25 @@ from echo_jax.awm.capture import WORLD_FAILURES, LiveWorld
 from echo_jax.awm.harness import PARSE_ERROR_KEY, HarnessConfig, run_episode
 from echo_jax.awm.world_format import World
 from echo_jax.decoding import Decoder, Generation, Rows
+from echo_jax.episodes import WARNING_FIELD
 from echo_jax.packing import to_compact
-from echo_jax.render import CALL_MARK, Rendered, render_action, render_observation, render_prefix
+from echo_jax.render import (
+    CALL_MARK,
+    FIELD_MARKS,
+    Rendered,
+    render_action,
+    render_observation,
+    render_prefix,
+)
 from echo_jax.tokenizer import tokenize_rendered
 from echo_jax.vocab import PAD_ID, Vocab
 
 log = logging.getLogger(__name__)
 
 EPISODE_ROWS = "rows"  # Episode key of the token-exact rows (list of `row_record`s).
-EXTEND_CHUNKS = (32, 256)  # Widths of `extend` calls: the smallest that takes every row.
+EXTEND_CHUNKS = (32, 256)  # Widths of `extend` calls: short observations, then long ones.
+EXTEND_ROWS = (1, 4, 16)  # Rows per `extend` call: the smallest that takes the waiting ones.
+DECODE_ROWS = (4, 8, 16)  # Rows per `decode` call: the smallest that takes the active ones.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,29 +86,53 @@ class EpisodeRequest:
     tag: dict[str, Any] = dataclasses.field(default_factory=dict)  # Stored as episode["agent"].
 
 
-def segments_to_tokens(segments: Sequence[tuple[str, int]], vocab: Vocab):
-    """(compact ids, roles) of text segments, tokenized as training tokenizes them."""
-    rendered = Rendered(tuple(segments), 0, ())
-    compact = to_compact(tokenize_rendered(rendered), vocab)
-    return compact.ids.tolist(), compact.roles.astype(np.int32).tolist()
+# The kind of each observation token, for per-kind env-term weights (RLConfig.weight_*).
+NO_KIND, TOOL_RESULT, TOOL_ERROR, VERIFIER, WARNING_TEXT = range(5)
+_KIND_OF_MARK = {
+    FIELD_MARKS["tool_result"]: TOOL_RESULT,
+    FIELD_MARKS["error"]: TOOL_ERROR,
+    FIELD_MARKS["verify_result"]: VERIFIER,
+    FIELD_MARKS[WARNING_FIELD]: WARNING_TEXT,
+}
+_KINDS = 8  # Roles and kinds travel through the tokenizer as role * _KINDS + kind.
+
+
+def observation_segments(observation: dict[str, Any], canonical_json: bool):
+    """`render_observation`'s segments, each body tagged with its kind: (text, role, kind)."""
+    out, kind = [], NO_KIND
+    for text, role in render_observation(observation, canonical_json):
+        kind = _KIND_OF_MARK.get(text, kind) if role == roles.CONTEXT else kind
+        out.append((text, role, NO_KIND if role == roles.CONTEXT else kind))
+    return out
+
+
+def segments_to_tokens(segments: Sequence[tuple], vocab: Vocab):
+    """(compact ids, roles, kinds) of (text, role[, kind]) segments, tokenized as training
+    tokenizes them."""
+    tagged = tuple((s[0], s[1] * _KINDS + (s[2] if len(s) > 2 else NO_KIND)) for s in segments)
+    compact = to_compact(tokenize_rendered(Rendered(tagged, 0, ())), vocab)
+    tags = compact.roles.astype(np.int32)
+    return compact.ids.tolist(), (tags // _KINDS).tolist(), (tags % _KINDS).tolist()
 
 
 @dataclasses.dataclass
 class RowRecord:
-    """One training row of an episode: tokens, the role of each as a target, sampling log-probs
-    (0 where the token was not sampled)."""
+    """One training row of an episode: tokens, the role of each as a target, the kind of each
+    observation token, and sampling log-probs (0 where the token was not sampled)."""
 
     tokens: list[int] = dataclasses.field(default_factory=list)
     roles: list[int] = dataclasses.field(default_factory=list)
+    kinds: list[int] = dataclasses.field(default_factory=list)
     logp: list[float] = dataclasses.field(default_factory=list)
 
-    def extend(self, tokens: Sequence[int], token_roles: Sequence[int], logp=None) -> None:
+    def extend(self, tokens, token_roles, kinds=None, logp=None) -> None:
         self.tokens.extend(tokens)
         self.roles.extend(token_roles)
+        self.kinds.extend(kinds if kinds is not None else [NO_KIND] * len(tokens))
         self.logp.extend(logp if logp is not None else [0.0] * len(tokens))
 
     def as_dict(self) -> dict[str, list]:
-        return {"tokens": self.tokens, "roles": self.roles, "logp": self.logp}
+        return dataclasses.asdict(self)
 
 
 class EpisodeTokens:
@@ -116,13 +150,14 @@ class EpisodeTokens:
         self.rows: list[RowRecord] = []
         self.dropped_targets = 0  # Target tokens cut from an extension longer than a row.
 
-    def append(self, tokens: list[int], token_roles: list[int], budget: int) -> list[int] | None:
+    def append(self, tokens: list[int], token_roles: list[int], kinds: list[int],
+               budget: int) -> list[int] | None:  # fmt: skip
         """Adds tokens to the current row or, when that would pass `budget` tokens, to a new
         row: the prefix, the most recent whole steps that fit (as CONTEXT), then the tokens
         (their start cut off if even they alone do not fit). Returns the new row's tokens, or
         None when the current row took them."""
         if self.rows and len(self.rows[-1].tokens) + len(tokens) <= budget:
-            self.rows[-1].extend(tokens, token_roles)
+            self.rows[-1].extend(tokens, token_roles, kinds)
             self.stream.extend(tokens)
             return None
         row = RowRecord()
@@ -135,8 +170,8 @@ class EpisodeTokens:
         elif room < 0:
             cut = -room
             self.dropped_targets += sum(r != roles.CONTEXT for r in token_roles[:cut])
-            tokens, token_roles = tokens[cut:], token_roles[cut:]
-        row.extend(tokens, token_roles)
+            tokens, token_roles, kinds = tokens[cut:], token_roles[cut:], kinds[cut:]
+        row.extend(tokens, token_roles, kinds)
         self.rows.append(row)
         self.stream.extend(tokens)
         return row.tokens
@@ -147,7 +182,7 @@ class EpisodeTokens:
 
     def sampled(self, gen: Generation) -> None:
         tokens = gen.tokens.tolist()
-        self.rows[-1].extend(tokens, [roles.ACTION] * len(tokens), gen.logp.tolist())
+        self.rows[-1].extend(tokens, [roles.ACTION] * len(tokens), logp=gen.logp.tolist())
         self.stream.extend(tokens)
 
 
@@ -162,9 +197,9 @@ class _EnginePolicy:
         self.canonical = engine.canonical_json
         self.max_new = engine.config.max_new_tokens
         task = engine.worlds[request.scenario].tasks[request.task_idx]
-        prefix, _ = segments_to_tokens(render_prefix(task, list(tools)), self.vocab)
+        prefix, _, _ = segments_to_tokens(render_prefix(task, list(tools)), self.vocab)
         self.trace = EpisodeTokens(prefix, engine.decoder.max_len)
-        marker, _ = segments_to_tokens([(CALL_MARK, roles.CONTEXT)], self.vocab)
+        marker, _, _ = segments_to_tokens([(CALL_MARK, roles.CONTEXT)], self.vocab)
         if len(prefix) + len(marker) > self.trace.max_len - self.max_new:
             raise ValueError(
                 f"{request.scenario} task {request.task_idx}: the task and tool list take "
@@ -190,14 +225,14 @@ class _EnginePolicy:
                 segments += [(CALL_MARK, roles.CONTEXT), (text, roles.CONTEXT)]
             elif not self.last_text.endswith("\n"):
                 segments.append(("\n", roles.CONTEXT))
-            segments.extend(render_observation(step["observation"], self.canonical))
+            segments.extend(observation_segments(step["observation"], self.canonical))
         self.consumed_steps = len(steps)
         return segments
 
     def next_action(self, steps: list[dict[str, Any]]) -> dict[str, Any]:
         segments = [*self._unread(steps), (CALL_MARK, roles.CONTEXT)]
-        tokens, token_roles = segments_to_tokens(segments, self.vocab)
-        new_row = self.trace.append(tokens, token_roles, self.trace.max_len - self.max_new)
+        tokens, token_roles, kinds = segments_to_tokens(segments, self.vocab)
+        new_row = self.trace.append(tokens, token_roles, kinds, self.trace.max_len - self.max_new)
         self.trace.start_step(self.marker_len)
         reset = new_row is not None
         gen = self.engine.generate(self, new_row if reset else tokens, reset)
@@ -229,8 +264,8 @@ class _EnginePolicy:
         the last row (a new one if they do not fit), and the rows on the episode."""
         segments = self._unread(episode["steps"])
         if segments:
-            tokens, token_roles = segments_to_tokens(segments, self.vocab)
-            self.trace.append(tokens, token_roles, self.trace.max_len)
+            tokens, token_roles, kinds = segments_to_tokens(segments, self.vocab)
+            self.trace.append(tokens, token_roles, kinds, self.trace.max_len)
         steps = episode["steps"]
         if not len(steps) - 1 <= len(self.records) <= len(steps):
             raise ValueError(f"{len(self.records)} policy records for {len(steps)} steps")
@@ -439,6 +474,8 @@ class RolloutEngine:
 
     def _loop(self, futures: list[Future], skip_failed: bool) -> None:
         cfg, dec, t = self.config, self.decoder, self.timing
+        row_buckets = sorted({min(b, cfg.slots) for b in EXTEND_ROWS})
+        decode_buckets = sorted({min(b, cfg.slots) for b in DECODE_ROWS})
         rows = Rows.empty(cfg.slots)
         pending: dict[int, list[int]] = {}  # Slot -> tokens still to append.
         serving: dict[int, _Waiting] = {}  # Slot -> the call it is generating.
@@ -484,45 +521,56 @@ class RolloutEngine:
                     waiting = None
             lap("host_s")
 
-            while pending:  # Append every waiting row's tokens, in calls of one width.
-                longest = max(len(v) for v in pending.values())
-                c = next((w for w in EXTEND_CHUNKS if w >= longest), EXTEND_CHUNKS[-1])
-                tokens_SC = np.full((cfg.slots, c), PAD_ID, np.int32)
-                count_S = np.zeros(cfg.slots, np.int32)
-                for slot, toks in list(pending.items()):
+            while pending:  # Append the waiting rows' tokens: the longest first, wide chunks.
+                wide = [slot for slot, toks in pending.items() if len(toks) > EXTEND_CHUNKS[0]]
+                c = EXTEND_CHUNKS[-1] if wide else EXTEND_CHUNKS[0]
+                group = (wide or list(pending))[: row_buckets[-1]]
+                r = next(b for b in row_buckets if b >= len(group))
+                idle = [slot for slot in range(cfg.slots) if slot not in group]
+                rows_R = np.array(group + idle[: r - len(group)], np.int32)  # Distinct rows.
+                tokens_RC = np.full((r, c), PAD_ID, np.int32)
+                count_R = np.zeros(r, np.int32)
+                for i, slot in enumerate(group):
+                    toks = pending[slot]
                     n = min(c, len(toks))
-                    tokens_SC[slot, :n] = toks[:n]
-                    count_S[slot] = n
+                    tokens_RC[i, :n] = toks[:n]
+                    count_R[i] = n
                     pending[slot] = toks[n:]
                     if not pending[slot]:
                         del pending[slot]
                         rows.active[slot] = True
                         rows.budget[slot] = cfg.max_new_tokens
                         rows.stop_state[slot] = 0
-                start_S = rows.position.copy()
-                rows.position[:] += count_S
+                start_R = rows.position[rows_R].copy()
+                rows.position[rows_R] += count_R
                 lap("host_s")
                 self.cache, self.logits_SV = dec.extend_fn(
-                    dec.params, self.cache, self.logits_SV, tokens_SC, start_S, count_S
+                    dec.params, self.cache, self.logits_SV, tokens_RC, start_R, count_R, rows_R
                 )
                 t.extend_calls += 1
+                _ready(self.logits_SV)  # So that extend_s holds the extends' compute.
                 lap("extend_s")
 
             if rows.active.any():
                 decoding = np.flatnonzero(rows.active)
+                r = next((b for b in decode_buckets if b >= decoding.size), decode_buckets[-1])
+                idle = np.flatnonzero(~rows.active)
+                rows_R = np.concatenate([decoding[:r], idle[: r - decoding[:r].size]])
                 self.cache, self.logits_SV, new_rows, out = dec.block_fn(
-                    dec.params, self.cache, self.logits_SV, rows, dec.stop_VS
-                )
-                new_rows, out = jax.device_get((new_rows, out))
+                    dec.params, self.cache, self.logits_SV,
+                    Rows(*(x[rows_R] for x in rows)), rows_R.astype(np.int32), dec.stop_VS,
+                )  # fmt: skip
+                new_rows, out = jax.device_get(_ready((new_rows, out)))
                 t.decode_calls += 1
                 lap("decode_s")
-                rows = Rows(*(np.array(x) for x in new_rows))
-                for slot in decoding:
-                    n = int(out["n_S"][slot])
+                for field, value in zip(rows, new_rows, strict=True):
+                    field[rows_R] = value
+                for i, slot in enumerate(rows_R[: min(r, decoding.size)]):
+                    n = int(out["n_S"][i])
                     t.generated_tokens += n
-                    produced[slot].append({k: v[slot, :n] for k, v in out.items() if v.ndim == 2})
+                    produced[slot].append({k: v[i, :n] for k, v in out.items() if v.ndim == 2})
                     if not rows.active[slot]:
-                        stopped = bool(out["stopped_S"][slot])
+                        stopped = bool(out["stopped_S"][i])
                         self._hand_back(serving.pop(slot), produced.pop(slot), stopped)
                 lap("host_s")
 
@@ -532,6 +580,15 @@ class RolloutEngine:
         prompt_len = len(waiting.policy.trace.rows[-1].tokens)
         gen = self.decoder.generation(out, 0, prompt_len, out["tokens_SM"].shape[1])
         waiting.future.set_result(gen)
+
+
+def _ready(tree):
+    """`tree` once computed. JAX's own wait keeps the waiting thread busy, which on a small
+    CPU takes a core from the computation; a short sleep between checks does not."""
+    leaves = jax.tree.leaves(tree)
+    while not all(x.is_ready() for x in leaves):
+        time.sleep(2e-4)
+    return tree
 
 
 def _interleave_scenarios(requests: Sequence[EpisodeRequest]) -> list[int]:

@@ -3,9 +3,10 @@
     python -m experiments.rl --objective=echo --lam=0.05   # from data/warm_start
     python -m experiments.rl --objective=grpo --start=''   # from scratch (--model_size, --data)
 
-Each iteration samples --group_size rollouts of --tasks_per_iteration training tasks with the
-current policy, scores them with the tasks' verifiers, and updates with echo_loss (PPO-clip on
-the sampling policy's log-probs). Logic in echo_jax.rl.run_rl; metrics per iteration in
+Each iteration samples --group_size rollouts of every task of the pool (chosen once from the
+start checkpoint, or read from --pool_file) with the current policy, scores them with the
+tasks' verifiers, and updates with echo_loss (PPO-clip on the log-probs the sampler recorded)
+on exactly the tokens it sampled. Logic in echo_jax.rl.run_rl; metrics per iteration in
 WORKDIR/metrics.jsonl, rollouts in WORKDIR/rollouts/ (capture format).
 """
 
@@ -19,11 +20,13 @@ import time
 from absl import app, flags, logging
 
 from echo_jax import config as C
+from echo_jax import config_flags
+from echo_jax.config_flags import define_flags, from_flags
 from echo_jax.episodes import EpisodeError
 from echo_jax.rl import run_rl
 from echo_jax.run_dir import RunDir, RunDirError
 
-_R, _L = C.RLConfig(), C.LossConfig()
+_L = C.LossConfig()
 
 flags.DEFINE_enum("objective", _L.objective, C.OBJECTIVES, "Which loss terms train the policy.")
 flags.DEFINE_float("lam", _L.lam, "λ at the first iteration (objective=echo only).")
@@ -38,40 +41,20 @@ flags.DEFINE_list("data", list(C.DEFAULT_DATA), "From scratch: the data that bui
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/rl_<objective>_<time>).")
 flags.DEFINE_string("worlds", "data/awm_worlds", "AWM-format world folder.")
 flags.DEFINE_string("corpus", "data/corpus", "Corpus whose manifest assigns task splits.")
-flags.DEFINE_integer("iterations", _R.iterations, "Rollout-then-update rounds (upper bound).")
-flags.DEFINE_integer("env_steps", _R.env_steps, "Stop after this many tool calls (0: off).")
-flags.DEFINE_integer("tasks_per_iteration", _R.tasks_per_iteration, "Tasks per iteration.")
-flags.DEFINE_integer("group_size", _R.group_size, "G: rollouts per task.")
-flags.DEFINE_float("temperature", _R.temperature, "Rollout sampling temperature.")
-flags.DEFINE_float("top_p", _R.top_p, "Rollout nucleus sampling mass.")
-flags.DEFINE_integer("max_new_tokens", _R.max_new_tokens, "Token budget per generated call.")
-flags.DEFINE_integer("max_steps", _R.max_steps, "Tool calls per rollout before forced verify.")
-flags.DEFINE_integer("epochs", _R.epochs, "Passes over each iteration's rows.")
-flags.DEFINE_integer("minibatch_size", _R.minibatch_size, "Rows per update step.")
-flags.DEFINE_float("learning_rate", _R.learning_rate, "Constant AdamW learning rate.")
-flags.DEFINE_enum("lam_schedule", _R.lam_schedule, C.LAM_SCHEDULES, "λ over iterations.")
-flags.DEFINE_float("lam_final", _R.lam_final, "λ at the last iteration (linear schedule).")
-flags.DEFINE_float("lam_decay", _R.lam_decay, "Factor per decay (step schedule).")
-flags.DEFINE_integer("lam_step_every", _R.lam_step_every, "Iterations per decay (step).")
-flags.DEFINE_float("min_valid_call_share", _R.min_valid_call_share, "Env-term rollout filter.")
-flags.DEFINE_float("min_parse_share", _R.min_parse_share, "Env-term rollout filter.")
-flags.DEFINE_float("format_penalty", _R.format_penalty, "Reward − this × format-error share.")
-flags.DEFINE_integer("workers", _R.workers, "Worlds stepped in parallel.")
-flags.DEFINE_enum("split", _R.split, C.SPLITS, "Corpus split trained on.")
-flags.DEFINE_integer("eval_every", _R.eval_every, "Iterations between held-out pass@1 runs.")
-flags.DEFINE_enum(
-    "eval_split", _R.eval_split, [*C.SPLITS, "none"], "Split of the held-out pass@1 runs."
+RL_FLAGS = define_flags(  # One flag per RLConfig field, its help the field's comment.
+    C.RLConfig,
+    choices={
+        "lam_schedule": C.LAM_SCHEDULES,
+        "split": C.SPLITS,
+        "eval_split": [*C.SPLITS, ""],
+    },  # fmt: skip
 )
-flags.DEFINE_integer("eval_max_tasks", _R.eval_max_tasks, "Tasks of those runs (0: all).")
-flags.DEFINE_integer("seed", _R.seed, "Task draws and sampling keys.")
+flags.adopt_module_key_flags(config_flags)  # So that --help lists them.
 FLAGS = flags.FLAGS
-RL_FLAGS = tuple(f.name for f in dataclasses.fields(C.RLConfig))  # One flag per field.
 
 
 def rl_config_from_flags() -> C.RLConfig:
-    values = {name: FLAGS[name].value for name in RL_FLAGS}
-    values["eval_split"] = "" if values["eval_split"] == "none" else values["eval_split"]
-    return C.validate_rl(C.RLConfig(**values))
+    return C.validate_rl(from_flags(C.RLConfig, RL_FLAGS))
 
 
 def run_config_from_flags() -> C.Config:
@@ -113,7 +96,7 @@ def main(argv: list[str]) -> None:
         )
     except (C.ConfigError, EpisodeError, RunDirError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(json.dumps({k: summary[k] for k in ("iterations", "env_steps", "wall_s")}))
+    print(json.dumps({k: summary[k] for k in ("iterations", "env_steps", "wall_s", "pool")}))
 
 
 if __name__ == "__main__":

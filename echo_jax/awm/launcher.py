@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import io
+import threading
 
 SERVE_FUNCTION = "_echo_awm_serve"
 MCP_PATH = "/mcp"
@@ -57,6 +58,12 @@ def {SERVE_FUNCTION}(app):
 
 class LaunchError(ValueError):
     """A scenario's full_code that cannot be prepared to run; the message names the scenario."""
+
+
+# CPython 3.11's parser keeps a recursion counter that concurrent ast.parse calls from
+# several threads corrupt (SystemError "AST constructor recursion depth mismatch"); the rollout
+# engine starts world servers from many threads.
+_PARSE_LOCK = threading.Lock()
 
 
 def _lines(code: str) -> list[str]:
@@ -139,7 +146,8 @@ def prepare_server_code(full_code: str, *, scenario: str, database_url: str) -> 
         )
 
     try:
-        tree = ast.parse(full_code, filename="<full_code>")
+        with _PARSE_LOCK:
+            tree = ast.parse(full_code, filename="<full_code>")
     except (SyntaxError, ValueError) as error:
         where = f" at line {error.lineno}" if getattr(error, "lineno", None) else ""
         raise fail(f"it does not parse ({type(error).__name__}: {error.args[0]}{where})") from None
