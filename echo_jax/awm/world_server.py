@@ -31,6 +31,7 @@ from pathlib import Path
 
 import requests
 
+from echo_jax.awm import sandbox
 from echo_jax.awm.world_format import World
 
 LOOPBACK = "127.0.0.1"
@@ -240,9 +241,14 @@ class WorldServer:
             HOST=LOOPBACK,
             PORT=str(self._port),
         )
+        command = [sys.executable, "-c", _LOOPBACK_LAUNCHER, str(server_path)]
+        binary = sandbox.require_sandbox(f"world server {self.world.name!r}")
+        if binary is not None:
+            command = sandbox.server_argv(binary, str(home), env, command)
+            env = {"PATH": os.defpath}  # bwrap clears it and sets the server's own.
         with self._log_path.open("wb") as log:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", _LOOPBACK_LAUNCHER, str(server_path)],
+                command,
                 cwd=home,
                 env=env,
                 stdin=subprocess.DEVNULL,
