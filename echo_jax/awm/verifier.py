@@ -172,19 +172,26 @@ def run_verifier(
         payload_path.write_text(json.dumps(payload), encoding="utf-8")
         payload_path.chmod(0o600)
         stdout_path, stderr_path, result_path = folder / "stdout", folder / "stderr", folder / "out"
-        with (
-            payload_path.open("rb") as stdin,
-            stdout_path.open("wb") as stdout,
-            stderr_path.open("wb") as stderr,
-            result_path.open("wb") as result,
-        ):
-            fd = result.fileno()
+        args_path = folder / "bwrap_args"
+        with contextlib.ExitStack() as files:
+            stdin = files.enter_context(payload_path.open("rb"))
+            stdout = files.enter_context(stdout_path.open("wb"))
+            stderr = files.enter_context(stderr_path.open("wb"))
+            fd = files.enter_context(result_path.open("wb")).fileno()
+            pass_fds = [fd]
             if binary is None:
                 argv = [sys.executable, "-I", "-S", verifier_runner.__file__, str(fd)]
             else:
-                argv = sandbox.verifier_argv(
+                inner = sandbox.verifier_argv(
                     binary, verifier_runner.__file__, str(initial), str(final), fd
                 )
+                # The options go through a file (--args), so the sandbox's PID 1 (bwrap) shows
+                # no host path in /proc/1/cmdline.
+                split = inner.index(sandbox.base_python())
+                args_path.write_bytes(b"".join(a.encode() + b"\0" for a in inner[1:split]))
+                args_fd = files.enter_context(args_path.open("rb")).fileno()
+                pass_fds.append(args_fd)
+                argv = [binary, "--args", str(args_fd), *inner[split:]]
             process = subprocess.Popen(
                 argv,
                 cwd=folder,
@@ -192,7 +199,7 @@ def run_verifier(
                 stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
-                pass_fds=(fd,),
+                pass_fds=tuple(pass_fds),
                 start_new_session=True,
                 preexec_fn=_limiting_preexec(limits),
             )
