@@ -34,6 +34,7 @@ import threading
 MODE_ENV = "ECHO_JAX_SANDBOX"
 PROCESS_ONLY = "process"
 VERIFIER_TMP_BYTES = 16 << 20
+SERVER_TMP_BYTES = 1 << 30
 SANDBOX_INITIAL_DB = "/db/initial.db"
 SANDBOX_FINAL_DB = "/db/final.db"
 # The modules a verifier process loads; their shared libraries decide which folders it needs.
@@ -73,7 +74,19 @@ def _probe() -> tuple[str | None, str]:
     python = base_python()
     try:
         done = subprocess.run(
-            [binary, *_COMMON, "--unshare-net", "--ro-bind", "/", "/", python, "-I", "-S", "-c", ""],
+            [
+                binary,
+                *_COMMON,
+                "--unshare-net",
+                "--ro-bind",
+                "/",
+                "/",
+                python,
+                "-I",
+                "-S",
+                "-c",
+                "",
+            ],
             capture_output=True,
             timeout=30,
             stdin=subprocess.DEVNULL,
@@ -257,11 +270,15 @@ def server_argv(
         "/proc",
         "--dev",
         "/dev",
+        "--size",
+        str(SERVER_TMP_BYTES),
         "--tmpfs",
         "/tmp",
         "--bind",
         folder,
         folder,
+        "--remount-ro",
+        "/",
         *setenv,
         "--chdir",
         folder,
