@@ -4,8 +4,9 @@ Verifier code comes with the world data, so it runs in a fresh `python -I -S` ch
 `verifier_runner`) inside a bubblewrap sandbox (`echo_jax.awm.sandbox`: own user, PID, network,
 IPC and mount namespaces; nothing mounted but the interpreter's files and the two database
 copies), with a wall-clock timeout, CPU/memory/file-size/process rlimits, a clean environment
-and a parent-death kill. Its outcome comes back on a file descriptor of its own, checked here. It only ever sees snapshot copies of the databases, so it
-can neither corrupt the live world nor the pristine initial state.
+and a parent-death kill. Its outcome comes back on a file descriptor of its own, checked here.
+It only ever sees snapshot copies of the databases, so it can neither corrupt the live world
+nor the pristine initial state.
 
 The returned dict has the shape of OpenEnv's AWM `verify_result` (the real capture's last step):
     {"result": "complete" | "others", "execution_status": "success", "raw_result": <returned>}

@@ -38,6 +38,7 @@ it and the files its user id can reach.
 
 import builtins
 import collections  # noqa: F401 -- imported before lock-down, so a verifier's import is cached
+import contextlib
 import datetime  # noqa: F401
 import json
 import math  # noqa: F401
@@ -335,10 +336,8 @@ def main() -> None:
         data = dumps({"status": "error", "error": f"result not encodable: {type(error).__name__}"})
         data = data.encode("utf-8") if isinstance(data, str) else b""
     for stream in (sys.__stdout__, sys.__stderr__):
-        try:
+        with contextlib.suppress(BaseException):  # A verifier may have broken its streams.
             stream.flush()
-        except BaseException:  # noqa: BLE001, S110 -- a verifier may have broken its streams
-            pass
     while data:
         data = data[write(result_fd, data) :]
     os._exit(0)  # No finaliser or atexit hook of the verifier's runs after the result.

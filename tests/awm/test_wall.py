@@ -299,7 +299,7 @@ def test_no_sandbox_is_a_clear_error_unless_process_only_is_chosen(databases, mo
             run_verifier(verifier("", "{'result': 'complete'}"), *databases)
         monkeypatch.setenv(sandbox.MODE_ENV, "process")
         with caplog.at_level(logging.WARNING, logger=sandbox.__name__):
-            code = "import sqlite3\ndef verify_task_completion(a, b):\n    return {'result': 'complete'}\n"
+            code = "def verify_task_completion(a, b):\n    return {'result': 'complete'}\n"
             result = run_verifier(code, *databases)
         assert result["result"] == "complete"
         assert "WITHOUT the bubblewrap sandbox" in caplog.text
