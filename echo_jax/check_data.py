@@ -23,6 +23,7 @@ from echo_jax.episodes import (
     EpisodeError,
     SkipReport,
     dedupe,
+    expand_paths,
     iter_episodes,
 )
 from echo_jax.packing import tokenize_episodes
@@ -73,7 +74,10 @@ def check(paths: Sequence[str], max_field_chars: int = DEFAULT_MAX_FIELD_CHARS) 
                 f"corpus ({corpus.MANIFEST})"
             )
         else:
-            episode_paths.append(path)
+            try:  # One path at a time, so a bad one (a FIFO, an empty glob) costs only itself.
+                episode_paths += expand_paths([path])
+            except EpisodeError as e:
+                report.errors.append(str(e))
     if episode_paths:
         _check_episodes(episode_paths, max_field_chars, report)
     return report
@@ -195,7 +199,7 @@ def _load_each(folder: str, errors: list[str]) -> dict:
             for line in f:
                 try:
                     name = json.loads(line).get("name")
-                except (ValueError, AttributeError):
+                except (ValueError, AttributeError, RecursionError):
                     continue
                 if isinstance(name, str):
                     names.append(name)
