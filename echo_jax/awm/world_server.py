@@ -38,6 +38,7 @@ LOOPBACK = "127.0.0.1"
 _ESSENTIAL_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 _PR_SET_PDEATHSIG = 1
 _STOP_GRACE_S = 3.0
+_REAP_WAIT_S = 2.0
 
 # Runs server.py as __main__ after pinning uvicorn.run to 127.0.0.1 and $PORT, so a generated
 # server that hard-codes another host or port still only listens on the loopback interface.
@@ -140,10 +141,17 @@ def kill_process_group(process: subprocess.Popen, grace_s: float = _STOP_GRACE_S
         os.killpg(process.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=grace_s)
-    # Also catches anything the leader spawned that outlived it in the same group.
+    # Also catches anything the leader spawned that outlived it in the same group (inside the
+    # sandbox: bwrap's PID 1 and the server), then waits, briefly, until their parents (not us)
+    # have reaped them, so that a stopped server has no process left.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    deadline = time.monotonic() + _REAP_WAIT_S
+    with contextlib.suppress(ProcessLookupError):
+        while time.monotonic() < deadline:
+            os.killpg(process.pid, 0)
+            time.sleep(0.005)
 
 
 class WorldServer:
