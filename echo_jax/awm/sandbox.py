@@ -265,7 +265,7 @@ def server_argv(
     return [
         binary,
         *_COMMON,
-        "--share-net",
+        "--unshare-net",
         *binds,
         "--proc",
         "/proc",

@@ -237,6 +237,7 @@ B['__builtins_keep__'] = Late()
 
 SPY_SERVER = """
 import os
+import socket
 import uvicorn
 from fastapi import FastAPI
 from fastapi_mcp import FastApiMCP
@@ -261,6 +262,13 @@ def spy():
         "write_outside": attempt(lambda: open("/usr/escaped", "w").write("x")),
         "write_own": attempt(lambda: open("scratch.txt", "w").write("ok")),
         "database": os.path.exists(os.environ["DATABASE_PATH"].removeprefix("sqlite:///")),
+        "parent_port": attempt(
+            lambda: socket.create_connection(
+                ("127.0.0.1", int(os.environ["PROBE_PORT"])), timeout=2
+            ).close()
+        ),
+        "outside": attempt(lambda: socket.create_connection(("1.1.1.1", 53), timeout=2).close()),
+        "interfaces": [name for _, name in socket.if_nameindex()],
     }
 
 
@@ -271,14 +279,25 @@ if __name__ == "__main__":
 """
 
 
-def test_world_server_cannot_read_the_users_files(world, monkeypatch):
-    # README is passed in the environment only to tell the server where to look.
+def test_world_server_cannot_read_the_users_files_or_reach_the_network(world, monkeypatch):
+    # README and PROBE_PORT are passed in the environment only to tell the server where to look.
     monkeypatch.setattr(
-        "echo_jax.awm.world_server._ESSENTIAL_ENV", ("PATH", "LANG", "README"), raising=True
+        "echo_jax.awm.world_server._ESSENTIAL_ENV",
+        ("PATH", "LANG", "README", "PROBE_PORT"),
+        raising=True,
     )
     monkeypatch.setenv("README", str(ROOT / "README.md"))
-    with WorldServer(dataclasses.replace(world, full_code=SPY_SERVER)) as server:
-        seen = requests.get(f"{server.base_url}/spy", timeout=10).json()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.2)
+        monkeypatch.setenv("PROBE_PORT", str(listener.getsockname()[1]))
+        with WorldServer(dataclasses.replace(world, full_code=SPY_SERVER)) as server:
+            seen = requests.get(f"{server.base_url}/spy", timeout=10).json()
+        with pytest.raises(socket.timeout):
+            listener.accept()  # Nothing reached the parent's other loopback port.
+    assert seen["parent_port"].startswith("failed: ") and seen["outside"].startswith("failed: ")
+    assert seen["interfaces"] == ["lo"]  # Reached only through the parent's bridge.
     assert seen["passwd"] == "failed: FileNotFoundError"
     assert seen["readme"] == "failed: FileNotFoundError"
     assert seen["write_outside"] in ("failed: OSError", "failed: FileNotFoundError")
