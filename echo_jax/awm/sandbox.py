@@ -10,10 +10,11 @@ session (no controlling terminal) and a parent-death kill.
   the Python interpreter loads its libraries from, the standard library (its site-packages
   hidden) and its two database copies. Its payload comes on stdin and its result goes to an
   inherited file descriptor, so neither is a file it can see.
-* A world server (`server_argv`) keeps the host network namespace (the parent must reach it on
-  127.0.0.1:PORT), and sees the Python install, the site-packages it imports from and the system
-  library folders read-only, and its own folder (database, scratch) writable. No /home, /root,
-  /work, /etc or other user file is mounted.
+* A world server (`server_argv`) gets a network namespace of its own too: it serves on a Unix
+  socket in its folder, which `world_server` bridges to 127.0.0.1:PORT in the parent. It sees
+  the Python install, the site-packages it imports from and the system library folders
+  read-only, and its own folder (database, scratch, socket) writable. No /home, /root (beyond a
+  Python install there), /work, /etc or other user file is mounted.
 
 When bwrap cannot run (no binary, user namespaces disabled), `require_sandbox` raises
 `SandboxUnavailable` naming the fix. Setting ECHO_JAX_SANDBOX=process is the explicit opt-in to
@@ -259,7 +260,7 @@ def _server_folders() -> list[str]:
 def server_argv(
     binary: str, folder: str, env: dict[str, str], command: list[str], extra_ro=()
 ) -> list[str]:
-    """bwrap command line running a world server: `folder` writable, host network namespace."""
+    """bwrap command line running a world server: `folder` writable, no network of its own."""
     setenv = [arg for key, value in env.items() for arg in ("--setenv", key, value)]
     binds = _links_and_binds([*_server_folders(), *extra_ro])
     return [
