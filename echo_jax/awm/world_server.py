@@ -1,9 +1,11 @@
 """Run one AWM world as a real FastAPI + MCP server process on the loopback interface.
 
-The world's generated `full_code` is untrusted-ish model output, so it runs in its own process
-group, from a private temp dir, with a clean environment, resource limits and a parent-death
-signal; `stop()` (also called at exit) kills the whole group. The database is built once from the
-world's DDL and sample inserts; a pristine copy is kept so `reset()` can restore the initial state
+The world's generated `full_code` is untrusted-ish model output, so it runs under bubblewrap
+(`echo_jax.awm.sandbox`: its own namespaces, no network, only its folder writable; it serves on
+a Unix socket that `_LoopbackBridge` forwards to 127.0.0.1:PORT), in its own process group, from
+a private temp dir, with a clean environment, resource limits and a parent-death signal;
+`stop()` (also called at exit) kills the whole group. The database is built once from the world's
+DDL and sample inserts; a pristine copy is kept so `reset()` can restore the initial state
 between episodes without paying for a server restart.
 """
 
