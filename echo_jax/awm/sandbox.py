@@ -36,6 +36,7 @@ MODE_ENV = "ECHO_JAX_SANDBOX"
 PROCESS_ONLY = "process"
 VERIFIER_TMP_BYTES = 16 << 20
 SERVER_TMP_BYTES = 1 << 30
+VERIFIER_COMMAND_LENGTH = 5  # python -I -S runner fd, at the end of verifier_argv
 SANDBOX_INITIAL_DB = "/db/initial.db"
 SANDBOX_FINAL_DB = "/db/final.db"
 # The modules a verifier process loads; their shared libraries decide which folders it needs.
@@ -145,7 +146,7 @@ _COMMON = (
 
 
 def _minimal_dirs(paths) -> list[str]:
-    """Drop every folder that lies inside another one of the set."""
+    """Drop every path (folder or file) that lies inside another one of the set."""
     kept: list[str] = []
     for path in sorted({os.path.normpath(p) for p in paths}):
         if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
@@ -181,8 +182,12 @@ def _verifier_folders() -> tuple[str, ...]:
         check=True,
     )
     files = {line.split()[-1] for line in done.stdout.splitlines() if line.split()[-1:] != []}
-    folders = {os.path.dirname(f) for f in files if f.startswith("/") and os.path.isfile(f)}
-    folders.add(sysconfig.get_paths()["stdlib"])
+    files = {f for f in files if f.startswith("/") and os.path.isfile(f)}
+    # The interpreter as a file (its folder may be /usr/bin); the libraries by folder, so that
+    # their soname links (libsqlite3.so.0 -> libsqlite3.so.0.8.6) come too.
+    executable = base_python()
+    folders = {os.path.dirname(f) for f in files if os.path.realpath(f) != executable}
+    folders |= {executable, sysconfig.get_paths()["stdlib"]}
     return tuple(sorted(folders))
 
 

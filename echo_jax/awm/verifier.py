@@ -188,7 +188,7 @@ def run_verifier(
                 )
                 # The options go through a file (--args), so the sandbox's PID 1 (bwrap) shows
                 # no host path in /proc/1/cmdline.
-                split = inner.index(sandbox.base_python())
+                split = len(inner) - sandbox.VERIFIER_COMMAND_LENGTH  # options | command
                 args_path.write_bytes(b"".join(a.encode() + b"\0" for a in inner[1:split]))
                 args_fd = files.enter_context(args_path.open("rb")).fileno()
                 pass_fds.append(args_fd)
