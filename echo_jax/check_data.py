@@ -101,6 +101,10 @@ def _check_episodes(paths: list[str], max_field_chars: int, report: Report) -> N
     duplicates = SkipReport()
     episodes = dedupe(episodes, skip_invalid=True, report=duplicates)
     report.errors += [str(e) for e in duplicates.skipped]
+    if duplicates.n_skipped > len(duplicates.skipped):
+        report.errors.append(
+            f"... and {duplicates.n_skipped - len(duplicates.skipped):,} more duplicates"
+        )
     report.lines += summarise_episodes(episodes)
 
 

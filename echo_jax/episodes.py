@@ -102,31 +102,43 @@ class Episode:
 class SkipReport:
     """Episodes left out under skip_invalid, with the error that excluded each."""
 
-    skipped: list[EpisodeError] = dataclasses.field(default_factory=list)
+    skipped: list[EpisodeError] = dataclasses.field(default_factory=list)  # The first MAX_KEPT.
     loaded: int = 0
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    first: dict[str, EpisodeError] = dataclasses.field(default_factory=dict)
+
+    MAX_KEPT = 1000  # Errors kept in full; past that only counted, so memory stays bounded.
 
     def add(self, error: EpisodeError) -> None:
-        self.skipped.append(error)
+        if len(self.skipped) < self.MAX_KEPT:
+            self.skipped.append(error)
+        self.counts[error.reason] += 1
+        self.first.setdefault(error.reason, error)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.counts.values())
 
     def by_reason(self) -> dict[str, list[EpisodeError]]:
+        """The kept errors grouped by reason, the most frequent reason first."""
         groups: dict[str, list[EpisodeError]] = collections.defaultdict(list)
         for error in self.skipped:
             groups[error.reason].append(error)
-        return dict(sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])))
+        return dict(sorted(groups.items(), key=lambda kv: (-self.counts[kv[0]], kv[0])))
 
     def log(self, where: str) -> None:
         """A warning naming what was skipped and why; nothing when nothing was."""
-        if self.skipped:
+        if self.counts:
             log.warning("%s: %s", where, self.summary())
 
     def summary(self) -> str:
-        if not self.skipped:
+        if not self.counts:
             return f"loaded {self.loaded} episodes, skipped none"
         parts = [
-            f"{len(errors)} x {reason} (first: {errors[0].source})"
-            for reason, errors in self.by_reason().items()
+            f"{count} x {reason} (first: {self.first[reason].source})"
+            for reason, count in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
         ]
-        return f"loaded {self.loaded} episodes, skipped {len(self.skipped)} invalid: " + "; ".join(
+        return f"loaded {self.loaded} episodes, skipped {self.n_skipped} invalid: " + "; ".join(
             parts
         )
 

@@ -16,7 +16,7 @@ from echo_jax import corpus, data_cache
 from echo_jax.awm.world_format import WorldFormatError, load_worlds
 from echo_jax.check_data import MAX_LISTED_ERRORS, check
 from echo_jax.config import DataConfig
-from echo_jax.episodes import EpisodeError, load_episodes
+from echo_jax.episodes import EpisodeError, SkipReport, load_episodes
 from tests.cli import run_module
 from tests.test_data import small_episode
 
@@ -39,6 +39,17 @@ def test_check_data_on_a_lines_bomb_stops_in_bounded_time_and_memory(lines_bomb)
     assert len(report.errors) == MAX_LISTED_ERRORS + 1
     assert report.errors[0] == f"{lines_bomb}:1: field '<episode>': expected a JSON object, got int"
     assert report.errors[-1] == "stopped after 1,000 problems; the rest is not checked"
+
+
+def test_skip_invalid_on_a_lines_bomb_keeps_a_bounded_report(lines_bomb):
+    report = SkipReport()
+    assert load_episodes([str(lines_bomb)], skip_invalid=True, report=report) == []
+    assert report.n_skipped == 1_000_001 and len(report.skipped) == SkipReport.MAX_KEPT
+    assert report.summary() == (
+        "loaded 0 episodes, skipped 1000001 invalid: 1000000 x field '<episode>': expected a "
+        f"JSON object, got int (first: {lines_bomb}:1); 1 x field '<file>': more than 1,000,000 "
+        f"lines (first: {lines_bomb})"
+    )
 
 
 def test_blank_lines_bomb_is_refused_after_a_million_lines(tmp_path):
