@@ -169,6 +169,14 @@ def test_deep_or_huge_json_in_a_world_file_names_file_and_line(tmp_path, text, p
     assert check([str(folder)]).errors[0].startswith(f"{folder}/gen_scenario.jsonl:2: {problem}")
 
 
+def test_fifo_in_a_world_folder_is_refused_not_read(tmp_path):
+    folder = _world_copy(tmp_path)
+    (folder / "gen_tasks.jsonl").unlink()
+    os.mkfifo(folder / "gen_tasks.jsonl")
+    with pytest.raises(WorldFormatError, match=r"^gen_tasks\.jsonl: not a regular file in .*"):
+        load_worlds(folder)
+
+
 def test_corpus_without_an_episodes_folder(tmp_path):
     folder = tmp_path / "corpus"
     folder.mkdir()

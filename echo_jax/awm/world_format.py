@@ -296,6 +296,8 @@ def load_worlds(folder: str | Path, scenarios: Iterable[str] | None = None) -> d
         raise WorldFormatError(f"{folder}: world folder does not exist")
     for file in WORLD_FILES:
         if not (folder / file).is_file():
+            if (folder / file).exists():  # A FIFO or a device would block or never end.
+                raise WorldFormatError(f"{file}: not a regular file in {folder}; refused")
             raise WorldFormatError(f"{file}: missing file in {folder}")
     wanted = None
     if scenarios is not None:
