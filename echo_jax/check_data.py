@@ -24,11 +24,14 @@ from echo_jax.episodes import (
     EpisodeError,
     SkipReport,
     dedupe,
+    expand_paths,
     iter_episodes,
 )
 from echo_jax.packing import tokenize_episodes
 
 _TOP = 10  # Most common values shown per histogram.
+MAX_LISTED_ERRORS = 1000  # Past this many, checking stops: the listing stays bounded in memory.
+MAX_CODE_CHARS = 1 << 20  # Longest full_code / verifier code compiled (AWM's are ~10-50 KB).
 
 
 @dataclasses.dataclass
@@ -62,14 +65,20 @@ def check(paths: Sequence[str], max_field_chars: int = DEFAULT_MAX_FIELD_CHARS) 
         if is_world_folder(path):
             _check_worlds(path, report)
         elif corpus.is_corpus(path):
-            episode_paths += corpus.shard_files(path)
+            try:
+                episode_paths += corpus.shard_files(path)
+            except EpisodeError as e:
+                report.errors.append(str(e))
         elif os.path.isdir(path):
             report.errors.append(
                 f"{path}: a folder that is neither an AWM world folder ({SCENARIO_FILE}) nor a "
                 f"corpus ({corpus.MANIFEST})"
             )
         else:
-            episode_paths.append(path)
+            try:  # One path at a time, so a bad one (a FIFO, an empty glob) costs only itself.
+                episode_paths += expand_paths([path])
+            except EpisodeError as e:
+                report.errors.append(str(e))
     if episode_paths:
         _check_episodes(episode_paths, max_field_chars, report)
     return report
@@ -81,6 +90,11 @@ def _check_episodes(paths: list[str], max_field_chars: int, report: Report) -> N
         for item in iter_episodes(paths, max_field_chars):
             if isinstance(item, EpisodeError):
                 report.errors.append(str(item))
+                if len(report.errors) >= MAX_LISTED_ERRORS:
+                    report.errors.append(
+                        f"stopped after {MAX_LISTED_ERRORS:,} problems; the rest is not checked"
+                    )
+                    break
             else:
                 episodes.append(item)
     except EpisodeError as e:  # A missing file or an empty glob: nothing more to read.
@@ -88,6 +102,10 @@ def _check_episodes(paths: list[str], max_field_chars: int, report: Report) -> N
     duplicates = SkipReport()
     episodes = dedupe(episodes, skip_invalid=True, report=duplicates)
     report.errors += [str(e) for e in duplicates.skipped]
+    if duplicates.n_skipped > len(duplicates.skipped):
+        report.errors.append(
+            f"... and {duplicates.n_skipped - len(duplicates.skipped):,} more duplicates"
+        )
     report.lines += summarise_episodes(episodes)
 
 
@@ -152,14 +170,25 @@ def _check_worlds(folder: str, report: Report) -> None:
             (f"gen_verifier.pure_code.jsonl task_idx {i} verification.code", c)
             for i, c in world.verifiers.items()
         ]:
+            where = f"{folder}/{what.split()[0]}: scenario '{name}': {' '.join(what.split()[1:])}"
+            if len(code) > MAX_CODE_CHARS:
+                errors.append(
+                    f"{where} is too large: {len(code):,} characters, over the limit of "
+                    f"{MAX_CODE_CHARS:,}"
+                )
+                continue
             try:
                 compile(code, f"<{name} {what}>", "exec")
             except (SyntaxError, ValueError) as e:
                 line = getattr(e, "lineno", None)
                 errors.append(
-                    f"{folder}/{what.split()[0]}: scenario '{name}': {' '.join(what.split()[1:])} "
-                    f"does not compile ({type(e).__name__}: {getattr(e, 'msg', e)}"
+                    f"{where} does not compile ({type(e).__name__}: {getattr(e, 'msg', e)}"
                     f"{f' at line {line}' if line else ''})"
+                )
+            except (RecursionError, MemoryError) as e:  # e.g. 200,000 chained operators
+                errors.append(
+                    f"{where} does not compile ({type(e).__name__}: nested too deeply for "
+                    "the compiler)"
                 )
     report.errors += list(dict.fromkeys(errors))
     tasks = sum(len(w.tasks) for w in worlds.values())
@@ -179,7 +208,7 @@ def _load_each(folder: str, errors: list[str]) -> dict:
             for line in f:
                 try:
                     name = json.loads(line).get("name")
-                except (ValueError, AttributeError):
+                except (ValueError, AttributeError, RecursionError):
                     continue
                 if isinstance(name, str):
                     names.append(name)

@@ -21,7 +21,7 @@ import numpy as np
 
 from echo_jax import roles
 from echo_jax.config import SPLITS
-from echo_jax.episodes import Episode, EpisodeError, load_episodes
+from echo_jax.episodes import Episode, EpisodeError, load_episodes, require_regular_file
 from echo_jax.packing import tokenize_episodes
 
 MANIFEST = "manifest.json"
@@ -60,6 +60,7 @@ def assign_splits(
 
 def read_manifest(corpus_dir: str) -> dict:
     path = os.path.join(corpus_dir, MANIFEST)
+    require_regular_file(path)
     try:
         with open(path) as f:
             manifest = json.load(f)
@@ -75,8 +76,23 @@ def is_corpus(path: str) -> bool:
 
 
 def shard_files(corpus_dir: str) -> list[str]:
+    """The corpus's episode shards; a missing `episodes/` folder (or a file in its place), or a
+    manifest that is not a regular file, is an EpisodeError naming it."""
+    require_regular_file(os.path.join(corpus_dir, MANIFEST))
     folder = os.path.join(corpus_dir, EPISODES_DIR)
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".jsonl.gz"))
+    if not os.path.isdir(folder):
+        problem = "not a folder" if os.path.lexists(folder) else "missing"
+        raise EpisodeError(
+            folder, "<folder>", f"{problem}: a corpus keeps its shards in {EPISODES_DIR}/"
+        )
+    try:
+        names = os.listdir(folder)
+    except OSError as e:
+        raise EpisodeError(folder, "<folder>", f"cannot be read: {e.strerror}") from None
+    files = sorted(os.path.join(folder, f) for f in names if f.endswith(".jsonl.gz"))
+    for path in files:
+        require_regular_file(path)
+    return files
 
 
 def split_of(splits: dict, scenario: str, task_idx: int) -> str:

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import re
+import stat
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -40,6 +41,14 @@ DEFAULT_MAX_FIELD_CHARS = 1 << 20
 RECORD_BYTES_PER_FIELD_CHAR = 64
 MAX_NESTING = 64  # Deepest JSON nesting accepted (objects and arrays).
 MAX_ABS_REWARD = 1e6  # Rewards are O(1); this keeps float32 group statistics finite.
+MAX_TASK_IDX = 2**31 - 1  # Task indices are small; int32 everywhere downstream.
+# A file may hold at most this many lines (blank ones included), and a .gz file may decompress
+# to at most MAX_INFLATE_RATIO x its own size or MIN_INFLATE_BYTES, whichever is larger: the
+# shipped shards inflate about 55x, a decompression bomb about 1,000x. Both bound the time and
+# memory one file can cost.
+MAX_LINES_PER_FILE = 1_000_000
+MAX_INFLATE_RATIO = 250
+MIN_INFLATE_BYTES = 64 << 20
 
 log = logging.getLogger(__name__)
 
@@ -93,31 +102,43 @@ class Episode:
 class SkipReport:
     """Episodes left out under skip_invalid, with the error that excluded each."""
 
-    skipped: list[EpisodeError] = dataclasses.field(default_factory=list)
+    skipped: list[EpisodeError] = dataclasses.field(default_factory=list)  # The first MAX_KEPT.
     loaded: int = 0
+    counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    first: dict[str, EpisodeError] = dataclasses.field(default_factory=dict)
+
+    MAX_KEPT = 1000  # Errors kept in full; past that only counted, so memory stays bounded.
 
     def add(self, error: EpisodeError) -> None:
-        self.skipped.append(error)
+        if len(self.skipped) < self.MAX_KEPT:
+            self.skipped.append(error)
+        self.counts[error.reason] += 1
+        self.first.setdefault(error.reason, error)
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.counts.values())
 
     def by_reason(self) -> dict[str, list[EpisodeError]]:
+        """The kept errors grouped by reason, the most frequent reason first."""
         groups: dict[str, list[EpisodeError]] = collections.defaultdict(list)
         for error in self.skipped:
             groups[error.reason].append(error)
-        return dict(sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])))
+        return dict(sorted(groups.items(), key=lambda kv: (-self.counts[kv[0]], kv[0])))
 
     def log(self, where: str) -> None:
         """A warning naming what was skipped and why; nothing when nothing was."""
-        if self.skipped:
+        if self.counts:
             log.warning("%s: %s", where, self.summary())
 
     def summary(self) -> str:
-        if not self.skipped:
+        if not self.counts:
             return f"loaded {self.loaded} episodes, skipped none"
         parts = [
-            f"{len(errors)} x {reason} (first: {errors[0].source})"
-            for reason, errors in self.by_reason().items()
+            f"{count} x {reason} (first: {self.first[reason].source})"
+            for reason, count in sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
         ]
-        return f"loaded {self.loaded} episodes, skipped {len(self.skipped)} invalid: " + "; ".join(
+        return f"loaded {self.loaded} episodes, skipped {self.n_skipped} invalid: " + "; ".join(
             parts
         )
 
@@ -135,8 +156,15 @@ def content_hash(record: Any) -> str:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
+def _short_number(value: int) -> str:
+    return str(value) if abs(value) < 10**50 else "an integer of more than 50 digits"
+
+
 def _check_values(value: Any, source: str, where: str, depth: int, max_field_chars: int) -> None:
-    """Every string within the size cap and encodable as UTF-8; nesting within MAX_NESTING."""
+    """Every string within the size cap and encodable as UTF-8; nesting within MAX_NESTING; every
+    float finite (NaN and Infinity are not JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise EpisodeError(source, where or "<episode>", f"not finite: {value} (not JSON)")
     if isinstance(value, str):
         if len(value) > max_field_chars:
             raise EpisodeError(
@@ -183,11 +211,19 @@ def parse_episode(
             raise EpisodeError(source, key, f"expected {typ.__name__}, got {_type_name(value)}")
     if record["task_idx"] < 0:
         raise EpisodeError(source, "task_idx", f"must be >= 0 (got {record['task_idx']})")
+    if record["task_idx"] > MAX_TASK_IDX:
+        raise EpisodeError(
+            source, "task_idx", f"out of range: {_short_number(record['task_idx'])} (<= 2**31 - 1)"
+        )
     if "reward" not in record:
         raise EpisodeError(source, "reward", "missing")
     reward = record["reward"]
     if isinstance(reward, bool) or not isinstance(reward, int | float):
         raise EpisodeError(source, "reward", f"expected a number, got {_type_name(reward)}")
+    if isinstance(reward, int) and abs(reward) > MAX_ABS_REWARD:  # float() would overflow
+        raise EpisodeError(
+            source, "reward", f"out of range: {_short_number(reward)} (|reward| <= 1e6)"
+        )
     if not math.isfinite(reward):
         raise EpisodeError(source, "reward", f"not finite: {reward}")
     if abs(reward) > MAX_ABS_REWARD:
@@ -249,8 +285,34 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
         matches = [m for m in matches if not os.path.isdir(m)]
         if not matches:
             raise EpisodeError(pattern, "<path>", "no episode file matches")
+        for match in matches:
+            require_regular_file(match, missing_ok=True)
         files.extend(matches)
     return files
+
+
+def require_regular_file(path: str, missing_ok: bool = False) -> None:
+    """Refuse a FIFO, a device (a link to /dev/zero), a socket or a folder named as a data file:
+    reading one can block forever or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if missing_ok:
+            return
+        raise EpisodeError(path, "<file>", "does not exist") from None
+    except OSError as e:
+        raise EpisodeError(path, "<file>", f"cannot be read: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a folder"
+            if stat.S_ISDIR(mode)
+            else "a socket or other special file"
+        )
+        raise EpisodeError(path, "<file>", f"not a regular file ({kind}); refused")
 
 
 def _raw_records(path: str, max_record_bytes: int) -> Iterator[tuple[bytes | EpisodeError, str]]:
@@ -259,8 +321,7 @@ def _raw_records(path: str, max_record_bytes: int) -> Iterator[tuple[bytes | Epi
     Errors are yielded, not raised, so that the caller can skip one bad line and go on; an
     unreadable rest of a file (a truncated gzip) is yielded last.
     """
-    if not os.path.isfile(path):
-        raise EpisodeError(path, "<file>", "does not exist")
+    require_regular_file(path)
     if path.endswith(".json"):
         if os.path.getsize(path) > max_record_bytes:
             yield _too_big(path, os.path.getsize(path), max_record_bytes), path
@@ -270,8 +331,10 @@ def _raw_records(path: str, max_record_bytes: int) -> Iterator[tuple[bytes | Epi
         return
     if not path.endswith((".jsonl", ".jsonl.gz")):
         raise EpisodeError(path, "<file>", "unknown extension (expected .json, .jsonl, .jsonl.gz)")
-    opener = gzip.open if path.endswith(".gz") else open
-    lineno = 0
+    compressed = path.endswith(".gz")
+    opener = gzip.open if compressed else open
+    max_bytes = max(MIN_INFLATE_BYTES, MAX_INFLATE_RATIO * os.path.getsize(path))
+    lineno = total = 0
     try:
         with opener(path, "rb") as f:
             while True:
@@ -279,18 +342,41 @@ def _raw_records(path: str, max_record_bytes: int) -> Iterator[tuple[bytes | Epi
                 if not raw:
                     break
                 lineno += 1
+                total += len(raw)
+                if lineno > MAX_LINES_PER_FILE:
+                    yield _bomb(path, f"more than {MAX_LINES_PER_FILE:,} lines"), path
+                    return
+                if compressed and total > max_bytes:
+                    yield _bomb(path, f"decompresses to more than {max_bytes:,} bytes"), path
+                    return
                 source = f"{path}:{lineno}"
                 if len(raw) > max_record_bytes and not raw.endswith(b"\n"):
                     size = len(raw)
                     while raw and not raw.endswith(b"\n"):  # Skip the rest of the long line.
                         raw = f.readline(max_record_bytes)
                         size += len(raw)
+                        total += len(raw)
+                        if compressed and total > max_bytes:
+                            yield (
+                                _bomb(path, f"decompresses to more than {max_bytes:,} bytes"),
+                                path,
+                            )
+                            return
                     yield _too_big(source, size, max_record_bytes), source
                 elif raw.strip():
                     yield raw, source
     except (OSError, EOFError, zlib.error) as e:
         where = f"after line {lineno}" if lineno else "at the start"
         yield EpisodeError(path, "<file>", f"cannot be read: {e} ({where})"), path
+
+
+def _bomb(path: str, what: str) -> EpisodeError:
+    return EpisodeError(
+        path,
+        "<file>",
+        f"{what} (limits: {MAX_LINES_PER_FILE:,} lines a file; a .gz file at most "
+        f"{MAX_INFLATE_RATIO} x its size or {MIN_INFLATE_BYTES >> 20} MiB); refused",
+    )
 
 
 def _too_big(source: str, size: int, limit: int) -> EpisodeError:

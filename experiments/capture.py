@@ -15,6 +15,7 @@ from absl import app, flags, logging
 
 from echo_jax import config as C
 from echo_jax import corpus
+from echo_jax.awm import sandbox
 from echo_jax.awm.capture import POLICIES, CaptureConfig, CaptureError, run_capture, write_manifest
 from echo_jax.awm.harness import HarnessConfig
 from echo_jax.awm.replay import check_corpus
@@ -47,8 +48,9 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", _A.max_new_tokens, "Agent toke
 
 def main(argv: list[str]) -> None:
     try:
+        sandbox.require_sandbox("world code")  # Before any work: bubblewrap, or the opt-in.
         _main(argv)
-    except (WorldFormatError, CaptureError) as e:  # The user's input, not a crash.
+    except (WorldFormatError, CaptureError, sandbox.SandboxUnavailable) as e:  # Input, machine.
         raise SystemExit(f"error: {e}") from None
 
 

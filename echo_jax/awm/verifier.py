@@ -1,9 +1,12 @@
 """Run an AWM task verifier out of process, on read-only copies of the initial and final DBs.
 
 Verifier code comes with the world data, so it runs in a fresh `python -I -S` child (see
-`verifier_runner`) with a wall-clock timeout, CPU/memory/file-size/process rlimits, a clean
-environment and a parent-death signal. It only ever sees snapshot copies of the databases, so it
-can neither corrupt the live world nor the pristine initial state.
+`verifier_runner`) inside a bubblewrap sandbox (`echo_jax.awm.sandbox`: own user, PID, network,
+IPC and mount namespaces; nothing mounted but the interpreter's files and the two database
+copies), with a wall-clock timeout, CPU/memory/file-size/process rlimits, a clean environment
+and a parent-death kill. Its outcome comes back on a file descriptor of its own, checked here.
+It only ever sees snapshot copies of the databases, so it can neither corrupt the live world
+nor the pristine initial state.
 
 The returned dict has the shape of OpenEnv's AWM `verify_result` (the real capture's last step):
     {"result": "complete" | "others", "execution_status": "success", "raw_result": <returned>}
@@ -18,7 +21,6 @@ import contextlib
 import json
 import os
 import resource
-import secrets
 import select
 import sqlite3
 import subprocess
@@ -28,11 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from echo_jax.awm import verifier_runner
+from echo_jax.awm import sandbox, verifier_runner
 from echo_jax.awm.world_server import copy_database, kill_process_group, parent_death_hook
 
 VERIFIER_RESULTS = ("complete", "others")
 _TAIL_BYTES = 1 << 20
+# The runner caps its result at 1 MiB and reports a larger one as an error.
+_MAX_RESULT_FILE_BYTES = verifier_runner.MAX_RESULT_BYTES + 4096
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,7 @@ def _limiting_preexec(limits: VerifierLimits):
         resource.setrlimit(resource.RLIMIT_AS, (limits.address_space_bytes,) * 2)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size_bytes,) * 2)
         resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files,) * 2)
-        # No new processes. Linux does not enforce this for root, hence the import allow-list.
-        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+        # RLIMIT_NPROC=0 is set by the runner itself: bubblewrap has to fork first.
         set_death_signal()
 
     return apply
@@ -101,12 +104,38 @@ def _failure(status: str, message: str) -> dict[str, Any]:
 
 def _interpret(outcome: dict[str, Any]) -> dict[str, Any]:
     if outcome["status"] != "success":
-        return _failure("error", outcome["error"])
+        return _failure("error", outcome["error"][:2000])
     raw = outcome["raw_result"]
     if not isinstance(raw, dict) or "result" not in raw:
         return _failure("error", f"Invalid return format: {type(raw).__name__}")
     result = raw["result"] if raw["result"] in VERIFIER_RESULTS else "others"
     return {"result": result, "execution_status": "success", "raw_result": raw}
+
+
+def _read_result(path: Path) -> dict[str, Any] | str:
+    """The runner's outcome from the result file, or a message saying what is wrong with it."""
+    size = path.stat().st_size
+    if size == 0:
+        return ""
+    if size > _MAX_RESULT_FILE_BYTES:
+        return (
+            f"verifier result is oversized: {size:,} bytes, over the limit of "
+            f"{_MAX_RESULT_FILE_BYTES:,}"
+        )
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    try:
+        outcome, end = json.JSONDecoder().raw_decode(text)
+    except (json.JSONDecodeError, RecursionError) as error:
+        return f"verifier result is malformed (not JSON: {type(error).__name__}: {error})"[:500]
+    if text[end:].strip():
+        return "verifier result is malformed: more than one result was written"
+    if not isinstance(outcome, dict) or outcome.get("status") not in ("success", "error"):
+        return f"verifier result is malformed: expected an outcome object, got {text[:80]!r}"
+    if outcome["status"] == "success" and "raw_result" not in outcome:
+        return "verifier result is malformed: 'raw_result' missing"
+    if outcome["status"] == "error" and not isinstance(outcome.get("error"), str):
+        return "verifier result is malformed: 'error' missing or not a string"
+    return outcome
 
 
 def run_verifier(
@@ -116,42 +145,73 @@ def run_verifier(
     final_answer: str | None = None,
     limits: VerifierLimits | None = None,
 ) -> dict[str, Any]:
-    """Run `verify_task_completion` from `code` against copies of the two databases."""
+    """Run `verify_task_completion` from `code` against copies of the two databases.
+
+    Never raises for anything the verifier does: a missing, malformed, duplicated or oversized
+    result is an "error" outcome (a `judge_error` reward). Raises `SandboxUnavailable` when the
+    bubblewrap sandbox cannot run and the process-only mode was not chosen. Thread-safe.
+    """
     limits = limits or VerifierLimits()
+    binary = sandbox.require_sandbox("a verifier")
     with tempfile.TemporaryDirectory(prefix="awm_verify_") as tmp:
         folder = Path(tmp)
         folder.chmod(0o711)  # The runner may drop to its own user id: it must reach the copies.
         initial, final = folder / "initial.db", folder / "final.db"
         _read_only_snapshot(initial_db_path, initial)
         _read_only_snapshot(final_db_path, final)
-        marker = f"@@awm-verify-{secrets.token_hex(16)}@@"
+        if binary is None:
+            seen_initial, seen_final = str(initial), str(final)
+        else:
+            seen_initial, seen_final = sandbox.SANDBOX_INITIAL_DB, sandbox.SANDBOX_FINAL_DB
         payload = {
             "code": code,
-            "initial_db_path": str(initial),
-            "final_db_path": str(final),
+            "initial_db_path": seen_initial,
+            "final_db_path": seen_final,
             "final_answer": final_answer,
-            "marker": marker,
         }
         payload_path = folder / "payload.json"
         payload_path.write_text(json.dumps(payload), encoding="utf-8")
-        stdout_path, stderr_path = folder / "stdout", folder / "stderr"
-        with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+        payload_path.chmod(0o600)
+        stdout_path, stderr_path, result_path = folder / "stdout", folder / "stderr", folder / "out"
+        args_path = folder / "bwrap_args"
+        with contextlib.ExitStack() as files:
+            stdin = files.enter_context(payload_path.open("rb"))
+            stdout = files.enter_context(stdout_path.open("wb"))
+            stderr = files.enter_context(stderr_path.open("wb"))
+            fd = files.enter_context(result_path.open("wb")).fileno()
+            pass_fds = [fd]
+            if binary is None:
+                argv = [sys.executable, "-I", "-S", verifier_runner.__file__, str(fd)]
+            else:
+                inner = sandbox.verifier_argv(
+                    binary, verifier_runner.__file__, str(initial), str(final), fd
+                )
+                # The options go through a file (--args), so the sandbox's PID 1 (bwrap) shows
+                # no host path in /proc/1/cmdline.
+                split = len(inner) - sandbox.VERIFIER_COMMAND_LENGTH  # options | command
+                args_path.write_bytes(b"".join(a.encode() + b"\0" for a in inner[1:split]))
+                args_fd = files.enter_context(args_path.open("rb")).fileno()
+                pass_fds.append(args_fd)
+                argv = [binary, "--args", str(args_fd), *inner[split:]]
             process = subprocess.Popen(
-                [sys.executable, "-I", "-S", verifier_runner.__file__, str(payload_path)],
+                argv,
                 cwd=folder,
                 env={"PATH": os.defpath, "LANG": "C.UTF-8", "HOME": tmp},
-                stdin=subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=stdout,
                 stderr=stderr,
+                pass_fds=tuple(pass_fds),
                 start_new_session=True,
                 preexec_fn=_limiting_preexec(limits),
             )
             if not _exited_within(process, limits.timeout_s):
                 kill_process_group(process, grace_s=0.0)
                 return _failure("timeout", f"verifier exceeded {limits.timeout_s:g}s wall-clock")
-        for line in reversed(_tail(stdout_path).splitlines()):
-            if line.startswith(marker):
-                return _interpret(json.loads(line[len(marker) :]))
+        outcome = _read_result(result_path)
+        if isinstance(outcome, dict):
+            return _interpret(outcome)
+        if outcome:
+            return _failure("error", outcome)
         return _failure(
             "error",
             f"verifier process exited with code {process.returncode} without a result; "

@@ -1,8 +1,11 @@
 """Child-process side of `verifier.run_verifier`: run one verifier's code and print its result.
 
-Started as `python -I -S verifier_runner.py PAYLOAD.json` (no site-packages, no paths taken from
-the environment) by the parent, which has already applied resource limits (CPU, address space,
-file size, open files, processes) and a clean environment. Before the verifier's code runs, this
+Started as `python -I -S verifier_runner.py RESULT_FD` (no site-packages, no paths taken from
+the environment), normally inside the bubblewrap sandbox of `echo_jax.awm.sandbox` (the wall:
+namespaces, only the two databases and the interpreter's files mounted). The parent has already
+applied resource limits (CPU, address space, file size, open files) and a clean environment; the
+payload comes on stdin and the outcome is written once, as one JSON document, to RESULT_FD.
+Everything below is defence in depth inside that wall. Before the verifier's code runs, this
 process locks itself down, in this order:
 
 1. reads the payload and imports everything a verifier may use (later imports are refused);
@@ -21,24 +24,27 @@ process locks itself down, in this order:
    SQLite extensions.
 
 It then executes the verifier with restricted builtins and an import allow-list, calls
-`verify_task_completion`, and prints the outcome as the last stdout line prefixed with the
-parent's random marker.
+`verify_task_completion`, writes the outcome to RESULT_FD and exits at once (no finaliser runs
+after it). The parent checks what it reads (one JSON document of the right shape, size-capped).
 
-What this does not cover (see docs/RELIABILITY.md): a verifier can undo the SQLite connection
+What the hook alone does not cover (see the README): a verifier can undo the SQLite connection
 settings of step 4 on its own connection (set_authorizer / setlimit) and then write new SQLite
 files where its user id may (world-writable folders such as /tmp; 16 MB each, RLIMIT_FSIZE); it
 can burn its CPU and memory allowance; it can read world-readable files through SQLite (an
 ATTACH, once re-enabled, of another SQLite database); and it decides its own verdict, as every
-verifier does. No seccomp filter or namespace isolates it from the kernel.
+verifier does. In the process-only mode (no bubblewrap) nothing but this hook stands between
+it and the files its user id can reach.
 """
 
 import builtins
 import collections  # noqa: F401 -- imported before lock-down, so a verifier's import is cached
+import contextlib
 import datetime  # noqa: F401
 import json
 import math  # noqa: F401
 import os
 import re  # noqa: F401
+import resource
 import sqlite3
 import sys
 
@@ -64,6 +70,7 @@ _DENIED_BUILTINS = frozenset(
 VERIFY_FUNCTION = "verify_task_completion"
 SANDBOX_UID_BASE = 1_000_000
 MAX_PRINTED_CHARS = 64 * 1024
+MAX_RESULT_BYTES = 1 << 20
 _PR_SET_PDEATHSIG = 1
 _SIGKILL = 9
 
@@ -298,14 +305,42 @@ def lock_down(payload: dict) -> str:
     return who
 
 
+def _encode_outcome(outcome: dict, dumps=json.dumps) -> bytes:
+    """The outcome as one JSON document, or an error naming its size when it is too large."""
+    data = dumps(outcome).encode("utf-8")
+    if len(data) > MAX_RESULT_BYTES:
+        data = dumps(
+            {  # `dumps` is the real json.dumps, bound when this module was imported.
+                "status": "error",
+                "error": f"verifier result too large: {len(data):,} bytes JSON-encoded, over the "
+                f"limit of {MAX_RESULT_BYTES:,}",
+            }
+        ).encode("utf-8")
+    return data
+
+
 def main() -> None:
-    with open(sys.argv[1], encoding="utf-8") as handle:
-        payload = json.load(handle)
-    real_stdout = sys.__stdout__
+    """argv[1]: the file descriptor the result goes to; the payload comes on stdin."""
+    result_fd = int(sys.argv[1])
+    payload = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+    os.close(0)
+    # No new processes (trusted code, before the lock-down; the parent cannot set it before
+    # bubblewrap, which itself needs to fork).
+    resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+    encode, write, dumps = _encode_outcome, os.write, json.dumps  # Kept before the verifier runs.
     lock_down(payload)
     outcome = run(payload)
-    real_stdout.write("\n" + payload["marker"] + json.dumps(outcome) + "\n")
-    real_stdout.flush()
+    try:
+        data = encode(outcome)
+    except BaseException as error:  # noqa: BLE001 -- e.g. a verifier that patched json.dumps
+        data = dumps({"status": "error", "error": f"result not encodable: {type(error).__name__}"})
+        data = data.encode("utf-8") if isinstance(data, str) else b""
+    for stream in (sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(BaseException):  # A verifier may have broken its streams.
+            stream.flush()
+    while data:
+        data = data[write(result_fd, data) :]
+    os._exit(0)  # No finaliser or atexit hook of the verifier's runs after the result.
 
 
 if __name__ == "__main__":

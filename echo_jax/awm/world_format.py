@@ -81,6 +81,10 @@ def _iter_records(path: Path) -> Iterator[tuple[_Where, dict[str, Any]]]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise where.error(f"invalid JSON: {error}") from None
+            except RecursionError:
+                raise where.error("invalid JSON: nested too deeply") from None
+            except ValueError as error:  # e.g. an integer past Python's 4,300-digit limit
+                raise where.error(f"invalid JSON: {error}") from None
             if not isinstance(record, dict):
                 raise where.error(f"record must be a JSON object, got {type(record).__name__}")
             yield where, record
@@ -290,6 +294,8 @@ def load_worlds(folder: str | Path, scenarios: Iterable[str] | None = None) -> d
         raise WorldFormatError(f"{folder}: world folder does not exist")
     for file in WORLD_FILES:
         if not (folder / file).is_file():
+            if (folder / file).exists():  # A FIFO or a device would block or never end.
+                raise WorldFormatError(f"{file}: not a regular file in {folder}; refused")
             judge_only = file == VERIFIER_FILE and (folder / JUDGE_VERIFIER_FILE).is_file()
             note = (
                 f" ({JUDGE_VERIFIER_FILE} holds AWM's LLM-judge verifiers; episodes here are "

@@ -1,9 +1,11 @@
 """Run one AWM world as a real FastAPI + MCP server process on the loopback interface.
 
-The world's generated `full_code` is untrusted-ish model output, so it runs in its own process
-group, from a private temp dir, with a clean environment, resource limits and a parent-death
-signal; `stop()` (also called at exit) kills the whole group. The database is built once from the
-world's DDL and sample inserts; a pristine copy is kept so `reset()` can restore the initial state
+The world's generated `full_code` is untrusted-ish model output, so it runs under bubblewrap
+(`echo_jax.awm.sandbox`: its own namespaces, no network, only its folder writable; it serves on
+a Unix socket that `_LoopbackBridge` forwards to 127.0.0.1:PORT), in its own process group, from
+a private temp dir, with a clean environment, resource limits and a parent-death signal;
+`stop()` (also called at exit) kills the whole group. The database is built once from the world's
+DDL and sample inserts; a pristine copy is kept so `reset()` can restore the initial state
 between episodes without paying for a server restart.
 """
 
@@ -17,6 +19,7 @@ import functools
 import os
 import re
 import resource
+import select
 import shutil
 import signal
 import socket
@@ -24,6 +27,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import requests
 
+from echo_jax.awm import sandbox
 from echo_jax.awm.launcher import prepare_server_code
 from echo_jax.awm.world_format import World
 
@@ -38,6 +43,7 @@ LOOPBACK = "127.0.0.1"
 _ESSENTIAL_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 _PR_SET_PDEATHSIG = 1
 _STOP_GRACE_S = 3.0
+_REAP_WAIT_S = 2.0
 
 # Runs server.py as __main__ after pinning uvicorn.run to 127.0.0.1 and $PORT, so a generated
 # server that hard-codes another host or port still only listens on the loopback interface.
@@ -52,6 +58,81 @@ uvicorn.run = _loopback_run
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
+
+
+# Under the sandbox the server has a network namespace of its own (no network): this runs before
+# the launcher and turns its uvicorn.run into one on a Unix socket in the server's folder, which
+# the parent bridges to 127.0.0.1:$PORT (`_LoopbackBridge`).
+_UNIX_SOCKET_PRELUDE = """
+import os
+import uvicorn
+_unix_run = uvicorn.run
+def _unix_socket_run(app, *args, **kwargs):
+    kwargs.pop("host", None)
+    kwargs.pop("port", None)
+    kwargs["uds"] = os.environ["ECHO_JAX_SERVER_SOCKET"]
+    return _unix_run(app, **kwargs)
+uvicorn.run = _unix_socket_run
+"""
+_SOCKET_NAME = "server.sock"
+
+
+def _pump_both_ways(client: socket.socket, upstream: socket.socket) -> None:
+    """Copy bytes both ways until both sides have finished sending; then close both."""
+    with client, upstream:
+        peers = {client: upstream, upstream: client}
+        while peers:
+            readable, _, _ = select.select(list(peers), [], [])
+            for sender in readable:
+                try:
+                    data = sender.recv(1 << 16)
+                except OSError:
+                    data = b""
+                receiver = peers[sender]
+                if data:
+                    try:
+                        receiver.sendall(data)
+                    except OSError:
+                        return
+                else:
+                    del peers[sender]
+                    with contextlib.suppress(OSError):
+                        receiver.shutdown(socket.SHUT_WR)
+
+
+class _LoopbackBridge:
+    """Listens on 127.0.0.1:PORT in the parent and forwards each connection to a Unix socket."""
+
+    def __init__(self, socket_path: Path):
+        self._socket_path = str(socket_path)
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.bind((LOOPBACK, 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._serve, name=f"bridge:{self.port}", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # Closed: the server stopped.
+                return
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            upstream.connect(self._socket_path)
+        except OSError:  # Not listening (yet, or any more): the client sees the connection close.
+            upstream.close()
+            client.close()
+            return
+        _pump_both_ways(client, upstream)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
 
 
 class WorldServerError(RuntimeError):
@@ -140,10 +221,17 @@ def kill_process_group(process: subprocess.Popen, grace_s: float = _STOP_GRACE_S
         os.killpg(process.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=grace_s)
-    # Also catches anything the leader spawned that outlived it in the same group.
+    # Also catches anything the leader spawned that outlived it in the same group (inside the
+    # sandbox: bwrap's PID 1 and the server), then waits, briefly, until their parents (not us)
+    # have reaped them, so that a stopped server has no process left.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    deadline = time.monotonic() + _REAP_WAIT_S
+    with contextlib.suppress(ProcessLookupError):
+        while time.monotonic() < deadline:
+            os.killpg(process.pid, 0)
+            time.sleep(0.005)
 
 
 class WorldServer:
@@ -160,6 +248,7 @@ class WorldServer:
         self._dir: Path | None = None
         self._process: subprocess.Popen | None = None
         self._port: int | None = None
+        self._bridge: _LoopbackBridge | None = None
 
     @property
     def base_url(self) -> str:
@@ -236,6 +325,11 @@ class WorldServer:
 
     def _launch(self, server_path: Path) -> None:
         home = self._require_dir()
+        binary = sandbox.require_sandbox(f"world server {self.world.name!r}")
+        self._close_bridge()
+        if binary is not None:  # No network of its own: the parent bridges its port.
+            self._bridge = _LoopbackBridge(home / _SOCKET_NAME)
+            self._port = self._bridge.port
         env = {key: os.environ[key] for key in _ESSENTIAL_ENV if key in os.environ}
         env.update(
             HOME=str(home),
@@ -246,9 +340,15 @@ class WorldServer:
             HOST=LOOPBACK,
             PORT=str(self._port),
         )
+        command = [sys.executable, "-c", _LOOPBACK_LAUNCHER, str(server_path)]
+        if binary is not None:
+            env["ECHO_JAX_SERVER_SOCKET"] = str(home / _SOCKET_NAME)
+            command[2] = _UNIX_SOCKET_PRELUDE + _LOOPBACK_LAUNCHER
+            command = sandbox.server_argv(binary, str(home), env, command)
+            env = {"PATH": os.defpath}  # bwrap clears it and sets the server's own.
         with self._log_path.open("wb") as log:
             self._process = subprocess.Popen(
-                [sys.executable, "-c", _LOOPBACK_LAUNCHER, str(server_path)],
+                command,
                 cwd=home,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -298,12 +398,18 @@ class WorldServer:
             raise WorldServerError(f"{self.world.name}: cannot reset, server is not running")
         copy_database(self.initial_db_path, self.db_path)
 
+    def _close_bridge(self) -> None:
+        if self._bridge is not None:
+            self._bridge.close()
+            self._bridge = None
+
     def stop(self) -> None:
         """Kill the server's process group and delete the temp dir; safe to call twice."""
         atexit.unregister(self.stop)
         if self._process is not None:
             kill_process_group(self._process)
             self._process = None
+        self._close_bridge()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

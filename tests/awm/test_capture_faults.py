@@ -174,7 +174,12 @@ def test_killed_capture_leaves_no_process_and_resumes_without_duplicates(referen
         servers: set[int] = set()
         while time.monotonic() < deadline and victim.poll() is None:
             tree = _descendants(victim.pid)
-            servers = {p for p in tree if b"_loopback_run" in _cmdline(p)}
+            # The server's Python itself, not the bwrap processes around it (same arguments).
+            servers = {
+                p
+                for p in tree
+                if b"_loopback_run" in _cmdline(p) and b"bwrap" not in _cmdline(p).split(b"\0")[0]
+            }
             if len(servers) == 2:  # Both workers are capturing: kill mid-capture.
                 break
             time.sleep(0.02)
