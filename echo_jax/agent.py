@@ -1,23 +1,17 @@
-"""The closed-loop agent: a trained model that writes tool calls for the AWM harness.
+"""The agent's side of the closed loop: parsing a generated call, loading a run's model, and
+teacher-forced tool-call accuracy. The episodes themselves run in the rollout engine
+(`echo_jax.rollout`).
 
-Each turn renders the episode so far with THE renderer (`echo_jax.render`), appends the call
-marker, tokenises with the run's compact vocabulary exactly as training does, generates until
-the closing marker (`echo_jax.decoding`), and parses the call. Text that is no call becomes an
-invalid action for the harness (`PARSE_ERROR_KEY`), which records the world's own error
-observation, as for any behaviour policy; an unknown tool goes to the world, which answers
-"Unknown tool". A history longer than the context keeps the CONTEXT prefix and the most recent
-steps, cut at step starts like training windows.
-
-Every generated call is logged in `ModelAgent.records` -- tokens, text, per-token log-probs
-under the model (`logp`, PPO's old_logp) and under the sampling distribution (`sample_logp`) --
-and `attach_records` puts them on the episode's steps under "policy".
+Text that is no call becomes an invalid action for the harness (`PARSE_ERROR_KEY`), which
+records the world's own error observation, as for any behaviour policy; an unknown tool goes to
+the world, which answers "Unknown tool".
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -25,9 +19,8 @@ import numpy as np
 from flax import nnx
 
 from echo_jax import roles
-from echo_jax.awm.harness import PARSE_ERROR_KEY
 from echo_jax.config import Config
-from echo_jax.decoding import Decoder, Generation
+from echo_jax.decoding import Decoder
 from echo_jax.episodes import Episode, Step
 from echo_jax.model import Transformer
 from echo_jax.packing import to_compact
@@ -38,7 +31,7 @@ from echo_jax.train import init_state, make_optimizer
 from echo_jax.vocab import Vocab
 
 CALL_KEYS = ("tool_name", "arguments")
-POLICY_KEY = "policy"  # Step key under which `attach_records` stores a generated call's record.
+POLICY_KEY = "policy"  # Step key under which the rollout engine stores a generated call's record.
 
 
 class ActionParseError(ValueError):
@@ -127,69 +120,6 @@ def build_prompt(
     fitting = [int(s) for s in compact.step_starts if n - s <= room]
     start = fitting[0] if fitting else n - room
     return np.concatenate([ids[:prefix], ids[start:]]), True
-
-
-GenerateFn = Callable[[Sequence[np.ndarray], jax.Array], list[Generation]]
-
-
-class ModelAgent:
-    """A harness policy (`next_action(steps)`) for one episode of one task."""
-
-    def __init__(
-        self,
-        generate: GenerateFn,
-        task: str,
-        tools: Sequence[str],
-        vocab: Vocab,
-        max_prompt_len: int,
-        key: jax.Array,
-        canonical_json: bool = False,
-    ):
-        self.generate = generate
-        self.task = task
-        self.tools = tuple(tools)
-        self.vocab = vocab
-        self.max_prompt_len = max_prompt_len
-        self.key = key
-        self.canonical_json = canonical_json
-        self.records: list[dict[str, Any]] = []
-
-    def next_action(self, steps: list[dict[str, Any]]) -> dict[str, Any]:
-        prompt, cut = build_prompt(
-            self.task, self.tools, steps, self.vocab, self.max_prompt_len, self.canonical_json
-        )
-        self.key, sub = jax.random.split(self.key)
-        (gen,) = self.generate([prompt], sub)
-        try:
-            action = parse_action(gen.text)
-            error = None
-        except ActionParseError as e:
-            error = str(e)
-            action = {PARSE_ERROR_KEY: f"unparsable call: {error}", "raw": gen.text[:2000]}
-        self.records.append(
-            {
-                "text": gen.text,
-                "tokens": gen.tokens.tolist(),
-                "logp": [round(float(x), 6) for x in gen.logp],
-                "sample_logp": [round(float(x), 6) for x in gen.sample_logp],
-                "closed": gen.stopped,
-                "parse_error": error,
-                "prompt_tokens": gen.prompt_len,
-                "history_cut": cut,
-            }
-        )
-        return action
-
-
-def attach_records(episode: dict[str, Any], records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stores each generated call's record on its step (the harness asks the policy once per
-    step, except a forced verify at the step limit, which gets none)."""
-    steps = episode["steps"]
-    if not len(steps) - 1 <= len(records) <= len(steps):
-        raise ValueError(f"{len(records)} policy records for an episode of {len(steps)} steps")
-    for step, record in zip(steps, records, strict=False):
-        step[POLICY_KEY] = record
-    return episode
 
 
 def load_run(

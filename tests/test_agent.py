@@ -1,4 +1,4 @@
-"""The closed-loop agent: call parsing, prompts, the harness round trip and a whole evaluation."""
+"""The closed-loop agent: call parsing, prompts, tool-call accuracy and a whole evaluation."""
 
 import gzip
 import json
@@ -9,25 +9,14 @@ import numpy as np
 import pytest
 
 from echo_jax.agent import (
-    POLICY_KEY,
     ActionParseError,
-    ModelAgent,
-    attach_records,
     build_prompt,
     load_run,
     parse_action,
     tool_call_accuracy,
 )
-from echo_jax.awm.capture import LiveWorld
-from echo_jax.awm.harness import HarnessConfig, run_episode
 from echo_jax.awm.world_format import load_worlds
-from echo_jax.closed_loop import (
-    evaluate_checkpoint,
-    pass_at_k,
-    run_agent_episode,
-    split_tasks,
-    summarize,
-)
+from echo_jax.closed_loop import evaluate_checkpoint, pass_at_k, split_tasks, summarize
 from echo_jax.config import AgentConfig, Config, DataConfig, ModelConfig
 from echo_jax.decoding import Decoder, Generation, decode_text
 from echo_jax.episodes import load_episodes, parse_episode
@@ -122,71 +111,9 @@ def test_long_history_keeps_the_prefix_and_the_latest_steps(episode, vocab):
         build_prompt(episode.task, episode.tools, steps, vocab, prefix + 1)
 
 
-# --- the harness round trip -----------------------------------------------------------------
-
-
-class CannedModel:
-    """A generate function that answers each turn with the next canned text."""
-
-    def __init__(self, vocab, *texts):
-        self.vocab, self.texts, self.prompts = vocab, list(texts), []
-
-    def __call__(self, prompts, key):
-        del key
-        self.prompts.append(decode_text(self.vocab, prompts[0]))
-        text = self.texts[len(self.prompts) - 1]
-        tokens = self.vocab.encode_text(text)
-        zeros = np.zeros(tokens.size, np.float32)
-        return [Generation(tokens, zeros - 1, zeros, text, END_CALL in text, prompts[0].size)]
-
-
 @pytest.fixture(scope="module")
 def world():
     return load_worlds(WORLDS, ["tiny_shop"])["tiny_shop"]
-
-
-@pytest.fixture(scope="module")
-def live(world):
-    live = LiveWorld(world, timeout_s=10)
-    live.open()
-    yield live
-    live.close()
-
-
-def test_agent_calls_go_through_the_harness_as_the_worlds_observations(live, world, vocab):
-    canned = CannedModel(
-        vocab,
-        call_text("get_item", item_id=1),
-        '{"tool_name": "get_item", "arguments": {"item_id": 1}' + END_CALL,  # Malformed.
-        call_text("no_such_tool"),
-        '{"tool_name": "get_item", "argu',  # Budget ran out before the marker.
-        call_text("create_order", item_id=1, quantity=2),
-        call_text("verify", verifier_mode="code"),
-    )
-    tools = [t["name"] for t in live.client.list_tools()]
-    agent = ModelAgent(canned, world.tasks[0], tools, vocab, 400, jax.random.key(0))
-    ep = attach_records(run_episode(live.server, live.client, world, 0, agent), agent.records)
-    assert ep["step_reward_types"] == [
-        "tool_call_ok",
-        "invalid_action",
-        "tool_not_found",
-        "invalid_action",
-        "tool_call_ok",
-        "complete",
-    ]
-    obs = [s["observation"] for s in ep["steps"]]
-    assert obs[1]["error"].startswith("Invalid action: unparsable call: the call is not valid JSON")
-    assert obs[2]["error"].startswith("Unknown tool")  # The server's own text.
-    assert obs[3]["error"] == (
-        "Invalid action: unparsable call: the call was not closed with <|end_call|>"
-    )
-    assert ep["steps"][1]["action"]["tool_name"] == "invalid_action"
-    assert "verify_result" in obs[-1] and ep["reward"] == 1.0
-    # The model saw the episode so far, rendered by the one renderer.
-    assert canned.prompts[1].endswith(obs[0]["tool_result"] + "\n" + CALL_MARK)
-    assert all(s[POLICY_KEY]["logp"] == [-1.0] * len(s[POLICY_KEY]["tokens"]) for s in ep["steps"])
-    assert ep["steps"][1][POLICY_KEY]["parse_error"].startswith("the call is not valid JSON")
-    assert parse_episode(json.loads(json.dumps(ep)), "roundtrip").reward == 1.0
 
 
 @pytest.fixture(scope="module")
@@ -199,29 +126,6 @@ def model(vocab):
 def decoder(model, vocab):
     _, graphdef, params = model
     return Decoder(graphdef, params, vocab, MAX_LEN, MAX_NEW)
-
-
-def test_random_model_closed_loop_episode_ends_in_a_verify(live, decoder):
-    """A random model writes no valid call: each turn is a real invalid-action observation, and
-    the step limit forces the verifier's decision."""
-
-    def generate(prompts, key):
-        return decoder.generate(prompts, key, temperature=1.0)
-
-    harness = HarnessConfig(max_tool_calls=2)
-    ep = run_agent_episode(live, 0, generate, decoder, jax.random.key(0), harness, False)
-    steps = ep["steps"]
-    assert len(steps) == 3
-    for step in steps[:2]:
-        assert step["observation"]["reward_type"] in ("invalid_action", "tool_not_found")
-        assert step["observation"]["error"]
-        record = step[POLICY_KEY]
-        assert len(record["tokens"]) == len(record["logp"]) == len(record["sample_logp"])
-        assert 0 < len(record["tokens"]) <= MAX_NEW and all(x <= 0 for x in record["logp"])
-    last = steps[-1]
-    assert last["action"]["tool_name"] == "verify" and POLICY_KEY not in last
-    assert last["observation"]["verify_result"]["execution_status"] == "success"
-    assert last["observation"]["warning"].startswith("step limit reached")
 
 
 def test_tool_call_accuracy(episode, vocab, decoder):

@@ -13,18 +13,19 @@ from echo_jax import roles
 from echo_jax.agent import POLICY_KEY, load_run
 from echo_jax.awm.rewards import reward_for
 from echo_jax.config import Config, ConfigError, DataConfig, LossConfig, RLConfig, validate_rl
-from echo_jax.episodes import load_episodes, parse_episode
-from echo_jax.render import END_CALL, render_episode
+from echo_jax.episodes import load_episodes
+from echo_jax.loss import echo_loss_from_logprobs
+from echo_jax.render import END_CALL
 from echo_jax.rl import (
     approx_kl,
     env_term_kept,
     lam_at,
-    pack_rollouts,
-    rollout_actions,
+    rollout_batch,
     rollout_stats,
     run_rl,
     training_reward,
 )
+from echo_jax.rollout import EPISODE_ROWS
 from echo_jax.run_dir import RunDir
 from echo_jax.train import init_state, make_optimizer
 from tests.cli import run_module
@@ -86,26 +87,6 @@ def test_lam_schedules():
         validate_rl(dataclasses.replace(rl, group_size=1))
 
 
-def test_rollouts_render_the_generated_text_as_actions():
-    record = hand_record()
-    ep = parse_episode(record, "hand")
-    rendered = render_episode(ep, actions=rollout_actions(record))
-    action_text = "".join(text for text, role in rendered.segments if role == roles.ACTION)
-    assert action_text == GENERATED + UNCLOSED  # What the model wrote, byte for byte.
-    # The unclosed call is closed by a CONTEXT newline; the forced verify is harness text.
-    texts = [text for text, _ in rendered.segments]
-    i = texts.index(UNCLOSED)
-    assert rendered.segments[i + 1] == ("\n", roles.CONTEXT)
-    forced = [s for s in rendered.segments if '"verify"' in s[0]]
-    assert forced and all(role == roles.CONTEXT for _, role in forced)
-    # Observations stay the world's, exactly as for captured episodes.
-    env = [text for text, role in rendered.segments if role == roles.ENV_OUTPUT]
-    assert env[0] == '{"id": 1}\n' and env[1] == "Invalid action: unclosed\n"
-    # Without overrides the renderer is unchanged: the parsed call, re-serialised.
-    plain = "".join(t for t, r in render_episode(ep).segments if r == roles.ACTION)
-    assert plain.startswith('{"tool_name": "get_item", "arguments": {"item_id": 1}}')
-
-
 def test_rollout_stats_filters_and_reward():
     record = hand_record()
     stats = rollout_stats(record)
@@ -122,18 +103,87 @@ def test_rollout_stats_filters_and_reward():
     assert not env_term_kept(record, RLConfig(min_parse_share=0.75))
 
 
-def test_pack_rollouts_group_advantages_and_env_weights(vocab):  # noqa: F811
-    records = [hand_record(0, "complete"), hand_record(0, "others"), hand_record(1, "others")]
-    records.append(hand_record(1, "others"))
+def with_rows(record, *rows):
+    """A rollout with recorded rows (tokens, roles, kinds, logp), as the engine writes them."""
+    record[EPISODE_ROWS] = [
+        {"tokens": list(range(1, len(r) + 1)), "roles": list(r), "kinds": list(k),
+         "logp": [-0.5 if x == roles.ACTION else 0.0 for x in r]}
+        for r, k in rows
+    ]  # fmt: skip
+    return record
+
+
+C, A, E, W = roles.CONTEXT, roles.ACTION, roles.ENV_OUTPUT, roles.WARNING
+ONE_ROW = ([C, A, A, E, E, C, A, E], [0, 0, 0, 1, 1, 0, 0, 3])
+
+
+def test_rollout_batch_advantages_weights_and_exact_rows():
+    two_rows = (([C, A, A, E, E], [0, 0, 0, 1, 2]), ([C, C, A, E], [0, 0, 0, 3]))
+    records = [
+        with_rows(hand_record(0, "complete"), ONE_ROW),
+        with_rows(hand_record(0, "others"), *two_rows),
+        with_rows(hand_record(1, "others"), ONE_ROW),
+        with_rows(hand_record(1, "others"), ONE_ROW),
+    ]
     records[3]["steps"][0][POLICY_KEY]["parse_error"] = "bad"  # Fails min_parse_share=0.75.
-    cfg = Config(model=TINY, data=DataConfig(paths=("unused",), max_len=MAX_LEN))
-    batch = pack_rollouts(records, vocab, cfg, RLConfig(min_parse_share=0.5), "hand")
-    data = batch.data
-    assert data.num_rows == 4 and list(data.episode) == [0, 1, 2, 3]
-    np.testing.assert_allclose(data.advantage, [1.0, -1.0, 0.0, 0.0], atol=1e-5)
-    np.testing.assert_array_equal(batch.env_weight, [1.0, 1.0, 1.0, 0.0])
-    counts = np.bincount(data.roles[0], minlength=roles.NUM_ROLES)
-    assert counts[roles.ACTION] > 0 and counts[roles.ENV_OUTPUT] > 0 and counts[roles.WARNING] > 0
+    rl = RLConfig(min_parse_share=0.5, weight_tool_error=0.25, weight_verifier=2.0)
+    batch = rollout_batch(records, rl, max_len=10)
+    assert batch.num_rows == 5 and list(batch.episode) == [0, 1, 1, 2, 3]
+    np.testing.assert_allclose(batch.advantage, [1.0, -1.0, -1.0, 0.0, 0.0], atol=1e-5)
+    # The two-row episode's rows share its 3 action tokens: weights 2/3 and 1/3, one unit.
+    np.testing.assert_allclose(batch.pg_weight, [1.0, 2 / 3, 1 / 3, 1.0, 1.0])
+    # Exactly the recorded tokens, PAD after; the sampling log-probs aligned with targets.
+    assert list(batch.tokens[1]) == [1, 2, 3, 4, 5, 0, 0, 0, 0, 0]
+    np.testing.assert_array_equal(batch.sample_logp[0, :7], [-0.5, -0.5, 0, 0, 0, -0.5, 0])
+    # Env weights per target: kinds weighted; the filtered rollout's targets weigh 0.
+    np.testing.assert_allclose(batch.env_weight[1, :4], [0.0, 0.0, 1.0, 0.25])
+    np.testing.assert_allclose(batch.env_weight[2, :3], [0.0, 0.0, 2.0])
+    assert not batch.env_weight[4].any()
+    np.testing.assert_array_equal(batch.informative, [True, True, False, False])
+    dropped = rollout_batch(records, RLConfig(drop_equal_reward_groups=True), max_len=10)
+    assert dropped.env_weight[:3].any() and not dropped.env_weight[3:].any()
+
+
+def test_an_episode_over_several_rows_weighs_as_one_in_the_policy_term():
+    """The episode cut into two rows, with row weights, gives the policy term of the same
+    episode in one row; without them, the longer part would count twice."""
+    logp_S = np.array([-0.1, -0.7, -0.3, -0.9, -0.2], np.float32)
+    roles_S = np.array([A, A, E, A, A])
+    adv = 0.8
+
+    def pg(logp_BS, roles_BS, **kw):
+        return float(echo_loss_from_logprobs(logp_BS, roles_BS, np.full(len(logp_BS), adv),
+                                             objective="grpo", **kw)[0])  # fmt: skip
+
+    whole = pg(logp_S[None], roles_S[None])
+    assert whole == pytest.approx(-adv * logp_S[roles_S == A].mean())  # Independent: -A·mean.
+    cut_logp = np.array([[-0.1, -0.7, -0.3, 0.0], [-0.9, -0.2, 0.0, 0.0]], np.float32)
+    cut_roles = np.array([[A, A, E, roles.PAD], [A, A, roles.PAD, roles.PAD]])
+    weights = np.array([0.5, 0.5], np.float32)  # 2 of the episode's 4 action tokens each.
+    assert pg(cut_logp, cut_roles, pg_weight_B=weights) == pytest.approx(whole, rel=1e-6)
+    other = np.array([[A, A, A, E], [A, roles.PAD, roles.PAD, roles.PAD]])  # 3 + 1 tokens.
+    unweighted = pg(cut_logp, other)
+    weighted = pg(cut_logp, other, pg_weight_B=np.array([0.75, 0.25], np.float32))
+    want = -adv * np.mean([-0.1, -0.7, -0.3, -0.9])
+    assert weighted == pytest.approx(want, rel=1e-6) and unweighted != pytest.approx(want)
+
+
+def test_env_term_teaches_on_a_group_whose_rewards_are_equal():
+    records = [with_rows(hand_record(0, "others"), ONE_ROW) for _ in range(2)]
+    batch = rollout_batch(records, RLConfig(), max_len=10)
+    np.testing.assert_array_equal(batch.advantage, [0.0, 0.0])  # No policy signal ...
+    logp = np.full((2, 9), -1.5, np.float32)
+    kw = dict(env_weight_B=batch.env_weight, pg_weight_B=batch.pg_weight)
+    loss, m = echo_loss_from_logprobs(logp, batch.roles[:, 1:], batch.advantage, objective="echo",
+                                      lam=0.1, **kw)  # fmt: skip
+    assert float(m["pg_loss"]) == 0.0 and float(m["env_loss"]) > 0  # ... but the world model.
+    assert float(loss) == pytest.approx(0.1 * float(m["env_loss"]))
+
+
+def test_sampling_settings_other_than_the_models_own_are_refused():
+    for change in ({"temperature": 0.7}, {"top_p": 0.9}):
+        with pytest.raises(ConfigError, match="temperature 1 and top_p 1"):
+            validate_rl(dataclasses.replace(RLConfig(), **change))
 
 
 def test_approx_kl_is_zero_for_the_same_policy_and_positive_otherwise():
@@ -158,16 +208,18 @@ def start_run(tmp_path_factory, vocab):  # noqa: F811
 
 def test_two_iterations_against_a_running_world(tmp_path, start_run):
     start, start_params = start_run
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps({"tasks": [["tiny_shop", 0], ["tiny_shop_two", 1]]}))
     rl = RLConfig(
         iterations=2,
-        tasks_per_iteration=2,
         group_size=2,
+        pool_file=str(pool),
         max_new_tokens=12,
         max_steps=1,
         epochs=1,
         minibatch_size=2,
         learning_rate=1e-2,
-        workers=2,
+        slots=3,
         eval_split="",
     )
     loss = LossConfig(objective="echo", lam=0.5)
@@ -197,9 +249,9 @@ def test_two_iterations_against_a_running_world(tmp_path, start_run):
     for line in lines[1:]:
         for key in ("env_ce_fresh", "pg_loss", "clip_frac", "kl", "rollout_s", "update_s"):
             assert np.isfinite(line[key]), key
-        assert line["update_steps"] == 2 and line["lam"] == 0.5
-        # The decoder's recorded log-probs are the sampling policy's own.
-        assert line["logp_agreement"] < 1e-3
+        assert line["update_steps"] == line["rows"] // 2 + line["rows"] % 2 and line["lam"] == 0.5
+        # The update's forward pass reproduces every sampled token's recorded log-prob.
+        assert line["logp_gap_mean"] <= 1e-4 and line["logp_gap_tokens"] > 0
 
     # The parameters moved, and the run reads back like any training run.
     _, _, _, params, step = load_run(str(workdir))

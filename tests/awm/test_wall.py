@@ -141,14 +141,15 @@ def test_verifier_has_no_network(databases):
         body = f"""
 S = B['__import__']('socket')
 probe('loopback', lambda: S.create_connection(('127.0.0.1', {port}), timeout=2).close())
-probe('outside', lambda: S.create_connection(('1.1.1.1', 53), timeout=2).close())
 probe('interfaces', lambda: [name for _, name in S.if_nameindex()])
 """
         seen = found(run_verifier(verifier(body), *databases))
         with pytest.raises(socket.timeout):
             listener.accept()  # Nothing reached the parent's loopback port.
-    assert seen["loopback"].startswith("failed: ") and seen["outside"].startswith("failed: ")
-    assert seen["interfaces"] == ["lo"]  # A network namespace of its own, loopback only.
+    assert seen["loopback"].startswith("failed: ")
+    # A network namespace of its own, loopback only: no route to any other address exists
+    # (checked by listing interfaces; the test sends nothing off this machine).
+    assert seen["interfaces"] == ["lo"]
 
 
 def test_two_verifiers_at_once_cannot_see_each_other(databases):
@@ -242,9 +243,10 @@ import os
 import socket
 import uvicorn
 from fastapi import FastAPI
-from fastapi_mcp import FastApiMCP
+from sqlalchemy import create_engine
 
 app = FastAPI()
+engine = create_engine(os.environ["DATABASE_PATH"])
 
 
 def attempt(function):
@@ -269,12 +271,9 @@ def spy():
                 ("127.0.0.1", int(os.environ["PROBE_PORT"])), timeout=2
             ).close()
         ),
-        "outside": attempt(lambda: socket.create_connection(("1.1.1.1", 53), timeout=2).close()),
         "interfaces": [name for _, name in socket.if_nameindex()],
     }
 
-
-FastApiMCP(app).mount_http()
 
 if __name__ == "__main__":
     uvicorn.run(app)
@@ -298,8 +297,8 @@ def test_world_server_cannot_read_the_users_files_or_reach_the_network(world, mo
             seen = requests.get(f"{server.base_url}/spy", timeout=10).json()
         with pytest.raises(socket.timeout):
             listener.accept()  # Nothing reached the parent's other loopback port.
-    assert seen["parent_port"].startswith("failed: ") and seen["outside"].startswith("failed: ")
-    assert seen["interfaces"] == ["lo"]  # Reached only through the parent's bridge.
+    assert seen["parent_port"].startswith("failed: ")
+    assert seen["interfaces"] == ["lo"]  # No other network; reached only through the bridge.
     assert seen["passwd"] == "failed: FileNotFoundError"
     assert seen["readme"] == "failed: FileNotFoundError"
     assert seen["write_outside"] in ("failed: OSError", "failed: FileNotFoundError")
