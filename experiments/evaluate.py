@@ -15,17 +15,15 @@ import json
 from absl import app, flags, logging
 
 from echo_jax import config as C
+from echo_jax import config_flags
 from echo_jax.closed_loop import evaluate_checkpoint
-
-_A = C.AgentConfig()
+from echo_jax.config_flags import define_flags, from_flags
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training run workdir.", required=True)
 _SPLIT = flags.DEFINE_enum("split", "heldout_tasks", C.SPLITS, "Corpus split whose tasks to run.")
 _SAMPLES = flags.DEFINE_integer("samples", 4, "Sampled episodes per task (K), besides greedy.")
-_TEMPERATURE = flags.DEFINE_float("temperature", _A.temperature, "Sampling temperature.")
-_TOP_P = flags.DEFINE_float("top_p", _A.top_p, "Nucleus sampling mass.")
-_MAX_STEPS = flags.DEFINE_integer("max_steps", _A.max_steps, "Tool calls before forced verify.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", _A.max_new_tokens, "Token budget per call.")
+AGENT_FLAGS = define_flags(C.AgentConfig)  # One flag per AgentConfig field.
+flags.adopt_module_key_flags(config_flags)
 _MAX_TASKS = flags.DEFINE_integer("max_tasks", None, "Evaluate a fixed random subset of tasks.")
 _WORLDS = flags.DEFINE_string("worlds", "data/awm_worlds", "AWM-format world folder.")
 _CORPUS = flags.DEFINE_string("corpus", "data/corpus", "Corpus folder ('' : all world tasks).")
@@ -42,12 +40,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    agent = C.AgentConfig(
-        temperature=_TEMPERATURE.value,
-        top_p=_TOP_P.value,
-        max_new_tokens=_MAX_NEW.value,
-        max_steps=_MAX_STEPS.value,
-    )
+    agent = from_flags(C.AgentConfig, AGENT_FLAGS)
     metrics = evaluate_checkpoint(
         _CHECKPOINT.value,
         _SPLIT.value,
