@@ -39,10 +39,14 @@ PRESETS = {
 
 def run_side(tree: str, flags: list[str], out: str) -> dict:
     """One evaluate run from `tree`; its metrics and the process's wall time."""
-    argv = [sys.executable, "-m", "experiments.evaluate",
-            f"--checkpoint={os.path.join(ROOT, 'data', 'warm_start')}",
-            f"--worlds={os.path.join(ROOT, 'data', 'awm_worlds')}",
-            f"--corpus={os.path.join(ROOT, 'data', 'corpus')}", f"--out={out}", *flags]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "experiments.evaluate",
+        "--checkpoint=data/warm_start",
+        f"--out={out}",
+        *flags,
+    ]  # Each tree's own worlds: their code follows its launcher.
     env = dict(os.environ, PYTHONPATH=tree)
     started = time.perf_counter()
     proc = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True)

@@ -21,6 +21,7 @@ from absl import app, flags, logging
 
 from echo_jax import config as C
 from echo_jax import rl_report, rl_sweep, sweep
+from echo_jax.rl import make_pool
 from experiments import rl as rl_cli  # Defines the per-run flags, forwarded to every run.
 
 flags.DEFINE_list("objectives", list(C.OBJECTIVES), "Objectives of the grid.")
@@ -35,9 +36,6 @@ flags.DEFINE_integer("parallel", 1, "Runs at a time (subprocesses).")
 flags.DEFINE_bool("report_only", False, "Only regenerate the report from finished runs.")
 flags.DEFINE_string("machine", "", "Where the runs ran, for the report (default: this host).")
 FLAGS = flags.FLAGS
-FLAGS.set_default("env_steps", 480)
-FLAGS.set_default("iterations", 12)
-FLAGS.set_default("epochs", 1)
 FLAGS.set_default("start", "data/warm_start")
 
 _PER_RUN = ("objective", "lam", "seed", "workdir")
@@ -89,6 +87,14 @@ def main(argv: list[str]) -> None:
         seeds = [int(s) for s in FLAGS.seeds]
     except (C.ConfigError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    if not FLAGS.pool_file and not FLAGS.report_only:  # One pool for every arm and seed.
+        pool = os.path.join(FLAGS.root, "pool.json")
+        if not os.path.exists(pool):
+            os.makedirs(FLAGS.root, exist_ok=True)
+            print(f"rl_sweep: choosing the task pool into {pool}", flush=True)
+            make_pool(pool, FLAGS.start, rl_cli.rl_config_from_flags(), FLAGS.worlds,
+                      FLAGS.corpus or None)  # fmt: skip
+        FLAGS.pool_file = pool
     specs = rl_sweep.specs(arms, seeds, FLAGS.root, forwarded_flags())
     # The command that makes the runs: --report_only and --machine only rewrite the report.
     run_args = [a for a in sys.argv[1:] if not a.startswith(("--report_only", "--machine"))]
@@ -104,10 +110,10 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"error: no finished iterations under {FLAGS.root}")
     setup = (
         f"Runs made by `{command}` on {machine()}. Start checkpoint `{FLAGS.start}`; "
-        f"each run: {FLAGS.tasks_per_iteration} training tasks x G={FLAGS.group_size} rollouts "
-        f"per iteration (temperature {FLAGS.temperature}, at most {FLAGS.max_steps} tool calls), "
+        f"each run: the pool of `{FLAGS.pool_file}` x G={FLAGS.group_size} rollouts "
+        f"per iteration (at most {FLAGS.max_steps} tool calls), {FLAGS.iterations} iterations, "
         f"{FLAGS.epochs} epoch(s) of PPO-clip minibatch updates (B={FLAGS.minibatch_size}, "
-        f"lr {FLAGS.learning_rate:g}), until {FLAGS.env_steps} environment steps; λ schedule "
+        f"lr {FLAGS.learning_rate:g}); λ schedule "
         f"{FLAGS.lam_schedule}; held-out pass@1 on {FLAGS.eval_max_tasks or 'all'} "
         f"{FLAGS.eval_split} tasks."
     )
