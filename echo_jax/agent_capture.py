@@ -22,7 +22,7 @@ def capture_agent_scenario(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(episodes in (task_idx, k) order, failures) of one scenario's agent capture."""
     from echo_jax.agent import load_run  # JAX only where it is used.
-    from echo_jax.closed_loop import engine_config, mute_fork_warning
+    from echo_jax.closed_loop import mute_fork_warning
     from echo_jax.rollout import EngineConfig, EpisodeRequest, RolloutEngine
 
     mute_fork_warning()
@@ -49,9 +49,9 @@ def capture_agent_scenario(
         )  # fmt: skip
         for t, k in grid
     ]
-    engine_cfg = engine_config(agent)
-    engine_cfg = EngineConfig(**{**engine_cfg.__dict__, "max_steps": config.harness.max_tool_calls,
-                                 "attempts": config.episode_attempts})  # fmt: skip
+    engine_cfg = EngineConfig.of(
+        agent, max_steps=config.harness.max_tool_calls, attempts=config.episode_attempts
+    )
     with RolloutEngine(graphdef, params, vocab, cfg.data.max_len, {world.name: world},
                        engine_cfg, cfg.data.canonical_json) as engine:  # fmt: skip
         results = engine.run(requests, skip_failed=True)

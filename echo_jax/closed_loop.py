@@ -87,15 +87,6 @@ def episode_seed(seed: int, scenario: str, task_idx: int, sample: int) -> int:
     return int(episode_rng(seed, scenario, task_idx, sample + 1).integers(2**31))
 
 
-def engine_config(agent: AgentConfig) -> EngineConfig:
-    return EngineConfig(
-        slots=agent.slots,
-        max_new_tokens=agent.max_new_tokens,
-        max_steps=agent.max_steps,
-        servers_per_scenario=agent.servers_per_scenario,
-    )
-
-
 def summarize(episodes: Sequence[dict[str, Any]], samples: int) -> dict[str, float]:
     """Metrics of rollouts (each carrying agent.sample): pass@1 greedy, pass@k, steps, errors."""
     by_task: dict[tuple[str, int], list[bool]] = collections.defaultdict(list)
@@ -194,7 +185,7 @@ def evaluate_checkpoint(
         for sample in range(GREEDY, samples)
     ]
     engine = RolloutEngine(graphdef, params, vocab, cfg.data.max_len, loaded,
-                           engine_config(agent), cfg.data.canonical_json)  # fmt: skip
+                           EngineConfig.of(agent), cfg.data.canonical_json)  # fmt: skip
     with engine:
         episodes = engine.run(requests)
     timing = engine.timing

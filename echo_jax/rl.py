@@ -299,15 +299,6 @@ def approx_kl(old_logp_NS, new_logp_NS, roles_NT) -> float:
 # --- the task pool and greedy evaluations --------------------------------------------------
 
 
-def engine_config(rl: RLConfig) -> EngineConfig:
-    return EngineConfig(
-        slots=rl.slots,
-        max_new_tokens=rl.max_new_tokens,
-        max_steps=rl.max_steps,
-        servers_per_scenario=rl.servers_per_scenario,
-    )
-
-
 def rollout_seed(seed: int, iteration: int, scenario: str, task_idx: int, g: int) -> int:
     rng = np.random.default_rng([seed, iteration, task_idx, g, *(ord(c) for c in scenario)])
     return int(rng.integers(2**31))
@@ -412,7 +403,7 @@ def run_rl(
     rng = np.random.default_rng([rl.seed, 1])
     rollout_dir = Path(run.path) / ROLLOUT_DIR
     rollout_dir.mkdir(exist_ok=True)
-    engine = RolloutEngine(graphdef, state.params, vocab, t, loaded, engine_config(rl),
+    engine = RolloutEngine(graphdef, state.params, vocab, t, loaded, EngineConfig.of(rl),
                            cfg.data.canonical_json)  # fmt: skip
     with engine:
         if rl.pool_file:
@@ -555,7 +546,7 @@ def make_pool(
     loaded = load_worlds(worlds, scenarios)
     candidates = choose_tasks(split_tasks(loaded, corpus_dir, rl.split), rl.pool_candidates,
                               rl.pool_seed)  # fmt: skip
-    with RolloutEngine(graphdef, params, vocab, cfg.data.max_len, loaded, engine_config(rl),
+    with RolloutEngine(graphdef, params, vocab, cfg.data.max_len, loaded, EngineConfig.of(rl),
                        cfg.data.canonical_json) as engine:  # fmt: skip
         pool = choose_pool(engine, candidates, rl)
     atomic_write_text(out_path, json.dumps(pool, indent=2, sort_keys=True))

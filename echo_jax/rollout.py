@@ -75,6 +75,13 @@ class EngineConfig:
     servers_per_scenario: int = 2  # World servers kept per scenario (each serves one episode).
     attempts: int = 3  # Tries of an episode whose world fails (restarted between tries).
 
+    @classmethod
+    def of(cls, settings: Any, **overrides: Any) -> EngineConfig:
+        """The engine's settings from a config with fields of the same names (AgentConfig,
+        RLConfig), then `overrides`."""
+        names = [f.name for f in dataclasses.fields(cls) if hasattr(settings, f.name)]
+        return cls(**{name: getattr(settings, name) for name in names} | overrides)
+
 
 @dataclasses.dataclass(frozen=True)
 class EpisodeRequest:
