@@ -202,6 +202,13 @@ def _hidden_site_packages(folders) -> list[str]:
     return sorted(set(args), key=args.index)
 
 
+def _isolated(binary: str, tmp_bytes: int) -> list[str]:
+    """The namespaces, /proc, /dev and a private /tmp. They come before any bind, since a later
+    mount covers an earlier one: a Python install under /tmp must stay visible."""
+    return [binary, *_COMMON, "--unshare-net", "--proc", "/proc", "--dev", "/dev",
+            "--size", str(tmp_bytes), "--tmpfs", "/tmp"]  # fmt: skip
+
+
 def verifier_argv(
     binary: str, runner: str, initial_db: str, final_db: str, result_fd: int
 ) -> list[str]:
@@ -209,19 +216,9 @@ def verifier_argv(
     with _lock:
         folders = _verifier_folders()
     return [
-        binary,
-        *_COMMON,
-        "--unshare-net",
+        *_isolated(binary, VERIFIER_TMP_BYTES),
         *_links_and_binds(folders),
         *_hidden_site_packages(folders),
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--size",
-        str(VERIFIER_TMP_BYTES),
-        "--tmpfs",
-        "/tmp",
         "--ro-bind",
         initial_db,
         SANDBOX_INITIAL_DB,
@@ -269,18 +266,8 @@ def server_argv(
     setenv = [arg for key, value in env.items() for arg in ("--setenv", key, value)]
     binds = _links_and_binds([*_server_folders(), *extra_ro])
     return [
-        binary,
-        *_COMMON,
-        "--unshare-net",
+        *_isolated(binary, SERVER_TMP_BYTES),
         *binds,
-        "--proc",
-        "/proc",
-        "--dev",
-        "/dev",
-        "--size",
-        str(SERVER_TMP_BYTES),
-        "--tmpfs",
-        "/tmp",
         "--bind",
         folder,
         folder,
