@@ -442,11 +442,10 @@ def run_rl(
         lines.append(first)
         for it in range(rl.iterations):
             t0 = time.perf_counter()
-            before = engine.timing.as_dict()
             records = engine.run(group_requests(tasks, it + 1, rl.seed, rl.group_size, 1.0))
             write_shard(rollout_dir / f"iter_{it + 1:04d}.jsonl.gz", records)
             rollout_s = time.perf_counter() - t0
-            timing = {k: v - before[k] for k, v in engine.timing.as_dict().items()}
+            timing = engine.timing.as_dict()
 
             t1 = time.perf_counter()
             batch = rollout_batch(records, rl, t)

@@ -339,8 +339,8 @@ class _Waiting:
 
 @dataclasses.dataclass
 class Timing:
-    """Where a run's time went. The loop's parts add up to its wall time; the world parts are
-    summed over episodes, which run in threads beside the loop."""
+    """Where the last `run`'s time went. The loop's parts add up to its wall time; the world
+    parts are summed over episodes, which run in threads beside the loop."""
 
     wall_s: float = 0.0
     decode_s: float = 0.0  # In decode calls (sampling included).
@@ -464,6 +464,7 @@ class RolloutEngine:
         with skip_failed stands in the list as its exception."""
         started = time.perf_counter()
         servers = self.pool.started
+        self.timing = Timing()  # This run's figures only.
         futures = {i: self.pool.threads.submit(self._episode, requests[i])
                    for i in _interleave_scenarios(requests)}  # fmt: skip
         try:
