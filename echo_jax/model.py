@@ -97,37 +97,35 @@ class Attention(nnx.Module):
         and values where write_RC (elsewhere the write is dropped), then each attends to its
         row's cache positions at or before its own. Returns (output [R, C, D], (keys, values)
         [S, N, T, H])."""
-        x_SCD, positions_SC, write_SC = x_RCD, positions_RC, write_RC
-        s, c, d = x_SCD.shape
-        qkv = self.qkv(x_SCD.reshape(s * c, d)).reshape(s, c, 3, self.n_heads, self.head_dim)
-        q_SCNH, k_SCNH, v_SCNH = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q_SCNH, k_SCNH = rotary_rows(q_SCNH, positions_SC), rotary_rows(k_SCNH, positions_SC)
+        r, c, d = x_RCD.shape
+        qkv = self.qkv(x_RCD.reshape(r * c, d)).reshape(r, c, 3, self.n_heads, self.head_dim)
+        q_RCNH, k_RCNH, v_RCNH = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q_RCNH, k_RCNH = rotary_rows(q_RCNH, positions_RC), rotary_rows(k_RCNH, positions_RC)
         cache_k_SNTH, cache_v_SNTH = cache
-        t = cache_k_SNTH.shape[2]  # Here S is R: the rows being extended.
-        slots_SC = jnp.where(write_SC, positions_SC, t)  # Out of range: dropped.
+        t = cache_k_SNTH.shape[2]
+        slots_RC = jnp.where(write_RC, positions_RC, t)  # Out of range: dropped.
         # Heads before positions, so both products below read the cache without a transpose.
-        k_SNCH, v_SNCH = k_SCNH.transpose(0, 2, 1, 3), v_SCNH.transpose(0, 2, 1, 3)
-        cache_k_SNTH = _write(cache_k_SNTH, rows_R, k_SNCH, slots_SC)
-        cache_v_SNTH = _write(cache_v_SNTH, rows_R, v_SNCH, slots_SC)
-        keys_SNTH, values_SNTH = cache_k_SNTH[rows_R], cache_v_SNTH[rows_R]  # R of the S rows.
-        q_SNCH = q_SCNH.transpose(0, 2, 1, 3).astype(jnp.float32) * (self.head_dim**-0.5)
-        scores_SNCT = jnp.einsum("snch,snth->snct", q_SNCH, keys_SNTH.astype(jnp.float32))
-        visible_SCT = jnp.arange(t)[None, None, :] <= positions_SC[:, :, None]
-        scores_SNCT = jnp.where(visible_SCT[:, None], scores_SNCT, -jnp.inf)
-        probs_SNCT = jax.nn.softmax(scores_SNCT, axis=-1)
-        y_SNCH = jnp.einsum("snct,snth->snch", probs_SNCT, values_SNTH.astype(jnp.float32))
-        y_ND = y_SNCH.transpose(0, 2, 1, 3).reshape(s * c, d).astype(x_SCD.dtype)
-        return self.out(y_ND).reshape(s, c, d), (cache_k_SNTH, cache_v_SNTH)
+        k_RNCH, v_RNCH = k_RCNH.transpose(0, 2, 1, 3), v_RCNH.transpose(0, 2, 1, 3)
+        cache_k_SNTH = _write(cache_k_SNTH, rows_R, k_RNCH, slots_RC)
+        cache_v_SNTH = _write(cache_v_SNTH, rows_R, v_RNCH, slots_RC)
+        keys_RNTH, values_RNTH = cache_k_SNTH[rows_R], cache_v_SNTH[rows_R]
+        q_RNCH = q_RCNH.transpose(0, 2, 1, 3).astype(jnp.float32) * (self.head_dim**-0.5)
+        scores_RNCT = jnp.einsum("rnch,rnth->rnct", q_RNCH, keys_RNTH.astype(jnp.float32))
+        visible_RCT = jnp.arange(t)[None, None, :] <= positions_RC[:, :, None]
+        scores_RNCT = jnp.where(visible_RCT[:, None], scores_RNCT, -jnp.inf)
+        probs_RNCT = jax.nn.softmax(scores_RNCT, axis=-1)
+        y_RNCH = jnp.einsum("rnct,rnth->rnch", probs_RNCT, values_RNTH.astype(jnp.float32))
+        y_ND = y_RNCH.transpose(0, 2, 1, 3).reshape(r * c, d).astype(x_RCD.dtype)
+        return self.out(y_ND).reshape(r, c, d), (cache_k_SNTH, cache_v_SNTH)
 
 
 def _write(cache_SNTH: Array, rows_R: Array, new_RNCH: Array, slots_RC: Array) -> Array:
     """cache[rows[r], :, slots[r, c]] = new[r, :, c]; slots out of range are dropped."""
-    new_SNCH, slots_SC = new_RNCH, slots_RC
-    s, n, c, _ = new_SNCH.shape
-    rows = jnp.broadcast_to(rows_R[:, None, None], (s, n, c))
-    heads = jnp.broadcast_to(jnp.arange(n)[None, :, None], (s, n, c))
-    slots = jnp.broadcast_to(slots_SC[:, None, :], (s, n, c))
-    return cache_SNTH.at[rows, heads, slots].set(new_SNCH, mode="drop")
+    r, n, c, _ = new_RNCH.shape
+    rows = jnp.broadcast_to(rows_R[:, None, None], (r, n, c))
+    heads = jnp.broadcast_to(jnp.arange(n)[None, :, None], (r, n, c))
+    slots = jnp.broadcast_to(slots_RC[:, None, :], (r, n, c))
+    return cache_SNTH.at[rows, heads, slots].set(new_RNCH, mode="drop")
 
 
 class Mlp(nnx.Module):
@@ -152,10 +150,10 @@ class Block(nnx.Module):
         x_BTD = x_BTD + self.attn(self.norm1(x_BTD), positions_T)
         return x_BTD + self.mlp(self.norm2(x_BTD))
 
-    def extend(self, x_SCD, rows_S, positions_SC, write_SC, cache):
-        y_SCD, cache = self.attn.extend(self.norm1(x_SCD), rows_S, positions_SC, write_SC, cache)
-        x_SCD = x_SCD + y_SCD
-        return x_SCD + self.mlp(self.norm2(x_SCD)), cache
+    def extend(self, x_RCD, rows_R, positions_RC, write_RC, cache):
+        y_RCD, cache = self.attn.extend(self.norm1(x_RCD), rows_R, positions_RC, write_RC, cache)
+        x_RCD = x_RCD + y_RCD
+        return x_RCD + self.mlp(self.norm2(x_RCD)), cache
 
 
 class Transformer(nnx.Module):
@@ -210,14 +208,14 @@ class Transformer(nnx.Module):
 
     def extend(
         self,
-        tokens_SC: Array,
-        start_S: Array,
-        count_S: Array,
+        tokens_RC: Array,
+        start_R: Array,
+        count_R: Array,
         cache: KVCache,
-        rows_S: Array | None = None,
+        rows_R: Array | None = None,
     ) -> tuple[Array, KVCache]:
-        """Appends count_S (<= C) tokens to cache rows rows_S (default: all, in order), at
-        positions start_S onwards -> (next-token logits [S, V] after each row's last new
+        """Appends count_R (<= C) tokens to cache rows rows_R (default: all, in order), at
+        positions start_R onwards -> (next-token logits [R, V] after each row's last new
         token, the cache).
 
         The arithmetic is __call__'s, so a row's logits equal the training forward pass's over
@@ -225,15 +223,15 @@ class Transformer(nnx.Module):
         C = 1 is one decoding step; a prompt is appended in chunks. Only the rows named are
         computed, so appending to a few rows of a large cache costs a few rows.
         """
-        s, c = tokens_SC.shape
-        rows_S = jnp.arange(s) if rows_S is None else rows_S
-        positions_SC = start_S[:, None] + jnp.arange(c)[None, :]
-        write_SC = jnp.arange(c)[None, :] < count_S[:, None]
-        x_SCD = self.embed(tokens_SC)
+        r, c = tokens_RC.shape
+        rows_R = jnp.arange(r) if rows_R is None else rows_R
+        positions_RC = start_R[:, None] + jnp.arange(c)[None, :]
+        write_RC = jnp.arange(c)[None, :] < count_R[:, None]
+        x_RCD = self.embed(tokens_RC)
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache, strict=True):
-            x_SCD, layer_cache = block.extend(x_SCD, rows_S, positions_SC, write_SC, layer_cache)
+            x_RCD, layer_cache = block.extend(x_RCD, rows_R, positions_RC, write_RC, layer_cache)
             new_cache.append(layer_cache)
-        last_S = jnp.clip(count_S - 1, 0, c - 1)
-        h_S1D = self.final_norm(x_SCD[jnp.arange(s), last_S][:, None])
-        return self.logits(h_S1D)[:, 0], tuple(new_cache)
+        last_R = jnp.clip(count_R - 1, 0, c - 1)
+        h_R1D = self.final_norm(x_RCD[jnp.arange(r), last_R][:, None])
+        return self.logits(h_R1D)[:, 0], tuple(new_cache)

@@ -51,16 +51,8 @@ from echo_jax.closed_loop import SUCCESS, choose_tasks, mute_fork_warning, split
 from echo_jax.config import Config, ConfigError, RLConfig, validate, validate_rl
 from echo_jax.fused_loss import chunked_label_logprobs, resolve_impl
 from echo_jax.loss import label_logprobs
-from echo_jax.rollout import (
-    EPISODE_ROWS,
-    TOOL_ERROR,
-    TOOL_RESULT,
-    VERIFIER,
-    WARNING_TEXT,
-    EngineConfig,
-    EpisodeRequest,
-    RolloutEngine,
-)
+from echo_jax.rollout import EngineConfig, EpisodeRequest, RolloutEngine
+from echo_jax.rollout_rows import EPISODE_ROWS, TOOL_ERROR, TOOL_RESULT, VERIFIER, WARNING_TEXT
 from echo_jax.run_dir import RunDir
 from echo_jax.sharding import data_parallel
 from echo_jax.train import init_model, init_state, make_optimizer, make_train_step

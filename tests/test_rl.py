@@ -25,7 +25,7 @@ from echo_jax.rl import (
     run_rl,
     training_reward,
 )
-from echo_jax.rollout import EPISODE_ROWS
+from echo_jax.rollout_rows import EPISODE_ROWS
 from echo_jax.run_dir import RunDir
 from echo_jax.train import init_state, make_optimizer
 from tests.cli import run_module

@@ -16,13 +16,11 @@ from echo_jax.decoding import Generation, decode_text
 from echo_jax.episodes import parse_episode
 from echo_jax.render import CALL_MARK, END_CALL, render_prefix
 from echo_jax.rl import make_score_fn
-from echo_jax.rollout import (
+from echo_jax.rollout import EngineConfig, EpisodeRequest, RolloutEngine
+from echo_jax.rollout_rows import (
     EPISODE_ROWS,
-    EngineConfig,
-    EpisodeRequest,
     EpisodeTokens,
-    RolloutEngine,
-    _EnginePolicy,
+    RecordingPolicy,
     segments_to_tokens,
 )
 from tests.test_agent import TINY, WORLDS, call_text
@@ -69,7 +67,7 @@ def test_a_new_row_restarts_with_the_prefix_and_recent_whole_steps():
 
 
 class FakeEngine:
-    """What `_EnginePolicy` needs of the engine, answering each call with canned text."""
+    """What `RecordingPolicy` needs of the engine, answering each call with canned text."""
 
     def __init__(self, vocab, world, *texts):
         self.vocab, self.texts, self.fed = vocab, list(texts), []
@@ -98,7 +96,7 @@ def test_calls_go_through_the_harness_and_rows_hold_exactly_what_was_fed(live, w
         call_text("verify", verifier_mode="code"),
     )
     tools = [t["name"] for t in live.client.list_tools()]
-    policy = _EnginePolicy(engine, 0, EpisodeRequest("tiny_shop", 0, seed=0), tools)
+    policy = RecordingPolicy(engine, 0, EpisodeRequest("tiny_shop", 0, seed=0), tools)
     ep = policy.finish(run_episode(live.server, live.client, world, 0, policy))
     assert ep["step_reward_types"] == [
         "tool_call_ok", "invalid_action", "tool_not_found", "invalid_action", "tool_call_ok",

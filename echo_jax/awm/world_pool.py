@@ -1,0 +1,56 @@
+"""Live world servers per scenario, kept across episodes, and the threads that use them."""
+
+from __future__ import annotations
+
+import collections
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from echo_jax.awm.capture import LiveWorld
+from echo_jax.awm.world_format import World
+
+
+class WorldPool:
+    """Live servers per scenario, started on first use and kept until `close`, and the threads
+    that run episodes on them. The threads live as long as the pool: a server gets SIGKILL when
+    the thread that started it ends (PR_SET_PDEATHSIG follows the parent thread)."""
+
+    def __init__(self, worlds: dict[str, World], threads: int, per_scenario: int = 2):
+        self.worlds = worlds
+        self.per_scenario = per_scenario
+        self.idle: dict[str, list[LiveWorld]] = collections.defaultdict(list)
+        self.count: collections.Counter[str] = collections.Counter()
+        self.cond = threading.Condition()
+        self.threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="episode")
+        self.started = 0  # Servers started (restarts included).
+
+    def acquire(self, scenario: str) -> LiveWorld:
+        with self.cond:
+            while not self.idle[scenario] and self.count[scenario] >= self.per_scenario:
+                self.cond.wait()
+            if self.idle[scenario]:
+                return self.idle[scenario].pop()
+            self.count[scenario] += 1
+        live = LiveWorld(self.worlds[scenario])
+        try:
+            live.open()
+        except BaseException:
+            with self.cond:
+                self.count[scenario] -= 1
+                self.cond.notify_all()
+            raise
+        self.started += 1
+        return live
+
+    def release(self, live: LiveWorld) -> None:
+        with self.cond:
+            self.idle[live.world.name].append(live)
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        self.threads.shutdown(wait=True)
+        for lives in self.idle.values():
+            for live in lives:
+                live.close()
+        self.idle.clear()
+        self.count.clear()
