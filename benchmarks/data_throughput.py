@@ -1,6 +1,6 @@
 """Data pipeline throughput: episodes/s through load + render + tokenise + pack
-(`echo_jax.dataset.load_packed`), cold (no cache) and from the packed-array cache
-(`echo_jax.data_cache`: a hit costs hashing the input files and reading one .npz).
+(`echo_jax.data.dataset.load_packed`), cold (no cache) and from the packed-array cache
+(`echo_jax.data.data_cache`: a hit costs hashing the input files and reading one .npz).
 
 python -m benchmarks.data_throughput                     # data/corpus if it has shards,
 python -m benchmarks.data_throughput --replicas=400      # else the shipped episode x N
@@ -26,7 +26,7 @@ CORPUS = os.path.join(common.ROOT, "data", "corpus")
 
 
 def dataset_paths(replicas: int, folder: str) -> tuple[tuple[str, ...], str]:
-    from echo_jax import corpus
+    from echo_jax.data import corpus
 
     if corpus.is_corpus(CORPUS) and corpus.shard_files(CORPUS):
         return (CORPUS,), "data/corpus (train split)"
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
 
     from echo_jax.config import DataConfig
-    from echo_jax.dataset import load_packed
+    from echo_jax.data.dataset import load_packed
 
     with tempfile.TemporaryDirectory() as tmp:
         paths, source = dataset_paths(args.replicas, tmp)

@@ -28,7 +28,7 @@ class JaxSide(common.Bench):
         import jax
         import jax.numpy as jnp
 
-        from echo_jax.loss import echo_loss
+        from echo_jax.objective.loss import echo_loss
 
         kwargs = LOSS_KWARGS
         role, adv = common.synthetic_targets(b, t)

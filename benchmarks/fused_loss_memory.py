@@ -1,6 +1,7 @@
 """The large-vocabulary loss head: features h [B, T, d] and the output matrix w [d, V] to the
 echo loss and its gradients w.r.t. h and w, plain (logits [B, T, V], then the loss) against
-chunked (`echo_jax.fused_loss`: the projection fused with the cross-entropy, chunk by chunk).
+chunked (`echo_jax.objective.fused_loss`: the projection fused with the cross-entropy, chunk
+by chunk).
 
 python -m benchmarks.fused_loss_memory                    # B·T = 16,384, V = 100,277, d = 512
 python -m benchmarks.fused_loss_memory --batch_size=2 --repeats=2   # a quicker look
@@ -27,8 +28,8 @@ class HeadSide(common.Bench):
         import jax
         import jax.numpy as jnp
 
-        from echo_jax.fused_loss import fused_echo_loss
-        from echo_jax.loss import echo_loss
+        from echo_jax.objective.fused_loss import fused_echo_loss
+        from echo_jax.objective.loss import echo_loss
 
         role, adv = common.synthetic_targets(b, t)
         rng = np.random.default_rng(0)

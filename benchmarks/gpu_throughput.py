@@ -63,10 +63,10 @@ def main(argv: list[str]) -> None:
     import jax
 
     from benchmarks.train_step_vs_torch import synthetic_batch
-    from echo_jax.attention import resolve
     from echo_jax.config import MODEL_PRESETS, Config, LossConfig, TrainConfig, validate
-    from echo_jax.sharding import data_parallel
-    from echo_jax.train import init_model, init_state, make_optimizer, make_train_step
+    from echo_jax.model.attention import resolve
+    from echo_jax.train.sharding import data_parallel
+    from echo_jax.train.trainer import init_model, init_state, make_optimizer, make_train_step
 
     model = MODEL_PRESETS[args.preset]
     if args.attention:

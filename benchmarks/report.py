@@ -149,7 +149,7 @@ if __name__ == "__main__":
     table = markdown()
     print(table)
     if "--readme" in sys.argv[1:]:
-        from echo_jax.results import splice_readme
+        from echo_jax.reports.results import splice_readme
 
         readme = os.path.join(os.path.dirname(RESULTS), "..", "README.md")
         print("README.md updated" if splice_readme(readme, table, "performance") else "no markers")

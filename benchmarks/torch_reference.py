@@ -1,8 +1,9 @@
 """PyTorch eager references with the same semantics as echo_jax, for benchmarks only.
 
-`echo_loss` mirrors `echo_jax.loss.echo_loss` (all options), `Transformer` mirrors
-`echo_jax.model.Transformer` (rotary, pre-RMSNorm, causal SDPA, tanh-GELU MLP, tied embedding
-scaled by d^-1/2, the same initialisers), and `TrainStep` mirrors `echo_jax.train`'s step
+`echo_loss` mirrors `echo_jax.objective.loss.echo_loss` (all options), `Transformer` mirrors
+`echo_jax.model.transformer.Transformer` (rotary, pre-RMSNorm, causal SDPA, tanh-GELU MLP, tied
+embedding
+scaled by d^-1/2, the same initialisers), and `TrainStep` mirrors `echo_jax.train.trainer`'s step
 (global-norm clip, AdamW with decay on matrices only, warm-up + cosine schedule).
 torch is a benchmark-only extra; nothing in echo_jax imports this.
 """
@@ -31,7 +32,7 @@ def _safe_div(num, den):
 
 
 def counted_targets(target_roles_BS, world_loss_target="env_only"):
-    """The targets the loss or its metrics read (echo_jax.loss.counted_targets)."""
+    """The targets the loss or its metrics read (echo_jax.objective.loss.counted_targets)."""
     counted_BS = (target_roles_BS == ACTION) | (target_roles_BS == ENV_OUTPUT)
     if world_loss_target == "all":
         counted_BS = counted_BS | (target_roles_BS == WARNING)
@@ -212,7 +213,7 @@ def lr_at(step, peak, warmup, total):
 
 
 class TrainStep:
-    """Forward, echo loss, backward, global-norm clip, AdamW; like echo_jax.train's step.
+    """Forward, echo loss, backward, global-norm clip, AdamW; like echo_jax.train.trainer's step.
 
     With skip_uncounted, the output projection and log-softmax run on the counted targets
     only (`counted_label_logprobs`), as echo_jax's default CPU loss path does.

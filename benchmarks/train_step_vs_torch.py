@@ -36,7 +36,7 @@ LOSS_KWARGS = common.LOSS_KWARGS
 def default_loss_path() -> str:
     """LossConfig's default loss path and what it resolves to on this machine, for the record."""
     from echo_jax.config import LossConfig
-    from echo_jax.fused_loss import resolve_impl
+    from echo_jax.objective.fused_loss import resolve_impl
 
     return f"{LossConfig.impl} -> {resolve_impl(LossConfig.impl)}"
 
@@ -66,7 +66,7 @@ class JaxTrainSide(common.Bench):
         import jax
 
         from echo_jax.config import MODEL_PRESETS, Config, LossConfig, TrainConfig
-        from echo_jax.train import (
+        from echo_jax.train.trainer import (
             init_model,
             init_state,
             make_optimizer,

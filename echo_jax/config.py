@@ -32,7 +32,7 @@ class ModelConfig:
     d_ff: int = 512  # Hidden width of each block's MLP.
     dtype: str = "float32"  # Compute dtype of activations ("bfloat16" on accelerators).
     tie_embeddings: bool = True  # Share the input embedding with the output projection.
-    # Causal attention backend (echo_jax.attention): "cudnn" (jax.nn.dot_product_attention's
+    # Causal attention backend (echo_jax.model.attention): "cudnn" (jax.nn.dot_product_attention's
     # fused GPU kernel, bf16/fp16 only), "xla" (its portable one), "blocked" (query blocks that
     # skip the masked half; fastest on CPU), or "auto" (cudnn on a GPU in bfloat16, blocked on
     # a CPU, else xla).
@@ -66,7 +66,8 @@ class LossConfig:
     # "plain": logits [B, T, V] then the loss; "chunked": output projection fused with the
     # cross-entropy over chunks of target tokens, never building [B, T, V] (large vocabularies)
     # and skipping the targets nothing reads (CONTEXT, PAD); "auto": chunked on a CPU, where
-    # that skipping makes it the faster one, plain elsewhere (echo_jax.fused_loss.resolve_impl).
+    # that skipping makes it the faster one, plain elsewhere
+    # (echo_jax.objective.fused_loss.resolve_impl).
     impl: str = "auto"
     # Target tokens per chunk of impl="chunked": temporaries of a few [chunk, V] float32 blocks
     # (205 MB each at 512 x 100,277).
@@ -137,7 +138,7 @@ LAM_SCHEDULES: tuple[str, ...] = ("constant", "linear", "step")
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-    """The on-policy loop (echo_jax.rl); its loss is Config.loss, its model the start's."""
+    """The on-policy loop (echo_jax.rl.loop); its loss is Config.loss, its model the start's."""
 
     iterations: int = 16  # Rounds of rollouts then updates; every round revisits the pool.
     group_size: int = 8  # G: rollouts per pool task; advantages are relative within each group.

@@ -14,12 +14,12 @@ import sys
 from absl import app, flags, logging
 
 from echo_jax import config as C
-from echo_jax import corpus
 from echo_jax.awm import sandbox
 from echo_jax.awm.capture import POLICIES, CaptureConfig, CaptureError, run_capture, write_manifest
 from echo_jax.awm.harness import HarnessConfig
 from echo_jax.awm.replay import check_corpus
 from echo_jax.awm.world_format import WorldFormatError, load_worlds
+from echo_jax.data import corpus
 
 _WORLDS = flags.DEFINE_string("worlds", None, "AWM-format world folder.", required=True)
 _EPISODES = flags.DEFINE_integer("episodes_per_task", 1, "Episodes per (scenario, task).")
@@ -75,7 +75,10 @@ def _main(argv: list[str]) -> None:
         ),
         command=shlex.join([sys.executable, "-m", "experiments.capture", *sys.argv[1:]]),
     )
-    manifest = run_capture(config)
+    agent_episodes = None
+    if config.policy == "agent":
+        from echo_jax.agent.capture import capture_agent_scenario as agent_episodes
+    manifest = run_capture(config, agent_episodes)
     worlds = load_worlds(config.worlds_dir, config.scenarios)
     manifest["splits"] = corpus.assign_splits(
         {name: len(world.tasks) for name, world in worlds.items()}, seed=config.seed

@@ -1,4 +1,4 @@
-"""Validate episode files, corpus folders or AWM world folders (logic in echo_jax.check_data).
+"""Validate episode files, corpus folders or AWM world folders (logic in echo_jax.data.check_data).
 
     python -m experiments.check_data data/awm_e_commerce_33_task0.json runs/capture0 data/awm_worlds
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from echo_jax.check_data import check
-from echo_jax.episodes import DEFAULT_MAX_FIELD_CHARS
+from echo_jax.data.check_data import check
+from echo_jax.data.episodes import DEFAULT_MAX_FIELD_CHARS
 
 _MAX_FIELD_CHARS = flags.DEFINE_integer(
     "max_field_chars", DEFAULT_MAX_FIELD_CHARS, "Longest string value accepted in an episode."

@@ -4,8 +4,8 @@
         [--temperature=1.0 --top_p=1.0 --max_steps=30 --max_tasks=N] \
         [--worlds=data/awm_worlds --corpus=data/corpus --out=DIR]
 
-Logic in echo_jax.closed_loop.evaluate_checkpoint; metrics are printed as JSON and written with
-the rollouts (capture format) to --out (default CHECKPOINT/closed_loop/<split>_step<step>).
+Logic in echo_jax.agent.closed_loop.evaluate_checkpoint; metrics are printed as JSON and written
+with the rollouts (capture format) to --out (default CHECKPOINT/closed_loop/<split>_step<step>).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from absl import app, flags, logging
 
 from echo_jax import config as C
 from echo_jax import config_flags
-from echo_jax.closed_loop import evaluate_checkpoint
+from echo_jax.agent.closed_loop import evaluate_checkpoint
 from echo_jax.config_flags import define_flags, from_flags
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training run workdir.", required=True)

@@ -6,7 +6,7 @@
 Each iteration samples --group_size rollouts of every task of the pool (chosen once from the
 start checkpoint, or read from --pool_file) with the current policy, scores them with the
 tasks' verifiers, and updates with echo_loss (PPO-clip on the log-probs the sampler recorded)
-on exactly the tokens it sampled. Logic in echo_jax.rl.run_rl; metrics per iteration in
+on exactly the tokens it sampled. Logic in echo_jax.rl.loop.run_rl; metrics per iteration in
 WORKDIR/metrics.jsonl, rollouts in WORKDIR/rollouts/ (capture format).
 """
 
@@ -22,9 +22,9 @@ from absl import app, flags, logging
 from echo_jax import config as C
 from echo_jax import config_flags
 from echo_jax.config_flags import define_flags, from_flags
-from echo_jax.episodes import EpisodeError
-from echo_jax.rl import run_rl
-from echo_jax.run_dir import RunDir, RunDirError
+from echo_jax.data.episodes import EpisodeError
+from echo_jax.rl.loop import run_rl
+from echo_jax.train.run_dir import RunDir, RunDirError
 
 _L = C.LossConfig()
 

@@ -28,9 +28,9 @@ import sys
 from absl import app, flags, logging
 
 from echo_jax import config as C
-from echo_jax import results, sweep
-from echo_jax.episodes import EpisodeError
-from echo_jax.run_dir import RunDirError
+from echo_jax.data.episodes import EpisodeError
+from echo_jax.reports import results, sweep
+from echo_jax.train.run_dir import RunDirError
 from experiments import train as train_cli  # Defines the shared training flags.
 
 # Sized for 2 CPU cores: 21 runs × (SWEEP_STEPS steps + 4 evals + start-up) in ~80 minutes.
@@ -55,7 +55,7 @@ flags.DEFINE_enum(
     "none",
     ["none", "agent"],
     "pass@1 / pass@k per finished run: none (empty columns) or the agent in the AWM worlds "
-    "(echo_jax.closed_loop); rerun with 'agent' to fill them in for finished runs.",
+    "(echo_jax.agent.closed_loop); rerun with 'agent' to fill them in for finished runs.",
 )
 flags.DEFINE_enum("closed_loop_split", "heldout_tasks", C.SPLITS, "Tasks the agent is run on.")
 flags.DEFINE_integer("closed_loop_samples", 4, "K sampled episodes per task (pass@K), + greedy.")

@@ -15,10 +15,10 @@ import time
 from absl import app, flags, logging
 
 from echo_jax import config as C
-from echo_jax import distributed
-from echo_jax.episodes import EpisodeError
-from echo_jax.run_dir import RunDirError
-from echo_jax.train import TrainingDiverged, run_experiment
+from echo_jax.data.episodes import EpisodeError
+from echo_jax.train import distributed
+from echo_jax.train.run_dir import RunDirError
+from echo_jax.train.trainer import TrainingDiverged, run_experiment
 
 _D, _T, _L, _E = C.DataConfig(), C.TrainConfig(), C.LossConfig(), C.EvalConfig()
 

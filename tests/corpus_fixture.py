@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from echo_jax import corpus
+from echo_jax.data import corpus
 from tests.test_data import small_episode, write_jsonl
 
 

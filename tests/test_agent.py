@@ -8,7 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from echo_jax.agent import (
+from echo_jax.agent.closed_loop import evaluate_checkpoint, pass_at_k, split_tasks, summarize
+from echo_jax.agent.decoding import Decoder, Generation, decode_text
+from echo_jax.agent.policy import (
     ActionParseError,
     build_prompt,
     load_run,
@@ -16,16 +18,14 @@ from echo_jax.agent import (
     tool_call_accuracy,
 )
 from echo_jax.awm.world_format import load_worlds
-from echo_jax.closed_loop import evaluate_checkpoint, pass_at_k, split_tasks, summarize
 from echo_jax.config import AgentConfig, Config, DataConfig, ModelConfig
-from echo_jax.decoding import Decoder, Generation, decode_text
-from echo_jax.episodes import load_episodes, parse_episode
-from echo_jax.packing import to_compact
-from echo_jax.render import CALL_MARK, END_CALL, render_action, render_episode
-from echo_jax.run_dir import RunDir
-from echo_jax.tokenizer import encoding, tokenize_rendered
-from echo_jax.train import init_state, make_optimizer
-from echo_jax.vocab import build_vocab
+from echo_jax.data.episodes import load_episodes, parse_episode
+from echo_jax.data.packing import to_compact
+from echo_jax.data.render import CALL_MARK, END_CALL, render_action, render_episode
+from echo_jax.data.tokenizer import encoding, tokenize_rendered
+from echo_jax.data.vocab import build_vocab
+from echo_jax.train.run_dir import RunDir
+from echo_jax.train.trainer import init_state, make_optimizer
 from tests.test_data import small_episode
 from tests.test_decoding import random_model
 

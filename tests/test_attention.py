@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from echo_jax.attention import blocked_causal, causal_attention, resolve
 from echo_jax.config import MODEL_PRESETS, ModelConfig
+from echo_jax.model.attention import blocked_causal, causal_attention, resolve
 
 
 @pytest.mark.parametrize("t, blocks", [(1, 8), (7, 3), (37, 8), (12, 12)])

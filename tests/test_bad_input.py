@@ -15,13 +15,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from echo_jax import roles
 from echo_jax.config import DataConfig
-from echo_jax.dataset import load_packed
-from echo_jax.episodes import EpisodeError, SkipReport, load_episodes
-from echo_jax.packed_io import PackedFileError, load_packed_file, save_packed
-from echo_jax.packing import pack, tokenize_episodes
-from echo_jax.vocab import build_vocab
+from echo_jax.data import roles
+from echo_jax.data.dataset import load_packed
+from echo_jax.data.episodes import EpisodeError, SkipReport, load_episodes
+from echo_jax.data.packed_io import PackedFileError, load_packed_file, save_packed
+from echo_jax.data.packing import pack, tokenize_episodes
+from echo_jax.data.vocab import build_vocab
 from tests.test_data import small_episode, write_jsonl
 
 

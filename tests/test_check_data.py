@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from echo_jax.check_data import check
+from echo_jax.data.check_data import check
 from tests.cli import run_module
 from tests.test_data import small_episode, write_jsonl
 

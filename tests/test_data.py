@@ -8,14 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from echo_jax import roles
 from echo_jax.config import DataConfig
-from echo_jax.dataset import load_packed
-from echo_jax.episodes import EpisodeError, load_episodes
-from echo_jax.packing import pack, to_compact, tokenize_episodes, window_spans
-from echo_jax.render import render_episode
-from echo_jax.tokenizer import tokenize_rendered
-from echo_jax.vocab import build_vocab
+from echo_jax.data import roles
+from echo_jax.data.dataset import load_packed
+from echo_jax.data.episodes import EpisodeError, load_episodes
+from echo_jax.data.packing import pack, to_compact, tokenize_episodes, window_spans
+from echo_jax.data.render import render_episode
+from echo_jax.data.tokenizer import tokenize_rendered
+from echo_jax.data.vocab import build_vocab
 
 REAL = os.path.join(os.path.dirname(__file__), "..", "data", "awm_e_commerce_33_task0.json")
 

@@ -7,11 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from echo_jax import data_cache
 from echo_jax.config import MODEL_PRESETS, Config, ConfigError, DataConfig, LossConfig, validate
-from echo_jax.dataset import load_packed
-from echo_jax.tokenizer import encoding
-from echo_jax.vocab import FIRST_LEARNED_ID, full_vocab
+from echo_jax.data import data_cache
+from echo_jax.data.dataset import load_packed
+from echo_jax.data.tokenizer import encoding
+from echo_jax.data.vocab import FIRST_LEARNED_ID, full_vocab
 from tests.test_data import small_episode, write_jsonl
 
 
@@ -45,7 +45,7 @@ def test_a_hit_returns_the_pipelines_arrays(setup, monkeypatch):
     first = load_packed(cfg)
     assert len(entries(cfg)) == 1
     calls = []
-    monkeypatch.setattr("echo_jax.dataset.load_data_episodes", lambda c: calls.append(c))
+    monkeypatch.setattr("echo_jax.data.dataset.load_data_episodes", lambda c: calls.append(c))
     second = load_packed(cfg)
     assert calls == []  # Served from the cache: no episode was read.
     assert_same(first, uncached)

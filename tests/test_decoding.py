@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from echo_jax.config import ModelConfig
-from echo_jax.decoding import (
+from echo_jax.agent.decoding import (
     FOUND,
     Decoder,
     decode_text,
@@ -17,11 +16,12 @@ from echo_jax.decoding import (
     stop_automaton,
     token_stop_transitions,
 )
-from echo_jax.episodes import parse_episode
-from echo_jax.model import Transformer
-from echo_jax.render import END_CALL, render_episode
-from echo_jax.tokenizer import tokenize_rendered
-from echo_jax.vocab import build_vocab
+from echo_jax.config import ModelConfig
+from echo_jax.data.episodes import parse_episode
+from echo_jax.data.render import END_CALL, render_episode
+from echo_jax.data.tokenizer import tokenize_rendered
+from echo_jax.data.vocab import build_vocab
+from echo_jax.model.transformer import Transformer
 from tests.test_data import small_episode
 
 TINY = ModelConfig(d_model=16, n_layers=2, n_heads=2, d_ff=32)

@@ -1,4 +1,4 @@
-"""Training as several processes (echo_jax.distributed): two CPU processes of
+"""Training as several processes (echo_jax.train.distributed): two CPU processes of
 `experiments.train` end with the parameters, metrics and evaluation of one process training on
 the same global batches; and the launch settings' rules, checked in this (one) process.
 """
@@ -16,13 +16,13 @@ import jax
 import numpy as np
 import pytest
 
-from echo_jax import distributed
 from echo_jax.config import Config, ConfigError
-from echo_jax.evaluation import EVAL_FILE, read_lines
-from echo_jax.run_dir import RunDir
-from echo_jax.sharding import data_parallel
-from echo_jax.train import init_model, init_state, make_optimizer
-from echo_jax.vocab import Vocab
+from echo_jax.data.vocab import Vocab
+from echo_jax.train import distributed
+from echo_jax.train.evaluation import EVAL_FILE, read_lines
+from echo_jax.train.run_dir import RunDir
+from echo_jax.train.sharding import data_parallel
+from echo_jax.train.trainer import init_model, init_state, make_optimizer
 from tests.test_data import small_episode, write_jsonl
 from tests.test_train import assert_same_metrics
 

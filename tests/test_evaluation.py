@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from echo_jax import roles
 from echo_jax.config import Config, DataConfig, EvalConfig, TrainConfig
-from echo_jax.dataset import load_packed
-from echo_jax.evaluation import (
+from echo_jax.data import roles
+from echo_jax.data.dataset import load_packed
+from echo_jax.train.evaluation import (
     EVAL_FILE,
     EvalSet,
     Evaluator,

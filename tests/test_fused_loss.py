@@ -11,14 +11,20 @@ import optax
 import pytest
 from flax import nnx
 
-from echo_jax import loss as loss_module
-from echo_jax import roles
 from echo_jax.config import Config, LossConfig, ModelConfig, TrainConfig
-from echo_jax.fused_loss import chunked_label_logprobs, model_echo_loss, resolve_impl
-from echo_jax.loss import echo_loss, label_logprobs
-from echo_jax.matmul import matmul
-from echo_jax.model import Transformer
-from echo_jax.train import init_model, init_state, loss_kwargs, make_optimizer, make_train_step
+from echo_jax.data import roles
+from echo_jax.model.matmul import matmul
+from echo_jax.model.transformer import Transformer
+from echo_jax.objective import loss as loss_module
+from echo_jax.objective.fused_loss import chunked_label_logprobs, model_echo_loss, resolve_impl
+from echo_jax.objective.loss import echo_loss, label_logprobs
+from echo_jax.train.trainer import (
+    init_model,
+    init_state,
+    loss_kwargs,
+    make_optimizer,
+    make_train_step,
+)
 
 B, T, V = 3, 17, 251  # B·(T-1) = 48 targets.
 CFG = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32)

@@ -12,11 +12,17 @@ import jax
 import numpy as np
 import pytest
 
-from echo_jax import train as train_module
 from echo_jax.config import Config, DataConfig, LossConfig, TrainConfig
-from echo_jax.run_dir import RunDir, RunDirError
-from echo_jax.train import TrainingDiverged, init_model, init_state, make_optimizer, run_experiment
-from echo_jax.vocab import Vocab
+from echo_jax.data.vocab import Vocab
+from echo_jax.train import trainer as train_module
+from echo_jax.train.run_dir import RunDir, RunDirError
+from echo_jax.train.trainer import (
+    TrainingDiverged,
+    init_model,
+    init_state,
+    make_optimizer,
+    run_experiment,
+)
 from tests.test_data import small_episode, write_jsonl
 from tests.test_train import TINY_MODEL, assert_same_metrics
 

@@ -9,8 +9,8 @@ import optax
 import pytest
 from absl.testing import parameterized
 
-from echo_jax import roles
-from echo_jax.loss import echo_loss
+from echo_jax.data import roles
+from echo_jax.objective.loss import echo_loss
 from tests.reference_loss import reference_echo_loss
 
 B, T, V = 5, 13, 17  # Primes, so a transposed axis cannot pass a shape check by accident.

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from echo_jax.config import ModelConfig
-from echo_jax.model import Transformer, rotary, rotary_rows
+from echo_jax.model.transformer import Transformer, rotary, rotary_rows
 
 CFG = ModelConfig(d_model=12, n_layers=2, n_heads=2, d_ff=20)
 B, T, V = 3, 11, 13
@@ -64,7 +64,7 @@ def test_bfloat16_compute():
 
 
 def test_rotary_tables_from_static_positions_equal_traced_ones():
-    """Static positions fold sin/cos into constants (echo_jax.model._sin_cos); traced ones, as
+    """Static positions fold sin/cos into constants (transformer._sin_cos); traced ones, as
     in decoding, compute them in the graph: the two must agree."""
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 11, 3, 8)), jnp.float32)
     static = jax.jit(lambda x: rotary(x, np.arange(11)))(x)

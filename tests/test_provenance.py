@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from echo_jax.provenance import git_commit
+from echo_jax.util.provenance import git_commit
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "t",

@@ -9,14 +9,15 @@ import jax
 import numpy as np
 import pytest
 
-from echo_jax import roles
-from echo_jax.agent import POLICY_KEY, load_run
+from echo_jax.agent.policy import POLICY_KEY, load_run
+from echo_jax.agent.rollout_rows import EPISODE_ROWS
 from echo_jax.awm.rewards import reward_for
 from echo_jax.config import Config, ConfigError, DataConfig, LossConfig, RLConfig, validate_rl
-from echo_jax.episodes import load_episodes
-from echo_jax.loss import echo_loss_from_logprobs
-from echo_jax.render import END_CALL
-from echo_jax.rl import (
+from echo_jax.data import roles
+from echo_jax.data.episodes import load_episodes
+from echo_jax.data.render import END_CALL
+from echo_jax.objective.loss import echo_loss_from_logprobs
+from echo_jax.rl.loop import (
     approx_kl,
     env_term_kept,
     lam_at,
@@ -25,9 +26,8 @@ from echo_jax.rl import (
     run_rl,
     training_reward,
 )
-from echo_jax.rollout_rows import EPISODE_ROWS
-from echo_jax.run_dir import RunDir
-from echo_jax.train import init_state, make_optimizer
+from echo_jax.train.run_dir import RunDir
+from echo_jax.train.trainer import init_state, make_optimizer
 from tests.cli import run_module
 from tests.test_agent import MAX_LEN, TINY, WORLDS, random_model
 from tests.test_agent import episode as episode  # noqa: F401  (fixture)
@@ -265,8 +265,8 @@ def test_two_iterations_against_a_running_world(tmp_path, start_run):
 
 def test_reward_weights_imitate_rewarded_episodes_only(tmp_path):
     """LossConfig.advantage="reward", the warm start: weights are the raw rewards."""
-    from echo_jax.dataset import load_packed
-    from echo_jax.train import make_batch
+    from echo_jax.data.dataset import load_packed
+    from echo_jax.train.trainer import make_batch
     from tests.test_data import small_episode, write_jsonl
 
     records = [small_episode(reward=1.0), small_episode(reward=0.0)]
@@ -278,7 +278,7 @@ def test_reward_weights_imitate_rewarded_episodes_only(tmp_path):
 
 
 def test_config_added_later_matches_its_default_only():
-    from echo_jax.run_dir import _flatten, config_diff
+    from echo_jax.train.run_dir import _flatten, config_diff
 
     wanted = _flatten(json.loads(Config().to_json()))
     saved = {k: v for k, v in wanted.items() if k != "loss.advantage"}  # A run saved before.
@@ -291,8 +291,8 @@ def test_config_added_later_matches_its_default_only():
 def test_rl_report_curves_and_steps_to_reach(tmp_path):
     """Two arms x two seeds of made-up iteration lines: the seed means, the interpolation onto
     env steps, and the steps each arm needs to reach grpo's best smoothed success rate."""
-    from echo_jax import rl_report, rl_sweep
-    from echo_jax.sweep import Arm
+    from echo_jax.reports import rl_report, rl_sweep
+    from echo_jax.reports.sweep import Arm
 
     specs = rl_sweep.specs([Arm("grpo", 0.0), Arm("echo", 0.1)], [0, 1], str(tmp_path), [])
     curves = {"grpo": [0.2, 0.2, 0.4, 0.4], "echo": [0.2, 0.4, 0.6, 0.6]}
@@ -344,7 +344,7 @@ def test_rl_cli_rejects_bad_flags_before_any_work(args, message, tmp_path):
 
 
 def test_rl_sweep_takes_lambda_from_the_offline_ablation(tmp_path):
-    from echo_jax import results, rl_sweep
+    from echo_jax.reports import results, rl_sweep
 
     rows = [
         {

@@ -7,22 +7,22 @@ import types
 import numpy as np
 import pytest
 
-from echo_jax import roles
-from echo_jax.agent import POLICY_KEY
-from echo_jax.awm.capture import LiveWorld
-from echo_jax.awm.harness import run_episode
-from echo_jax.awm.world_format import load_worlds
-from echo_jax.decoding import Generation, decode_text
-from echo_jax.episodes import parse_episode
-from echo_jax.render import CALL_MARK, END_CALL, render_prefix
-from echo_jax.rl import make_score_fn
-from echo_jax.rollout import EngineConfig, EpisodeRequest, RolloutEngine
-from echo_jax.rollout_rows import (
+from echo_jax.agent.decoding import Generation, decode_text
+from echo_jax.agent.policy import POLICY_KEY
+from echo_jax.agent.rollout import EngineConfig, EpisodeRequest, RolloutEngine
+from echo_jax.agent.rollout_rows import (
     EPISODE_ROWS,
     EpisodeTokens,
     RecordingPolicy,
     segments_to_tokens,
 )
+from echo_jax.awm.capture import LiveWorld
+from echo_jax.awm.harness import run_episode
+from echo_jax.awm.world_format import load_worlds
+from echo_jax.data import roles
+from echo_jax.data.episodes import parse_episode
+from echo_jax.data.render import CALL_MARK, END_CALL, render_prefix
+from echo_jax.rl.loop import make_score_fn
 from tests.test_agent import TINY, WORLDS, call_text
 from tests.test_agent import episode as episode  # noqa: F401  (fixture)
 from tests.test_agent import vocab as vocab  # noqa: F401  (fixture)

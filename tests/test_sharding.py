@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from echo_jax.config import ConfigError
-from echo_jax.sharding import data_parallel
+from echo_jax.train.sharding import data_parallel
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -24,8 +24,8 @@ SCRIPT = textwrap.dedent(
     import json, sys
     import jax, numpy as np, optax
     from echo_jax.config import Config, LossConfig, ModelConfig, TrainConfig
-    from echo_jax.sharding import data_parallel
-    from echo_jax.train import (
+    from echo_jax.train.sharding import data_parallel
+    from echo_jax.train.trainer import (
         init_model, init_state, make_optimizer, make_train_step, make_train_steps
     )
     from tests.test_fused_loss import random_batch

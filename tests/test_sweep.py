@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from echo_jax import evaluation, results, sweep
 from echo_jax.config import Config, DataConfig, LossConfig
-from echo_jax.run_dir import RunDir
+from echo_jax.reports import results, sweep
+from echo_jax.train import evaluation
+from echo_jax.train.run_dir import RunDir
 from tests.cli import run_module
 from tests.corpus_fixture import make_tiny_corpus, write_real_like
 
@@ -195,7 +196,7 @@ def test_agent_hook_calls_the_closed_loop_evaluator(tmp_path, monkeypatch):
         return {"pass@1_greedy": 0.25, "pass@1": 0.3, "pass@2": 0.5, "tasks": 4}
 
     fake = types.SimpleNamespace(evaluate_checkpoint=evaluate_checkpoint)
-    monkeypatch.setitem(sys.modules, "echo_jax.closed_loop", fake)
+    monkeypatch.setitem(sys.modules, "echo_jax.agent.closed_loop", fake)
     data = make_tiny_corpus(tmp_path / "corpus")
     base = Config(data=DataConfig(paths=(data,)))
     (spec,) = sweep.grid(base, sweep.arms(["echo"], [0.1]), [0], str(tmp_path / "runs"))

@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from echo_jax.config import Config, LossConfig, ModelConfig
-from echo_jax.loss import echo_loss
-from echo_jax.train import init_model, loss_kwargs
+from echo_jax.objective.loss import echo_loss
+from echo_jax.train.trainer import init_model, loss_kwargs
 from tests.test_fused_loss import random_batch
 
 torch = pytest.importorskip("torch")

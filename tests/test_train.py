@@ -9,7 +9,6 @@ import optax
 import pytest
 from flax import nnx
 
-from echo_jax import roles
 from echo_jax.config import (
     Config,
     ConfigError,
@@ -19,10 +18,12 @@ from echo_jax.config import (
     TrainConfig,
     validate,
 )
-from echo_jax.dataset import load_packed
-from echo_jax.loss import echo_loss
-from echo_jax.run_dir import RunDir, RunDirError
-from echo_jax.train import (
+from echo_jax.data import roles
+from echo_jax.data.dataset import load_packed
+from echo_jax.data.vocab import Vocab
+from echo_jax.objective.loss import echo_loss
+from echo_jax.train.run_dir import RunDir, RunDirError
+from echo_jax.train.trainer import (
     batch_indices,
     init_model,
     init_state,
@@ -33,7 +34,6 @@ from echo_jax.train import (
     make_train_steps,
     run_experiment,
 )
-from echo_jax.vocab import Vocab
 from tests.cli import run_module
 from tests.test_data import small_episode, write_jsonl
 

@@ -14,7 +14,7 @@ incomplete shard is then redone by the next run.
 The behaviour policy is either the scripted one (`policy_module`, which needs its parameters
 in the world folder, e.g. our `echo_task_params.jsonl`) or, for any AWM folder such as a
 downloaded AgentWorldModel-1K copy, a training run's agent (`policy="agent"`,
-`echo_jax.agent_capture`). A scripted capture of a folder without parameters is refused up front.
+`echo_jax.agent.capture`). A scripted capture of a folder without parameters is refused up front.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import multiprocessing
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,13 +38,13 @@ from typing import Any
 
 import numpy as np
 
-from echo_jax.atomic import atomic_open, atomic_write_text
 from echo_jax.awm.harness import HarnessConfig, run_episode
 from echo_jax.awm.mcp_client import McpClient, WorldUnavailable
 from echo_jax.awm.world_format import World, load_worlds
 from echo_jax.awm.world_server import WorldServer, WorldServerError, parent_death_hook
 from echo_jax.config import AgentConfig
-from echo_jax.provenance import git_commit
+from echo_jax.util.atomic import atomic_open, atomic_write_text
+from echo_jax.util.provenance import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -174,14 +174,21 @@ def _capture_episode(
     return None, last_error
 
 
-def capture_scenario(config: CaptureConfig, scenario: str) -> dict[str, Any]:
+# A trained agent's episodes of one world: (episodes, failures). The agent layer supplies it
+# (echo_jax.agent.capture.capture_agent_scenario); the world layer never imports the model.
+AgentEpisodes = Callable[
+    ["CaptureConfig", World], tuple[list[dict[str, Any]], list[dict[str, Any]]]
+]
+
+
+def capture_scenario(
+    config: CaptureConfig, scenario: str, agent_episodes: AgentEpisodes | None = None
+) -> dict[str, Any]:
     """Capture and write one scenario's shard; returns a summary for the progress log."""
     started = time.monotonic()
     world = load_worlds(config.worlds_dir, [scenario])[scenario]
     if config.policy == AGENT:
-        from echo_jax.agent_capture import capture_agent_scenario
-
-        episodes, failures = capture_agent_scenario(config, world)
+        episodes, failures = agent_episodes(config, world)
         write_shard(shard_path(config.out_dir, scenario), episodes)
         return {"scenario": scenario, "episodes": len(episodes), "failed_episodes": failures,
                 "seconds": time.monotonic() - started}  # fmt: skip
@@ -207,12 +214,14 @@ def capture_scenario(config: CaptureConfig, scenario: str) -> dict[str, Any]:
     }
 
 
-def _run_shards(config: CaptureConfig, scenarios: list[str]) -> Iterator[tuple[str, Any]]:
+def _run_shards(
+    config: CaptureConfig, scenarios: list[str], agent_episodes: AgentEpisodes | None
+) -> Iterator[tuple[str, Any]]:
     """Yield (scenario, summary or exception) as shards finish, in-process or in workers."""
     if config.workers <= 1 or len(scenarios) <= 1:
         for scenario in scenarios:
             try:
-                yield scenario, capture_scenario(config, scenario)
+                yield scenario, capture_scenario(config, scenario, agent_episodes)
             except Exception as error:  # noqa: BLE001 -- one broken world must not stop the rest
                 yield scenario, error
         return
@@ -225,7 +234,7 @@ def _run_shards(config: CaptureConfig, scenarios: list[str]) -> Iterator[tuple[s
         initializer=_die_with_parent,
         initargs=(os.getpid(),),
     ) as pool:
-        futures = {pool.submit(capture_scenario, config, s): s for s in scenarios}
+        futures = {pool.submit(capture_scenario, config, s, agent_episodes): s for s in scenarios}
         for future in as_completed(futures):
             error = future.exception()
             yield futures[future], (error if error is not None else future.result())
@@ -301,11 +310,18 @@ def write_manifest(out_dir: str | Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
-def check_policy(config: CaptureConfig, worlds: dict[str, World]) -> None:
+def check_policy(
+    config: CaptureConfig, worlds: dict[str, World], agent_episodes: AgentEpisodes | None = None
+) -> None:
     """Raise CaptureError, before any server starts, when the policy cannot act in these worlds."""
     if config.policy not in POLICIES:
         raise CaptureError(f"policy={config.policy!r} is not one of {POLICIES}")
     if config.policy == AGENT:
+        if agent_episodes is None:
+            raise CaptureError(
+                "policy=agent needs the agent's episodes: pass "
+                "echo_jax.agent.capture.capture_agent_scenario to run_capture"
+            )
         if not config.checkpoint or not (Path(config.checkpoint) / "config.json").is_file():
             raise CaptureError(
                 f"policy=agent needs --checkpoint=DIR, a training run folder with config.json "
@@ -335,11 +351,14 @@ def check_policy(config: CaptureConfig, worlds: dict[str, World]) -> None:
             )
 
 
-def run_capture(config: CaptureConfig) -> dict[str, Any]:
-    """Capture every requested scenario not already complete on disk; write the manifest."""
+def run_capture(
+    config: CaptureConfig, agent_episodes: AgentEpisodes | None = None
+) -> dict[str, Any]:
+    """Capture every requested scenario not already complete on disk; write the manifest.
+    `agent_episodes` acts for policy=agent."""
     started = time.monotonic()
     worlds = load_worlds(config.worlds_dir, config.scenarios)
-    check_policy(config, worlds)
+    check_policy(config, worlds, agent_episodes)
     resumed = [
         name
         for name, world in worlds.items()
@@ -355,7 +374,7 @@ def run_capture(config: CaptureConfig) -> dict[str, Any]:
     failed_scenarios: dict[str, str] = {}
     failed_episodes: dict[str, list[dict[str, Any]]] = {}
     captured = 0
-    for done, (scenario, outcome) in enumerate(_run_shards(config, todo), start=1):
+    for done, (scenario, outcome) in enumerate(_run_shards(config, todo, agent_episodes), start=1):
         elapsed = time.monotonic() - started
         eta = elapsed / done * (len(todo) - done)
         if isinstance(outcome, BaseException):

@@ -17,7 +17,7 @@ from echo_jax.awm.capture import (
     shard_path,
 )
 from echo_jax.awm.world_format import load_worlds
-from echo_jax.episodes import load_episodes
+from echo_jax.data.episodes import load_episodes
 
 FIXTURES = Path(__file__).parent / "fixtures"
 WORLDS = FIXTURES / "tiny_world"

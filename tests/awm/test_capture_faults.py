@@ -14,7 +14,7 @@ import requests
 
 from echo_jax.awm import capture
 from echo_jax.awm.capture import CaptureConfig, read_shard, run_capture, shard_path
-from echo_jax.episodes import load_episodes
+from echo_jax.data.episodes import load_episodes
 
 FIXTURES = Path(__file__).parent / "fixtures"
 WORLDS = FIXTURES / "tiny_world"

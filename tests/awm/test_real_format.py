@@ -14,7 +14,7 @@ import pytest
 from echo_jax.awm.capture import LiveWorld
 from echo_jax.awm.harness import run_episode
 from echo_jax.awm.world_format import WorldFormatError, load_worlds
-from echo_jax.check_data import check
+from echo_jax.data.check_data import check
 
 ROOT = Path(__file__).parents[2]
 REAL = Path(__file__).parent / "fixtures" / "real_world"
@@ -116,7 +116,7 @@ def test_scripted_episodes_get_verifier_rewards(live, world):
 
 
 def test_closed_loop_agent_completes_episodes_in_a_real_world(tmp_path):
-    from echo_jax.closed_loop import evaluate_checkpoint
+    from echo_jax.agent.closed_loop import evaluate_checkpoint
     from echo_jax.config import AgentConfig
 
     metrics = evaluate_checkpoint(
@@ -154,6 +154,7 @@ def test_scripted_capture_without_parameters_is_refused_clearly(tmp_path):
 
 
 def test_agent_captures_a_real_world_and_its_episodes_replay(tmp_path):
+    from echo_jax.agent.capture import capture_agent_scenario
     from echo_jax.awm.capture import CaptureConfig, read_shard, run_capture, shard_path
     from echo_jax.awm.harness import HarnessConfig
     from echo_jax.awm.replay import check_corpus
@@ -171,7 +172,8 @@ def test_agent_captures_a_real_world_and_its_episodes_replay(tmp_path):
             policy="agent",
             checkpoint=str(WARM_START),
             agent=AgentConfig(max_new_tokens=24),
-        )
+        ),
+        capture_agent_scenario,
     )
     assert manifest["n_episodes"] == 2 and manifest["policy"] == "agent"
     assert manifest["failed_scenarios"] == {} and manifest["failed_episodes"] == {}

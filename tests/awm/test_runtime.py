@@ -17,7 +17,7 @@ from echo_jax.awm.mcp_client import McpClient, WorldUnavailable
 from echo_jax.awm.verifier import VerifierLimits, run_verifier
 from echo_jax.awm.world_format import WorldFormatError, load_worlds
 from echo_jax.awm.world_server import WorldServer, WorldServerError, build_database
-from echo_jax.episodes import parse_episode
+from echo_jax.data.episodes import parse_episode
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_world"
 

@@ -1,0 +1,226 @@
+"""An episode's token-exact rows: what the rollout engine (`echo_jax.agent.rollout`) records.
+
+A row holds exactly the tokens the model consumed and produced, the role of each as a target, the
+kind of each observation token and the log-prob each sampled token was drawn with. When a
+prompt no longer fits, the episode continues in a new row that restarts with the task and tool
+list and the latest whole steps, as CONTEXT, so that every token is a target in one row only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from echo_jax.agent.decoding import Generation
+from echo_jax.agent.policy import POLICY_KEY, ActionParseError, parse_action
+from echo_jax.awm.harness import PARSE_ERROR_KEY
+from echo_jax.data import roles
+from echo_jax.data.episodes import WARNING_FIELD
+from echo_jax.data.packing import to_compact
+from echo_jax.data.render import (
+    CALL_MARK,
+    FIELD_MARKS,
+    Rendered,
+    render_action,
+    render_observation,
+    render_prefix,
+)
+from echo_jax.data.tokenizer import tokenize_rendered
+from echo_jax.data.vocab import Vocab
+
+EPISODE_ROWS = "rows"  # Episode key of the token-exact rows (a list of `RowRecord.as_dict`s).
+
+
+# The kind of each observation token, for per-kind env-term weights (RLConfig.weight_*).
+NO_KIND, TOOL_RESULT, TOOL_ERROR, VERIFIER, WARNING_TEXT = range(5)
+_KIND_OF_MARK = {
+    FIELD_MARKS["tool_result"]: TOOL_RESULT,
+    FIELD_MARKS["error"]: TOOL_ERROR,
+    FIELD_MARKS["verify_result"]: VERIFIER,
+    FIELD_MARKS[WARNING_FIELD]: WARNING_TEXT,
+}
+_KINDS = 8  # Roles and kinds travel through the tokenizer as role * _KINDS + kind.
+
+
+def observation_segments(observation: dict[str, Any], canonical_json: bool):
+    """`render_observation`'s segments, each body tagged with its kind: (text, role, kind)."""
+    out, kind = [], NO_KIND
+    for text, role in render_observation(observation, canonical_json):
+        kind = _KIND_OF_MARK.get(text, kind) if role == roles.CONTEXT else kind
+        out.append((text, role, NO_KIND if role == roles.CONTEXT else kind))
+    return out
+
+
+def segments_to_tokens(segments: Sequence[tuple], vocab: Vocab):
+    """(compact ids, roles, kinds) of (text, role[, kind]) segments, tokenized as training
+    tokenizes them."""
+    tagged = tuple((s[0], s[1] * _KINDS + (s[2] if len(s) > 2 else NO_KIND)) for s in segments)
+    compact = to_compact(tokenize_rendered(Rendered(tagged, 0, ())), vocab)
+    tags = compact.roles.astype(np.int32)
+    return compact.ids.tolist(), (tags // _KINDS).tolist(), (tags % _KINDS).tolist()
+
+
+@dataclasses.dataclass
+class RowRecord:
+    """One training row of an episode: tokens, the role of each as a target, the kind of each
+    observation token, and sampling log-probs (0 where the token was not sampled)."""
+
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    roles: list[int] = dataclasses.field(default_factory=list)
+    kinds: list[int] = dataclasses.field(default_factory=list)
+    logp: list[float] = dataclasses.field(default_factory=list)
+
+    def extend(self, tokens, token_roles, kinds=None, logp=None) -> None:
+        self.tokens.extend(tokens)
+        self.roles.extend(token_roles)
+        self.kinds.extend(kinds if kinds is not None else [NO_KIND] * len(tokens))
+        self.logp.extend(logp if logp is not None else [0.0] * len(tokens))
+
+    def as_dict(self) -> dict[str, list]:
+        return dataclasses.asdict(self)
+
+
+class EpisodeTokens:
+    """The token stream of one episode and the rows it is cut into.
+
+    stream: every token after the CONTEXT prefix that the cache rows took, in order (call
+    markers, sampled calls, observations); step_starts: where each step's call marker sits.
+    """
+
+    def __init__(self, prefix: list[int], max_len: int):
+        self.prefix = prefix
+        self.max_len = max_len
+        self.stream: list[int] = []
+        self.step_starts: list[int] = []
+        self.rows: list[RowRecord] = []
+        self.dropped_targets = 0  # Target tokens cut from an extension longer than a row.
+
+    def append(self, tokens: list[int], token_roles: list[int], kinds: list[int],
+               budget: int) -> list[int] | None:  # fmt: skip
+        """Adds tokens to the current row or, when that would pass `budget` tokens, to a new
+        row: the prefix, the most recent whole steps that fit (as CONTEXT), then the tokens
+        (their start cut off if even they alone do not fit). Returns the new row's tokens, or
+        None when the current row took them."""
+        if self.rows and len(self.rows[-1].tokens) + len(tokens) <= budget:
+            self.rows[-1].extend(tokens, token_roles, kinds)
+            self.stream.extend(tokens)
+            return None
+        row = RowRecord()
+        row.extend(self.prefix, [roles.CONTEXT] * len(self.prefix))
+        room = budget - len(self.prefix) - len(tokens)
+        fitting = [s for s in self.step_starts if len(self.stream) - s <= room]
+        if fitting:
+            kept = self.stream[fitting[0] :]
+            row.extend(kept, [roles.CONTEXT] * len(kept))
+        elif room < 0:
+            cut = -room
+            self.dropped_targets += sum(r != roles.CONTEXT for r in token_roles[:cut])
+            tokens, token_roles, kinds = tokens[cut:], token_roles[cut:], kinds[cut:]
+        row.extend(tokens, token_roles, kinds)
+        self.rows.append(row)
+        self.stream.extend(tokens)
+        return row.tokens
+
+    def start_step(self, marker_len: int) -> None:
+        """The call marker just appended (the stream's last marker_len tokens) starts a step."""
+        self.step_starts.append(len(self.stream) - marker_len)
+
+    def sampled(self, gen: Generation) -> None:
+        tokens = gen.tokens.tolist()
+        self.rows[-1].extend(tokens, [roles.ACTION] * len(tokens), logp=gen.logp.tolist())
+        self.stream.extend(tokens)
+
+
+class RecordingPolicy:
+    """A harness policy whose calls come from the rollout engine's batched decoder
+    (`engine.generate`), recording the episode's rows as it goes."""
+
+    def __init__(self, engine, slot: int, request, tools):
+        self.engine = engine
+        self.slot = slot
+        self.request = request
+        self.vocab = engine.vocab
+        self.canonical = engine.canonical_json
+        self.max_new = engine.config.max_new_tokens
+        task = engine.worlds[request.scenario].tasks[request.task_idx]
+        prefix, _, _ = segments_to_tokens(render_prefix(task, list(tools)), self.vocab)
+        self.trace = EpisodeTokens(prefix, engine.decoder.max_len)
+        marker, _, _ = segments_to_tokens([(CALL_MARK, roles.CONTEXT)], self.vocab)
+        if len(prefix) + len(marker) > self.trace.max_len - self.max_new:
+            raise ValueError(
+                f"{request.scenario} task {request.task_idx}: the task and tool list take "
+                f"{len(prefix)} tokens; with the call marker they do not fit a prompt of "
+                f"{self.trace.max_len - self.max_new} (max_len minus max_new_tokens)"
+            )
+        self.marker_len = len(marker)
+        self.records: list[dict[str, Any]] = []
+        self.consumed_steps = 0  # Harness steps whose observation the stream holds.
+        self.last_text = ""
+        self.key = np.asarray(jax.random.key_data(jax.random.key(request.seed)))
+
+    def _unread(self, steps: Sequence[dict[str, Any]]) -> list[tuple[str, int]]:
+        """Segments of the steps the stream does not hold yet: the last sampled call's
+        observation (after a newline closing an unclosed call), then any call the harness
+        made itself (the forced verify, as CONTEXT) with its observation."""
+        segments: list[tuple[str, int]] = []
+        for i in range(self.consumed_steps, len(steps)):
+            step = steps[i]
+            if i >= len(self.records):
+                action = step["action"]
+                text = render_action(action["tool_name"], action.get("arguments", {}))
+                segments += [(CALL_MARK, roles.CONTEXT), (text, roles.CONTEXT)]
+            elif not self.last_text.endswith("\n"):
+                segments.append(("\n", roles.CONTEXT))
+            segments.extend(observation_segments(step["observation"], self.canonical))
+        self.consumed_steps = len(steps)
+        return segments
+
+    def next_action(self, steps: list[dict[str, Any]]) -> dict[str, Any]:
+        segments = [*self._unread(steps), (CALL_MARK, roles.CONTEXT)]
+        tokens, token_roles, kinds = segments_to_tokens(segments, self.vocab)
+        new_row = self.trace.append(tokens, token_roles, kinds, self.trace.max_len - self.max_new)
+        self.trace.start_step(self.marker_len)
+        reset = new_row is not None
+        gen = self.engine.generate(self, new_row if reset else tokens, reset)
+        self.trace.sampled(gen)
+        self.last_text = gen.text
+        try:
+            action = parse_action(gen.text)
+            error = None
+        except ActionParseError as e:
+            error = str(e)
+            action = {PARSE_ERROR_KEY: f"unparsable call: {error}", "raw": gen.text[:2000]}
+        self.records.append(
+            {
+                "text": gen.text,
+                "tokens": gen.tokens.tolist(),
+                "logp": [round(float(x), 6) for x in gen.logp],
+                "sample_logp": [round(float(x), 6) for x in gen.sample_logp],
+                "closed": gen.stopped,
+                "parse_error": error,
+                "prompt_tokens": gen.prompt_len,
+                "row": len(self.trace.rows) - 1,
+                "history_cut": len(self.trace.rows) > 1,
+            }
+        )
+        return action
+
+    def finish(self, episode: dict[str, Any]) -> dict[str, Any]:
+        """Puts each call's record on its step, the observations the sampler never read into
+        the last row (a new one if they do not fit), and the rows on the episode."""
+        segments = self._unread(episode["steps"])
+        if segments:
+            tokens, token_roles, kinds = segments_to_tokens(segments, self.vocab)
+            self.trace.append(tokens, token_roles, kinds, self.trace.max_len)
+        steps = episode["steps"]
+        if not len(steps) - 1 <= len(self.records) <= len(steps):
+            raise ValueError(f"{len(self.records)} policy records for {len(steps)} steps")
+        for step, record in zip(steps, self.records, strict=False):
+            step[POLICY_KEY] = record
+        episode[EPISODE_ROWS] = [row.as_dict() for row in self.trace.rows]
+        episode["dropped_target_tokens"] = self.trace.dropped_targets
+        return episode

@@ -1,0 +1,1 @@
+"""Episodes to fixed-shape token arrays: rendering, tokenizing, role masks, packing, the corpus."""

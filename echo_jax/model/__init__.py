@@ -1,0 +1,1 @@
+"""The tiny decoder-only transformer and its attention and matmul kernels."""

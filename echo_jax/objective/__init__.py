@@ -1,0 +1,1 @@
+"""The ECHO objective: the GRPO policy term plus λ times the env-token cross-entropy."""

@@ -1,0 +1,247 @@
+"""ECHO's objective: a policy-gradient term on ACTION targets plus λ · CE on ENV_OUTPUT targets.
+
+Position t predicts token t+1, so every mask below is taken from the *target* token's role.
+Each term is normalised over its own tokens, and empty masks give 0, never NaN.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+from echo_jax.config import (
+    OBJECTIVES,
+    PG_LOSS_REDUCTIONS,
+    WORLD_LOSS_NORMALIZATIONS,
+    WORLD_LOSS_TARGETS,
+)
+from echo_jax.data import roles
+
+# Added to each row's observation-token count in the paper's normalisation.
+FULL_OBS_EPS = 1e-3
+
+
+# Rows of [B·T, V] logits handled per loop step of label_logprobs on CPU (about 4 MiB of
+# float32, cache-sized); accelerators take all rows in one step (one fused kernel each way).
+_ROW_BLOCK_BYTES = 1 << 22
+
+
+def _row_block(n_rows: int, v: int) -> int:
+    """The largest divisor of n_rows whose block of rows fits _ROW_BLOCK_BYTES (at least 1)."""
+    if jax.default_backend() != "cpu":
+        return n_rows
+    target = max(1, _ROW_BLOCK_BYTES // (4 * v))
+    return max(d for d in range(1, min(n_rows, target) + 1) if n_rows % d == 0)
+
+
+def _logprobs_and_lse(logits_BTV: Array, next_BT: Array) -> tuple[Array, Array]:
+    b, t, v = logits_BTV.shape
+    r = _row_block(b * t, v)
+
+    def block(args):
+        x_RV, next_R = args
+        x_RV = x_RV.astype(jnp.float32)
+        lse_R = jax.nn.logsumexp(x_RV, axis=-1)
+        return jnp.take_along_axis(x_RV, next_R[:, None], axis=-1)[:, 0] - lse_R, lse_R
+
+    logp_KR, lse_KR = jax.lax.map(block, (logits_BTV.reshape(-1, r, v), next_BT.reshape(-1, r)))
+    return logp_KR.reshape(b, t), lse_KR.reshape(b, t)
+
+
+@jax.custom_vjp
+def _next_token_logprobs(logits_BTV: Array, next_BT: Array) -> Array:
+    return _logprobs_and_lse(logits_BTV, next_BT)[0]
+
+
+def _next_token_logprobs_fwd(logits_BTV, next_BT):
+    logp_BT, lse_BT = _logprobs_and_lse(logits_BTV, next_BT)
+    return logp_BT, (logits_BTV, next_BT, lse_BT)
+
+
+def _next_token_logprobs_bwd(residuals, g_BT):
+    """d logits = g · (onehot - softmax), written block by block over the logits' own buffer."""
+    logits_BTV, next_BT, lse_BT = residuals
+    b, t, v = logits_BTV.shape
+    r = _row_block(b * t, v)
+    k = b * t // r
+    next_KR, lse_KR = next_BT.reshape(k, r), lse_BT.reshape(k, r)
+    g_KR = g_BT.astype(jnp.float32).reshape(k, r)
+
+    def block(i, buf_KRV):
+        p_RV = jnp.exp(buf_KRV[i].astype(jnp.float32) - lse_KR[i][:, None])
+        onehot_RV = (next_KR[i][:, None] == jnp.arange(v)).astype(jnp.float32)
+        return buf_KRV.at[i].set((g_KR[i][:, None] * (onehot_RV - p_RV)).astype(buf_KRV.dtype))
+
+    grad_KRV = jax.lax.fori_loop(0, k, block, logits_BTV.reshape(k, r, v))
+    return grad_KRV.reshape(b, t, v), None
+
+
+_next_token_logprobs.defvjp(_next_token_logprobs_fwd, _next_token_logprobs_bwd)
+
+
+def label_logprobs(logits_BTV: Array, tokens_BT: Array) -> Array:
+    """log p(tokens[:, t+1] | ...) as label logit - logsumexp; no [B, T, V] log-softmax.
+
+    Blocks of rows at a time, forward and backward, so XLA keeps no [B, T, V] temporary and the
+    gradient can take the logits' buffer (in place when the logits are donated or dead).
+    """
+    next_BT = jnp.pad(tokens_BT[:, 1:], ((0, 0), (0, 1)))  # The last position predicts nothing.
+    return _next_token_logprobs(logits_BTV, next_BT)[:, :-1]
+
+
+def _check_options(objective: str, world_loss_target: str, normalization: str, reduction: str):
+    for name, value, allowed in (
+        ("objective", objective, OBJECTIVES),
+        ("world_loss_target", world_loss_target, WORLD_LOSS_TARGETS),
+        ("world_loss_normalization", normalization, WORLD_LOSS_NORMALIZATIONS),
+        ("pg_loss_reduction", reduction, PG_LOSS_REDUCTIONS),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r} is not one of {allowed}")
+
+
+def world_targets(target_roles_BS: Array, world_loss_target: str = "env_only") -> Array:
+    """bool: the env term's targets, ENV_OUTPUT (and WARNING under world_loss_target="all")."""
+    world_BS = target_roles_BS == roles.ENV_OUTPUT
+    if world_loss_target == "all":
+        world_BS = world_BS | (target_roles_BS == roles.WARNING)
+    return world_BS
+
+
+def counted_targets(target_roles_BS: Array, world_loss_target: str = "env_only") -> Array:
+    """bool: the targets whose log-probs the loss or its metrics read (ACTION and the env
+    term's); every other one is multiplied by 0, so a fused path may skip its logits."""
+    return (target_roles_BS == roles.ACTION) | world_targets(target_roles_BS, world_loss_target)
+
+
+def _safe_div(num: Array, den: Array) -> Array:
+    """num / den, and 0 where den is 0 (an empty term; den is a count or a sum of weights)."""
+    return num / jnp.where(den > 0, den, 1.0)
+
+
+def echo_loss_from_logprobs(
+    logp_BS: Array,
+    target_roles_BS: Array,
+    advantages_B: Array,
+    *,
+    objective: str = "echo",
+    lam: float = 0.05,
+    world_loss_target: str = "env_only",
+    world_loss_normalization: str = "full_observation_tokens",
+    pg_loss_reduction: str = "sequence_mean",
+    old_logp_BS: Array | None = None,
+    clip_eps: float = 0.2,
+    env_weight_B: Array | None = None,
+    pg_weight_B: Array | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """The objective given per-target log-probs; shared by the plain and the fused-vocab paths.
+
+    S = T - 1 targets per row; `target_roles_BS` are the roles of tokens[:, 1:]. `pg_weight_B`
+    weighs each row in the policy term (default 1): an episode cut into several rows gives each
+    its share of the episode's action tokens, so the episode counts once (`rl.episode_rows`).
+    """
+    _check_options(objective, world_loss_target, world_loss_normalization, pg_loss_reduction)
+    f32 = jnp.float32
+    logp_BS = logp_BS.astype(f32)
+    action_BS = (target_roles_BS == roles.ACTION).astype(f32)
+    env_BS = (target_roles_BS == roles.ENV_OUTPUT).astype(f32)
+    warning_BS = (target_roles_BS == roles.WARNING).astype(f32)
+    observation_BS = env_BS + warning_BS
+    selected_BS = world_targets(target_roles_BS, world_loss_target).astype(f32)
+    if env_weight_B is not None:  # Per row [B], or per target [B, S].
+        env_weight_BS = env_weight_B.astype(f32)
+        env_weight_BS = env_weight_BS[:, None] if env_weight_BS.ndim == 1 else env_weight_BS
+        selected_BS = selected_BS * env_weight_BS
+
+    # Action (policy-gradient) term.
+    adv_B1 = advantages_B.astype(f32)[:, None]
+    if old_logp_BS is None:
+        pg_BS = -adv_B1 * logp_BS
+        clipped_BS = jnp.zeros_like(logp_BS)
+    else:
+        ratio_BS = jnp.exp(logp_BS - old_logp_BS.astype(f32))
+        clipped_ratio_BS = jnp.clip(ratio_BS, 1.0 - clip_eps, 1.0 + clip_eps)
+        pg_BS = -jnp.minimum(ratio_BS * adv_B1, clipped_ratio_BS * adv_B1)
+        clipped_BS = (jnp.abs(ratio_BS - 1.0) > clip_eps).astype(f32)
+    n_action_B = action_BS.sum(axis=1)
+    n_action = n_action_B.sum()
+    w_B = jnp.ones_like(n_action_B) if pg_weight_B is None else pg_weight_B.astype(f32)
+    if pg_loss_reduction == "sequence_mean":
+        row_mean_B = _safe_div((pg_BS * action_BS).sum(axis=1), n_action_B)
+        has_action_B = (n_action_B > 0).astype(f32) * w_B
+        pg_loss = _safe_div((row_mean_B * has_action_B).sum(), has_action_B.sum())
+    else:
+        pg_loss = _safe_div((pg_BS * action_BS).sum(axis=1) @ w_B, n_action_B @ w_B)
+
+    # Env (world-model) term.
+    ce_BS = -logp_BS
+    selected_ce_B = (ce_BS * selected_BS).sum(axis=1)
+    n_selected = selected_BS.sum()
+    if world_loss_normalization == "full_observation_tokens":
+        n_obs_B = observation_BS.sum(axis=1)
+        has_obs_B = (n_obs_B > 0).astype(f32)
+        if env_weight_B is not None:  # A row whose observations all weigh 0 is left out.
+            kept_B = (env_weight_BS * observation_BS).sum(axis=1) > 0
+            has_obs_B = has_obs_B * kept_B.astype(f32)
+        env_loss = _safe_div(
+            (selected_ce_B / (n_obs_B + FULL_OBS_EPS) * has_obs_B).sum(), has_obs_B.sum()
+        )
+    else:
+        env_loss = _safe_div(selected_ce_B.sum(), n_selected)
+
+    if objective == "grpo":
+        loss = pg_loss
+    elif objective == "echo":
+        loss = pg_loss + lam * env_loss
+    else:
+        loss = env_loss
+
+    metrics = {
+        "loss": loss,
+        "pg_loss": pg_loss,
+        "env_loss": env_loss,
+        "env_ce": _safe_div(selected_ce_B.sum(), n_selected),
+        "action_ce": _safe_div((ce_BS * action_BS).sum(), n_action),
+        "clip_frac": _safe_div((clipped_BS * action_BS).sum(), n_action),
+        "n_action": n_action,
+        "n_env": n_selected,
+    }
+    return loss, metrics
+
+
+def echo_loss(
+    logits_BTV: Array,
+    tokens_BT: Array,
+    roles_BT: Array,
+    advantages_B: Array,
+    *,
+    objective: str = "echo",
+    lam: float = 0.05,
+    world_loss_target: str = "env_only",
+    world_loss_normalization: str = "full_observation_tokens",
+    pg_loss_reduction: str = "sequence_mean",
+    old_logp_BT: Array | None = None,
+    clip_eps: float = 0.2,
+    env_weight_B: Array | None = None,
+    pg_weight_B: Array | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """L = L_pg(ACTION targets) + λ · CE(ENV_OUTPUT targets), as a pure function of arrays.
+
+    `old_logp_BT` has shape [B, T-1], aligned with tokens_BT[:, 1:]; given, the action term is
+    the PPO-clip surrogate, otherwise REINFORCE-style -A·log p. Returns (loss, metrics).
+    """
+    return echo_loss_from_logprobs(
+        label_logprobs(logits_BTV, tokens_BT),
+        roles_BT[:, 1:],
+        advantages_B,
+        objective=objective,
+        lam=lam,
+        world_loss_target=world_loss_target,
+        world_loss_normalization=world_loss_normalization,
+        pg_loss_reduction=pg_loss_reduction,
+        old_logp_BS=old_logp_BT,
+        clip_eps=clip_eps,
+        env_weight_B=env_weight_B,
+        pg_weight_B=pg_weight_B,
+    )

@@ -1,0 +1,1 @@
+"""Sweeps and the result tables, plots and docs pages they write."""

@@ -1,0 +1,1 @@
+"""The on-policy loop: task pool, rollouts into training rows, PPO updates."""

@@ -1,0 +1,1 @@
+"""Offline training: the jitted train step, its loop, run folders, evaluation, processes."""
