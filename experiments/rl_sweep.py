@@ -21,7 +21,7 @@ from absl import app, flags, logging
 
 from echo_jax import config as C
 from echo_jax.reports import rl_report, rl_sweep, sweep
-from echo_jax.rl.loop import make_pool
+from echo_jax.rl.pool import make_pool
 from experiments import rl as rl_cli  # Defines the per-run flags, forwarded to every run.
 
 flags.DEFINE_list("objectives", list(C.OBJECTIVES), "Objectives of the grid.")

@@ -17,15 +17,9 @@ from echo_jax.data import roles
 from echo_jax.data.episodes import load_episodes
 from echo_jax.data.render import END_CALL
 from echo_jax.objective.loss import echo_loss_from_logprobs
-from echo_jax.rl.loop import (
-    approx_kl,
-    env_term_kept,
-    lam_at,
-    rollout_batch,
-    rollout_stats,
-    run_rl,
-    training_reward,
-)
+from echo_jax.rl.loop import lam_at, run_rl
+from echo_jax.rl.rows import env_term_kept, rollout_batch, rollout_stats, training_reward
+from echo_jax.rl.update import approx_kl
 from echo_jax.train.run_dir import RunDir
 from echo_jax.train.trainer import init_state, make_optimizer
 from tests.cli import run_module

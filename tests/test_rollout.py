@@ -22,7 +22,7 @@ from echo_jax.awm.world_format import load_worlds
 from echo_jax.data import roles
 from echo_jax.data.episodes import parse_episode
 from echo_jax.data.render import CALL_MARK, END_CALL, render_prefix
-from echo_jax.rl.loop import make_score_fn
+from echo_jax.rl.update import make_score_fn
 from tests.test_agent import TINY, WORLDS, call_text
 from tests.test_agent import episode as episode  # noqa: F401  (fixture)
 from tests.test_agent import vocab as vocab  # noqa: F401  (fixture)

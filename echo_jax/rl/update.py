@@ -1,0 +1,125 @@
+"""Scoring rows at given parameters and the PPO-clip update on them: the log-prob gap that
+checks the update sees what the sampler saw, the minibatch update, and the KL it moved."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+
+from echo_jax.config import RLConfig
+from echo_jax.data import roles
+from echo_jax.objective.fused_loss import chunked_label_logprobs, resolve_impl
+from echo_jax.objective.loss import label_logprobs
+from echo_jax.rl.rows import RolloutBatch
+
+
+@functools.lru_cache(maxsize=8)
+def make_score_fn(graphdef: nnx.GraphDef, impl: str, chunk_size: int):
+    """Jitted `(params, tokens_BT) -> logp_BS`, log-probs of every next token (S = T - 1)."""
+
+    def score(params, tokens_BT):
+        model = nnx.merge(graphdef, params)
+        if resolve_impl(impl) == "chunked":
+            h_BTD = model.features(tokens_BT)
+            return chunked_label_logprobs(
+                h_BTD[:, :-1], model.output_matrix(), tokens_BT[:, 1:], None, chunk_size
+            )
+        return label_logprobs(model(tokens_BT), tokens_BT)
+
+    return jax.jit(score)
+
+
+def padded_rows(n: int, batch: int) -> int:
+    return max(batch, -(-n // batch) * batch)
+
+
+def score_rows(score, params, tokens_NT: np.ndarray, batch: int) -> np.ndarray:
+    """logp [N, T-1] of every row, in fixed-size calls (the tail padded with PAD rows)."""
+    n, t = tokens_NT.shape
+    padded = np.zeros((padded_rows(n, batch), t), np.int32)
+    padded[:n] = tokens_NT
+    out = [score(params, padded[i : i + batch]) for i in range(0, len(padded), batch)]
+    return np.concatenate(jax.device_get(out))[:n]  # Every call dispatched before one read.
+
+
+def role_ce(logp_NS: np.ndarray, roles_NT: np.ndarray, role: int) -> float:
+    mask = roles_NT[:, 1:] == role
+    return float(-logp_NS[mask].mean()) if mask.any() else math.nan
+
+
+def logp_gap(batch: RolloutBatch, logp_NS: np.ndarray) -> dict[str, float]:
+    """Mean and max |recorded sampling log-prob - forward-pass log-prob| over every sampled
+    token: 0 up to float rounding when the rows are what the sampler saw."""
+    mask = batch.roles[:, 1:] == roles.ACTION
+    if not mask.any():
+        return {"logp_gap_mean": math.nan, "logp_gap_max": math.nan, "logp_gap_tokens": 0}
+    gap = np.abs(logp_NS[mask].astype(np.float64) - batch.sample_logp[mask])
+    return {
+        "logp_gap_mean": float(gap.mean()),
+        "logp_gap_max": float(gap.max()),
+        "logp_gap_tokens": int(mask.sum()),
+    }
+
+
+def update(train_step, state, batch: RolloutBatch, lam: float, rl: RLConfig,
+           rng: np.random.Generator, dp):  # fmt: skip
+    """`epochs` passes of minibatch PPO-clip updates; returns the state and mean metrics."""
+    b, n = rl.minibatch_size, batch.num_rows
+    lam_ = np.float32(lam)
+    sums: dict[str, float] = {}
+    steps = 0
+
+    def read(metrics) -> None:  # Step N-1's metrics, read once step N is dispatched.
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if host["nonfinite"]:
+            raise FloatingPointError(
+                f"non-finite loss or gradient in an RL update (loss={host['loss']}, "
+                f"grad_norm={host['grad_norm']}); the update was not applied"
+            )
+        for k in ("loss", "pg_loss", "env_loss", "clip_frac", "grad_norm"):
+            sums[k] = sums.get(k, 0.0) + host[k]
+
+    def rows(idx: np.ndarray) -> dict[str, np.ndarray]:
+        real = idx >= 0
+        take = np.where(real, idx, 0)
+
+        def pick(x, fill=0):
+            mask = real.reshape(-1, *([1] * (x.ndim - 1)))
+            return np.where(mask, x[take], fill)
+
+        return {
+            "tokens": pick(batch.tokens).astype(np.int32),
+            "roles": pick(batch.roles, roles.PAD).astype(np.int32),
+            "advantage": pick(batch.advantage).astype(np.float32),
+            "old_logp": pick(batch.sample_logp).astype(np.float32),
+            "pg_weight": pick(batch.pg_weight).astype(np.float32),
+            "env_weight": pick(batch.env_weight).astype(np.float32),
+        }
+
+    pending = None
+    for _ in range(rl.epochs):
+        order = rng.permutation(n)
+        order = np.concatenate([order, np.full(padded_rows(n, b) - n, -1)])
+        for lo in range(0, len(order), b):
+            mb = jax.device_put(rows(order[lo : lo + b]), dp.batch)
+            state, metrics = train_step(state, mb | {"lam": jax.device_put(lam_, dp.replicated)})
+            if pending is not None:
+                read(pending)
+            pending = metrics
+            steps += 1
+    read(pending)
+    return state, {k: v / steps for k, v in sums.items()} | {"update_steps": steps}
+
+
+def approx_kl(old_logp_NS, new_logp_NS, roles_NT) -> float:
+    """KL(sampling policy || updated policy) on the sampled tokens in the contexts they were
+    sampled in (the rows), Schulman's k3 estimator."""
+    mask = roles_NT[:, 1:] == roles.ACTION
+    if not mask.any():
+        return math.nan
+    log_ratio = (new_logp_NS - old_logp_NS)[mask].astype(np.float64)
+    return float(np.mean(np.expm1(log_ratio) - log_ratio))
