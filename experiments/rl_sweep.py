@@ -1,14 +1,14 @@
 """The on-policy experiment: grpo vs echo (the offline ablation's best λ and its neighbours) vs
-verifier_free, several seeds each, one environment-step budget, one start checkpoint.
+verifier_free, five seeds each, the same task pool and the same number of iterations.
 
-    python -m experiments.rl_sweep                      # runs, then results/rl.csv, RL.md, plots
-    python -m experiments.rl_sweep --report_only        # the report from the finished runs
-    python -m experiments.rl_sweep --lams=auto          # λ from results/ablation.csv
+    python -m experiments.rl_sweep                  # runs, then results/rl.csv, RL.md, plots
+    python -m experiments.rl_sweep --report_only    # the report from the finished runs
 
 Every flag of experiments.rl is accepted and passed to each run (the per-run flags --objective,
---lam, --seed and --workdir are set by the grid). Runs are subprocesses, --parallel at a time.
-Default budget, for 2 CPU cores: 5 arms x 3 seeds, each until 480 tool calls of rollouts
-(about 5 iterations of 4 tasks x G=4), held-out pass@1 on 8 tasks at the start and the end.
+--lam, --seed and --workdir are set by the grid). Runs are subprocesses, --parallel at a time;
+finished runs are skipped, an interrupted one restarts. The pool is chosen once
+(ROOT/pool.json) from the start checkpoint. Defaults sized for 2 CPU cores: a 2-task pool,
+12 iterations of G=8 rollouts per task.
 """
 
 from __future__ import annotations
@@ -25,11 +25,17 @@ from echo_jax.rl.pool import make_pool
 from experiments import rl as rl_cli  # Defines the per-run flags, forwarded to every run.
 
 flags.DEFINE_list("objectives", list(C.OBJECTIVES), "Objectives of the grid.")
-flags.DEFINE_list("lams", ["0.05", "0.1", "0.5"], "λ of the echo arms, or 'auto'.")
+flags.DEFINE_list("lams", ["auto"], "λ of the echo arms, or 'auto' (from --ablation_csv).")
 flags.DEFINE_string(
     "ablation_csv", "results/ablation.csv", "--lams=auto: the offline ablation to pick λ from."
 )
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every arm runs each.")
+flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Seeds; every arm runs each.")
+flags.DEFINE_list(
+    "thresholds",
+    ["0.8", "0.6"],
+    "Success thresholds of steps-to-threshold; the first is rl_summary.json's.",
+)
+flags.DEFINE_integer("threshold_window", 3, "Iterations of the moving average that must reach it.")
 flags.DEFINE_string("root", "runs/rl_sweep", "Folder holding one workdir per run.")
 flags.DEFINE_string("results", "results", "Folder for rl.csv, RL.md and plots.")
 flags.DEFINE_integer("parallel", 1, "Runs at a time (subprocesses).")
@@ -37,6 +43,8 @@ flags.DEFINE_bool("report_only", False, "Only regenerate the report from finishe
 flags.DEFINE_string("machine", "", "Where the runs ran, for the report (default: this host).")
 FLAGS = flags.FLAGS
 FLAGS.set_default("start", "data/warm_start")
+FLAGS.set_default("iterations", 12)
+FLAGS.set_default("pool_size", 2)
 
 _PER_RUN = ("objective", "lam", "seed", "workdir")
 _FORWARDED = (
@@ -118,7 +126,9 @@ def main(argv: list[str]) -> None:
         f"{FLAGS.eval_split} tasks."
     )
     commands = {spec.name: spec.command for spec in specs}
-    for path in rl_report.write(rows, FLAGS.results, commands, setup):
+    thresholds = [float(x) for x in FLAGS.thresholds]
+    for path in rl_report.write(rows, FLAGS.results, commands, setup, thresholds,
+                                FLAGS.threshold_window):  # fmt: skip
         print(f"wrote {path}")
 
 

@@ -3,7 +3,6 @@
 import dataclasses
 import gzip
 import json
-import os
 
 import jax
 import numpy as np
@@ -280,46 +279,6 @@ def test_config_added_later_matches_its_default_only():
     changed = dict(wanted, **{"loss.advantage": "reward"})
     assert config_diff(saved, changed) == ["loss.advantage"]
     assert config_diff(wanted, dict(wanted, **{"loss.lam": 0.5})) == ["loss.lam"]
-
-
-def test_rl_report_curves_and_steps_to_reach(tmp_path):
-    """Two arms x two seeds of made-up iteration lines: the seed means, the interpolation onto
-    env steps, and the steps each arm needs to reach grpo's best smoothed success rate."""
-    from echo_jax.reports import rl_report, rl_sweep
-    from echo_jax.reports.sweep import Arm
-
-    specs = rl_sweep.specs([Arm("grpo", 0.0), Arm("echo", 0.1)], [0, 1], str(tmp_path), [])
-    curves = {"grpo": [0.2, 0.2, 0.4, 0.4], "echo": [0.2, 0.4, 0.6, 0.6]}
-    for spec in specs:
-        run = RunDir(spec.workdir)
-        os.makedirs(run.path)
-        run.append_metrics({"iteration": 0, "env_steps": 0, "heldout_pass@1": 0.25})
-        for i, success in enumerate(curves[spec.arm.objective], start=1):
-            run.append_metrics(
-                {"iteration": i, "env_steps": 100 * i, "success_rate": success + 0.1 * spec.seed}
-                | {"env_ce_fresh": 1.0, "kl": 0.01, "format_error_share": 0.1}
-                | ({"heldout_pass@1": 0.5} if i == 4 else {})
-            )
-    rows = rl_report.collect(specs)
-    assert len(rows) == 4 * 5
-    grid, mean, std, n = rl_report.seed_curves(rows, "success_rate", "echo_lam0.1")
-    assert n == 2 and grid[0] == 100 and grid[-1] == 400
-    assert mean[grid == 150][0] == pytest.approx(0.35)  # Halfway between 0.3 and 0.5.
-    assert std[0] == pytest.approx(np.std([0.2, 0.3], ddof=1))
-    summary = {s["arm"]: s for s in rl_report.arm_summary(rows)}
-    # grpo's best smoothed value: the mean of its interpolated curve over the 300 steps (three
-    # iterations) up to 400: 0.25 on 110..200, rising by 0.02 on 210..300, 0.45 on 310..400.
-    window = [0.25] * 10 + [0.25 + 0.02 * k for k in range(1, 11)] + [0.45] * 10
-    assert summary["grpo"]["grpo_best"] == pytest.approx(np.mean(window))
-    assert summary["echo_lam0.1"]["reach"] < summary["grpo"]["reach"] == 400
-    assert (
-        summary["echo_lam0.1"]["pass1_start"][0] == 0.25
-        and summary["echo_lam0.1"]["pass1_end"][0] == 0.5
-    )
-    written = rl_report.write(rows, str(tmp_path / "out"), {s.name: s.command for s in specs}, "x")
-    text = (tmp_path / "out" / "RL.md").read_text()
-    assert "| echo λ=0.1 | 2 |" in text and "fewer than grpo" in text
-    assert len(written) == 5  # csv, markdown, three plots
 
 
 @pytest.mark.parametrize(

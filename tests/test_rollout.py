@@ -76,8 +76,8 @@ class FakeEngine:
         self.decoder = types.SimpleNamespace(max_len=4096)
         self.worlds = {world.name: world}
 
-    def generate(self, policy, tokens, reset):
-        self.fed.append((list(tokens), reset))
+    def generate(self, policy, tokens, start=None):
+        self.fed.append((list(tokens), start))
         text = self.texts[len(self.fed) - 1]
         ids = self.vocab.encode_text(text)
         logp = -np.arange(1, ids.size + 1, dtype=np.float32) / 10
@@ -118,7 +118,7 @@ def test_calls_go_through_the_harness_and_rows_hold_exactly_what_was_fed(live, w
     for (tokens, _), text in zip(engine.fed, engine.texts, strict=True):
         fed_then_sampled += tokens + vocab.encode_text(text).tolist()
     assert row["tokens"][: len(fed_then_sampled)] == fed_then_sampled
-    assert [reset for _, reset in engine.fed] == [True] + [False] * 5
+    assert [start for _, start in engine.fed] == [0] + [None] * 5  # One row, written once.
     prefix, _, _ = segments_to_tokens(render_prefix(world.tasks[0], tools), vocab)
     assert engine.fed[0][0][: len(prefix)] == prefix
     # The model read each observation, rendered by the one renderer, before its next call.

@@ -84,8 +84,8 @@ class EpisodeRequest:
 @dataclasses.dataclass
 class _Waiting:
     policy: RecordingPolicy
-    tokens: list[int]  # To append to the cache row.
-    reset: bool  # The row starts afresh with these tokens.
+    tokens: list[int]  # To write into the cache row ...
+    start: int | None  # ... from this position (the row is cut there), or after its end.
     future: Future
 
 
@@ -162,8 +162,12 @@ class RolloutEngine:
 
     # --- episode threads -------------------------------------------------------------------
 
-    def generate(self, policy: RecordingPolicy, tokens: list[int], reset: bool) -> Generation:
-        waiting = _Waiting(policy, tokens, reset, Future())
+    def generate(
+        self, policy: RecordingPolicy, tokens: list[int], start: int | None = None
+    ) -> Generation:
+        """The policy's next call, after `tokens` are written into its cache row from `start`
+        (None: after what the row holds). Blocks the episode's thread until it is sampled."""
+        waiting = _Waiting(policy, tokens, start, Future())
         self.inbox.put(waiting)
         while True:
             try:
@@ -268,8 +272,8 @@ class RolloutEngine:
                     continue
             while waiting is not None:  # Every call asked for since the last pass.
                 slot, policy = waiting.policy.slot, waiting.policy
-                if waiting.reset:
-                    rows.position[slot] = 0
+                if waiting.start is not None:
+                    rows.position[slot] = waiting.start
                 if not policy.records:  # The episode's first call: its own key.
                     rows.key[slot] = policy.key
                 rows.temperature[slot] = policy.request.temperature

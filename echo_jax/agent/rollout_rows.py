@@ -184,8 +184,13 @@ class RecordingPolicy:
         tokens, token_roles, kinds = segments_to_tokens(segments, self.vocab)
         new_row = self.trace.append(tokens, token_roles, kinds, self.trace.max_len - self.max_new)
         self.trace.start_step(self.marker_len)
-        reset = new_row is not None
-        gen = self.engine.generate(self, new_row if reset else tokens, reset)
+        if new_row is None:
+            gen = self.engine.generate(self, tokens)
+        elif len(self.trace.rows) == 1:
+            gen = self.engine.generate(self, new_row, start=0)
+        else:  # A cut row starts with the same prefix, whose keys and values the cache holds.
+            p = len(self.trace.prefix)
+            gen = self.engine.generate(self, new_row[p:], start=p)
         self.trace.sampled(gen)
         self.last_text = gen.text
         try:

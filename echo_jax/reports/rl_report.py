@@ -1,18 +1,14 @@
-"""The on-policy experiment's outputs: results/rl.csv, RL.md and PNG curves.
+"""The on-policy experiment's outputs: results/rl.csv, RL.md, rl_summary.json and PNG plots.
 
 Every figure is read back from the runs' metrics.jsonl (one line per iteration), so
 `python -m experiments.rl_sweep --report_only` regenerates them without running anything.
-
-Curves are functions of environment steps (tool calls made in rollouts). Seeds of an arm reach
-slightly different step counts per iteration, so each seed's curve is interpolated onto a
-common grid (every `GRID` steps, up to the smallest final count of the arm) before the mean and
-the std over seeds are taken. "Steps to reach grpo's best" uses the seed-mean curve after a
-moving average over `SMOOTH` iterations' worth of steps, since one iteration's success rate
-rests on only tasks × G rollouts.
+The statistics (steps to a success threshold, their ratio to grpo with bootstrap intervals,
+area under the success curve) are in `echo_jax.reports.rl_stats`.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -20,14 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from echo_jax.reports import results
+from echo_jax.reports import results, rl_stats
 from echo_jax.train.run_dir import RunDir
 from echo_jax.util.atomic import atomic_write_text
 
 CSV_NAME = "rl.csv"
 MARKDOWN_NAME = "RL.md"
-GRID = 10
-SMOOTH = 3
+SUMMARY_NAME = "rl_summary.json"
 COLUMNS = (
     "arm",
     "objective",
@@ -80,261 +75,176 @@ def arm_label(row: dict[str, Any]) -> str:
     return f"echo λ={row['lam']:g}" if row["objective"] == "echo" else row["objective"]
 
 
-def _runs(rows):
-    """arm -> seed -> its rows in iteration order."""
-    out: dict[str, dict[int, list[dict[str, Any]]]] = {}
+def curves(rows: Sequence[dict[str, Any]]) -> dict[str, list[rl_stats.Curve]]:
+    """arm -> one Curve per seed, in the report's arm order and seed order."""
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {}
     for r in rows:
-        out.setdefault(r["arm"], {}).setdefault(r["seed"], []).append(r)
-    for seeds in out.values():
-        for runs in seeds.values():
-            runs.sort(key=lambda r: r["iteration"])
+        runs.setdefault(r["arm"], {}).setdefault(r["seed"], []).append(r)
+    out = {}
+    for arm in results.arm_order(rows):
+        out[arm] = []
+        for seed in sorted(runs[arm]):
+            its = sorted((r for r in runs[arm][seed] if r["iteration"] > 0),
+                         key=lambda r: r["iteration"])  # fmt: skip
+            if not its:
+                continue
+            held = [r["heldout_pass@1"] for r in its if r["heldout_pass@1"] is not None]
+            out[arm].append(rl_stats.Curve(
+                np.array([r["env_steps"] for r in its], float),
+                np.array([r["success_rate"] for r in its], float),
+                held[-1] if held else None,
+            ))  # fmt: skip
+    return {arm: c for arm, c in out.items() if c}
+
+
+def summary(rows, threshold: float, window: int) -> dict[str, dict[str, Any]]:
+    """rl_summary.json: per arm, the issue's fields, and the threshold they refer to."""
+    out = rl_stats.summarize(curves(rows), threshold, window)
+    for arm, s in out.items():
+        gaps = [r["logp_gap_mean"] for r in rows if r["arm"] == arm and r["logp_gap_mean"]]
+        s["threshold"] = {"success": threshold, "moving_average_iterations": window}
+        s["logp_gap_mean_max"] = max(gaps) if gaps else None
     return out
 
 
-def seed_curves(rows, metric: str, arm: str, skip_start: bool = True):
-    """(grid, mean, std, n_seeds) of metric against env steps for one arm."""
-    curves = []
-    for runs in _runs(rows).get(arm, {}).values():
-        pts = [
-            (r["env_steps"], r[metric])
-            for r in runs
-            if r[metric] is not None and not (skip_start and r["iteration"] == 0)
-        ]
-        if pts:
-            curves.append(np.array(pts, float))
-    if not curves:
-        return np.array([]), np.array([]), np.array([]), 0
-    lo = max(c[0, 0] for c in curves)
-    hi = min(c[-1, 0] for c in curves)
-    grid = np.arange(math.ceil(lo / GRID) * GRID, hi + 1, GRID, dtype=float)
-    if grid.size == 0:
-        grid = np.array([hi])
-    vals = np.array([np.interp(grid, c[:, 0], c[:, 1]) for c in curves])
-    std = vals.std(0, ddof=1) if len(curves) > 1 else np.zeros(grid.size)
-    return grid, vals.mean(0), std, len(curves)
+def _ci(stat) -> str:
+    if stat is None or math.isnan(stat[0]):
+        return "n/a"
+    mean, lo, hi = stat
+    return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def smoothed_success(rows, arm: str) -> tuple[np.ndarray, np.ndarray]:
-    """(env steps, seed-mean success rate averaged over the last SMOOTH iterations' worth of
-    steps up to there); empty before the window first fills."""
-    grid, mean, _, _ = seed_curves(rows, "success_rate", arm)
-    if grid.size == 0:
-        return grid, mean
-    per_iter = _steps_per_iteration(rows, arm)
-    width = min(max(int(round(SMOOTH * per_iter / GRID)), 1), grid.size)
-    return grid[width - 1 :], np.convolve(mean, np.ones(width) / width, mode="valid")
+def _steps(v) -> str:
+    return "never" if v is None else f"{v:.0f}"
 
 
-def steps_to_reach(rows, arm: str, threshold: float) -> float | None:
-    """Env steps at which the arm's smoothed success rate first reaches threshold."""
-    grid, smooth = smoothed_success(rows, arm)
-    hit = np.nonzero(smooth >= threshold - 1e-9)[0]
-    return float(grid[hit[0]]) if hit.size else None
+def _ratio(r) -> str:
+    if r is None:
+        return "n/a"
+    lo, hi = (("∞" if x is None else f"{x:.2f}") for x in r["ci95"])
+    mid = "∞" if r["median"] is None else f"{r['median']:.2f}"
+    return f"{mid} [{lo}, {hi}]"
 
 
-def _steps_per_iteration(rows, arm: str) -> float:
-    finals = [runs[-1] for runs in _runs(rows).get(arm, {}).values()]
-    return float(np.mean([r["env_steps"] / max(r["iteration"], 1) for r in finals]))
-
-
-def _stat(values: Sequence[float]) -> tuple[float, float, int]:
-    vals = np.array([v for v in values if v is not None], float)
-    if vals.size == 0:
-        return (math.nan, math.nan, 0)
-    return (float(vals.mean()), float(vals.std(ddof=1)) if vals.size > 1 else 0.0, vals.size)
-
-
-def _fmt(stat: tuple[float, float, int], digits: int = 3) -> str:
-    mean, std, n = stat
-    return "n/a" if n == 0 else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def arm_summary(rows) -> list[dict[str, Any]]:
-    """Per arm: success over the last SMOOTH iterations, held-out pass@1 at the start and
-    the end, env CE on fresh rollouts at the first and last iteration, and steps to reach
-    grpo's best smoothed success rate."""
-    by_arm = _runs(rows)
-    order = results.arm_order([r for r in rows if r["iteration"] == 0] or rows)
-    grpo_best = None
-    if "grpo" in by_arm:
-        _, smooth = smoothed_success(rows, "grpo")
-        grpo_best = float(smooth.max()) if smooth.size else None
-    out = []
-    for arm in order:
-        seeds = by_arm[arm]
-        first_row = next(iter(seeds.values()))[0]
-        finals = [runs[-1] for runs in seeds.values()]
-        trained = [[r for r in runs if r["iteration"] > 0] for runs in seeds.values()]
-        held = [[r for r in runs if r["heldout_pass@1"] is not None] for runs in seeds.values()]
-        reach = steps_to_reach(rows, arm, grpo_best) if grpo_best is not None else None
-        out.append(
-            {
-                "arm": arm,
-                "label": arm_label(first_row),
-                "seeds": len(seeds),
-                "env_steps": _stat([r["env_steps"] for r in finals]),
-                "success_last": _stat(
-                    [np.mean([r["success_rate"] for r in t[-SMOOTH:]]) for t in trained if t]
-                ),
-                "success_first": _stat([t[0]["success_rate"] for t in trained if t]),
-                "pass1_start": _stat([h[0]["heldout_pass@1"] for h in held if h]),
-                "pass1_end": _stat([h[-1]["heldout_pass@1"] for h in held if len(h) > 1]),
-                "env_ce_first": _stat([t[0]["env_ce_fresh"] for t in trained if t]),
-                "env_ce_last": _stat([t[-1]["env_ce_fresh"] for t in trained if t]),
-                "format_last": _stat([t[-1]["format_error_share"] for t in trained if t]),
-                "kl_mean": _stat([np.mean([r["kl"] for r in t]) for t in trained if t]),
-                "reach": reach,
-                "grpo_best": grpo_best,
-            }
-        )
-    return out
-
-
-def markdown(rows, commands: dict[str, str], setup: str, plots: Sequence[str]) -> str:
-    summary = arm_summary(rows)
-    grpo = next((s for s in summary if s["arm"] == "grpo"), None)
+def threshold_table(rows, labels, threshold: float, window: int) -> list[str]:
+    s = summary(rows, threshold, window)
     lines = [
-        "# On-policy GRPO vs ECHO in the local AWM worlds",
+        f"| arm | seeds | env steps to {threshold:g} (per seed) | median | ratio to grpo "
+        "[95% CI] | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm, a in s.items():
+        per_seed = ", ".join(_steps(v) for v in a["steps_to_threshold"])
+        med = np.median([math.inf if v is None else v for v in a["steps_to_threshold"]])
+        med_text = _steps(None if math.isinf(med) else med)
+        r = a["ratio_to_grpo"]
+        word = "baseline" if arm == rl_stats.BASELINE else (rl_stats.verdict(r) if r else "n/a")
+        lines.append(f"| {labels[arm]} | {a['seeds']} | {per_seed} | {med_text} | {_ratio(r)} | "
+                     f"{word} |")  # fmt: skip
+    return lines
+
+
+def markdown(rows, commands: dict[str, str], setup: str, plots: Sequence[str],
+             thresholds: Sequence[float], window: int) -> str:  # fmt: skip
+    labels = {r["arm"]: arm_label(r) for r in rows}
+    main = summary(rows, thresholds[0], window)
+    lines = [
+        "# Does ECHO reach a success rate in fewer environment steps than GRPO?",
         "",
         setup,
         "",
-        "Mean ± sample std over seeds. *success (last)*: training-task success rate of the "
-        f"rollouts, averaged over each run's last {SMOOTH} iterations; *held-out pass@1*: greedy "
-        "episodes on held-out tasks at the start checkpoint and after the last iteration; "
-        "*env CE*: nats/token on ENV_OUTPUT of the iteration's fresh rollouts, before the "
-        f"update; *steps to grpo's best*: env steps at which the arm's seed-mean success rate "
-        f"(moving average over {SMOOTH} iterations) first reaches grpo's best such value.",
+        "*Environment steps*: tool calls made in rollouts, cumulated over iterations. *Success*: "
+        "the share of an iteration's rollouts on the pool that the verifier passed. A run "
+        f"*reaches* a threshold at the end of the first iteration whose success, averaged over "
+        f"it and the {window - 1} before it, is at least the threshold. *Ratio to grpo*: the "
+        "arm's median steps-to-threshold over grpo's (below 1: fewer steps); a seed that never "
+        "reaches it counts as infinitely many steps. Intervals: 95% percentile bootstrap over "
+        "seeds, each arm resampled on its own. *Verdict*: faster or slower when the whole "
+        "interval lies below or above 1, otherwise not separable.",
         "",
-        "| arm | seeds | env steps | success (first iter) | success (last) | held-out pass@1 "
-        "start → end | env CE first → last | format errors (last) | mean KL | steps to "
-        "grpo's best |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| arm | seeds | success first → last 3 | area under success [95% CI] | held-out "
+        "pass@1 at the end [95% CI] | max logp_gap_mean |",
+        "|---|---|---|---|---|---|",
     ]
-    for s in summary:
-        reach = "not reached" if s["reach"] is None else f"{s['reach']:.0f}"
-        if grpo and s is not grpo and s["reach"] is not None and grpo["reach"]:
-            reach += f" ({grpo['reach'] / s['reach']:.2f}× fewer than grpo)"
+    for arm, a in main.items():
+        gap = "n/a" if a["logp_gap_mean_max"] is None else f"{a['logp_gap_mean_max']:.1e}"
         lines.append(
-            f"| {s['label']} | {s['seeds']} | {_fmt(s['env_steps'], 0)} | "
-            f"{_fmt(s['success_first'])} | {_fmt(s['success_last'])} | "
-            f"{_fmt(s['pass1_start'])} → {_fmt(s['pass1_end'])} | "
-            f"{_fmt(s['env_ce_first'])} → {_fmt(s['env_ce_last'])} | "
-            f"{_fmt(s['format_last'])} | {_fmt(s['kl_mean'], 4)} | {reach} |"
+            f"| {labels[arm]} | {a['seeds']} | {a['success_first']:.3f} → "
+            f"{a['success_last']:.3f} | {_ci(a['auc'])} | {_ci(a['heldout_pass@1_end'])} | "
+            f"{gap} |"
         )
-    lines += ["", "## What the numbers support", "", findings(summary), ""]
+    for threshold in thresholds:
+        lines += ["", f"## Steps to {threshold:g} success ({window}-iteration moving average)",
+                  ""] + threshold_table(rows, labels, threshold, window)  # fmt: skip
+    lines += ["", "## Verdict", "", findings(main, labels, thresholds[0]), ""]
     lines += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     lines += ["", "## Commands", "", "Each run (rerun one by deleting its workdir):", ""]
     lines += [f"- `{name}`: `{cmd}`" for name, cmd in commands.items()]
     return "\n".join(lines) + "\n"
 
 
-def findings(summary) -> str:
-    """Plain statements: each arm's change over the run, and each arm against grpo, with the
-    seed spread; nothing is called a difference unless it exceeds twice its standard error."""
-    out = []
-    for s in summary:
-        diff, se, clear = results.compare(s["success_last"], s["success_first"])
-        if s["success_last"][2] >= 2:
-            trend = "rose" if diff > 0 else "fell"
-            out.append(
-                f"- {s['label']}: training success {trend} from {s['success_first'][0]:.3f} "
-                f"(first iteration) to {s['success_last'][0]:.3f} (last {SMOOTH}), "
-                f"{diff:+.3f} ± {se:.3f}: "
-                + ("beyond the seed spread." if clear else "within the seed spread.")
-            )
-    grpo = next((s for s in summary if s["arm"] == "grpo"), None)
-    if grpo is None:
-        return "\n".join(out) or "No grpo arm to compare against."
-    for s in summary:
-        if s is grpo:
+def findings(s: dict[str, dict[str, Any]], labels: dict[str, str], threshold: float) -> str:
+    """One plain sentence per arm against grpo at the main threshold."""
+    base = s.get(rl_stats.BASELINE)
+    if base is None:
+        return "No grpo arm to compare against."
+    reached = sum(v is not None for v in base["steps_to_threshold"])
+    out = [f"- grpo: success {base['success_first']:.3f} → {base['success_last']:.3f}; "
+           f"{reached} of {base['seeds']} seeds reach {threshold:g}."]  # fmt: skip
+    for arm, a in s.items():
+        if arm == rl_stats.BASELINE or a["ratio_to_grpo"] is None:
             continue
-        for key, what in (
-            ("success_last", "late training success"),
-            ("pass1_end", "held-out pass@1"),
-            ("env_ce_last", "env CE on the last fresh rollouts (lower is better)"),
-        ):
-            a, b = s[key], grpo[key]
-            if a[2] < 2 or b[2] < 2:
-                continue
-            diff, se, clear = results.compare(a, b)
-            verdict = (
-                "a difference larger than twice its standard error"
-                if clear
-                else "within the seed spread (no claim)"
-            )
-            out.append(f"- {s['label']} vs grpo, {what}: {diff:+.3f} (s.e. {se:.3f}): {verdict}.")
-    reached = [s for s in summary if s is not grpo and s["reach"] is not None]
-    if grpo["reach"] is not None:
-        out.append(
-            f"- grpo's best smoothed success rate was {grpo['grpo_best']:.3f}, at "
-            f"{grpo['reach']:.0f} env steps; {len(reached)} of {len(summary) - 1} other arms "
-            "reached it. A best value of a noisy curve favours the arm it was taken from, so "
-            "this count only means something when the curves rise clearly above their start."
-        )
+        word = rl_stats.verdict(a["ratio_to_grpo"])
+        out.append(f"- {labels[arm]}: {word} than grpo at this budget "
+                   f"(ratio {_ratio(a['ratio_to_grpo'])}).")  # fmt: skip
     return "\n".join(out)
 
 
-def plot(rows, out_dir: str) -> list[str]:
+def plot(rows, out_dir: str, threshold: float, window: int) -> list[str]:
     plt = results.pyplot()
     colors = results.arm_colors([r for r in rows if r["iteration"] == 0] or rows)
-    paths = []
-    panels = (
-        ("success_rate", "training-task success rate", "rl_success.png", True),
-        ("heldout_pass@1", "held-out pass@1 (greedy)", "rl_heldout_pass1.png", False),
-        ("env_ce_fresh", "env CE on fresh rollouts (nats/token)", "rl_env_ce.png", True),
-    )
-    for metric, ylabel, name, skip_start in panels:
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        drawn = False
-        for arm in results.arm_order([r for r in rows if r["iteration"] == 0] or rows):
-            if metric == "heldout_pass@1":
-                grid, mean, std, n = _points(rows, arm)
-            else:
-                grid, mean, std, n = seed_curves(rows, metric, arm, skip_start)
-            if grid.size == 0:
-                continue
-            row = next(r for r in rows if r["arm"] == arm)
-            label = f"{arm_label(row)} ({n} seeds)"
-            ax.plot(
-                grid, mean, marker="o" if grid.size < 8 else None, color=colors[arm], label=label
-            )
-            ax.fill_between(grid, mean - std, mean + std, color=colors[arm], alpha=0.15)
-            drawn = True
-        if not drawn:
-            plt.close(fig)
-            continue
-        ax.set_xlabel("environment steps (tool calls in rollouts)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(results.save_png(fig, os.path.join(out_dir, name)))
-        plt.close(fig)
+    labels = {r["arm"]: arm_label(r) for r in rows}
+    by_arm = curves(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for arm, cs in by_arm.items():
+        x, mean, lo, hi = rl_stats.band(cs)
+        ax.plot(x, mean, color=colors[arm], label=f"{labels[arm]} ({len(cs)} seeds)")
+        ax.fill_between(x, lo, hi, color=colors[arm], alpha=0.15)
+    ax.axhline(threshold, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("environment steps (tool calls in rollouts)")
+    ax.set_ylabel("pool success rate (mean, 95% band over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths = [results.save_png(fig, os.path.join(out_dir, "rl_success.png"))]
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    s = summary(rows, threshold, window)
+    budget = max(max(a["env_steps_final"]) for a in s.values())
+    for i, (arm, a) in enumerate(s.items()):
+        vals = [budget * 1.05 if v is None else v for v in a["steps_to_threshold"]]
+        jitter = np.linspace(-0.15, 0.15, len(vals))
+        ax.scatter(vals, i + jitter, color=colors[arm], s=25)
+    ax.axvline(budget * 1.05, color="grey", lw=0.8, ls=":")
+    ax.set_yticks(range(len(s)), [labels[a] for a in s])
+    ax.set_xlabel(f"environment steps to {threshold:g} success (right of the line: never)")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    paths.append(results.save_png(fig, os.path.join(out_dir, "rl_steps_to_threshold.png")))
+    plt.close(fig)
     return paths
 
 
-def _points(rows, arm: str):
-    """Held-out pass@1 is measured at a few iterations only: mean ± std at each, placed at
-    the seeds' mean env steps there."""
-    by_iter: dict[int, list[tuple[float, float]]] = {}
-    for r in rows:
-        if r["arm"] == arm and r["heldout_pass@1"] is not None:
-            by_iter.setdefault(r["iteration"], []).append((r["env_steps"], r["heldout_pass@1"]))
-    if not by_iter:
-        return np.array([]), np.array([]), np.array([]), 0
-    its = sorted(by_iter)
-    x = np.array([np.mean([p[0] for p in by_iter[i]]) for i in its])
-    ys = [np.array([p[1] for p in by_iter[i]]) for i in its]
-    mean = np.array([y.mean() for y in ys])
-    std = np.array([y.std(ddof=1) if y.size > 1 else 0.0 for y in ys])
-    return x, mean, std, max(y.size for y in ys)
-
-
-def write(rows, out_dir: str, commands: dict[str, str], setup: str) -> list[str]:
+def write(rows, out_dir: str, commands: dict[str, str], setup: str,
+          thresholds: Sequence[float] = (0.8, 0.6), window: int = 3) -> list[str]:  # fmt: skip
+    """rl.csv, rl_summary.json (at thresholds[0]), RL.md and the plots."""
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, CSV_NAME)
     results.write_csv_columns(rows, csv_path, COLUMNS)
-    plots = plot(rows, out_dir)
+    json_path = os.path.join(out_dir, SUMMARY_NAME)
+    atomic_write_text(json_path, json.dumps(summary(rows, thresholds[0], window), indent=2) + "\n")
+    plots = plot(rows, out_dir, thresholds[0], window)
     md_path = os.path.join(out_dir, MARKDOWN_NAME)
-    atomic_write_text(md_path, markdown(rows, commands, setup, plots))
-    return [csv_path, md_path, *plots]
+    atomic_write_text(md_path, markdown(rows, commands, setup, plots, thresholds, window))
+    return [csv_path, json_path, md_path, *plots]
