@@ -1,7 +1,7 @@
 """The performance table: each benchmark's latest JSON line per configuration, against its target.
 
-python -m benchmarks.report              # the markdown table on stdout
-python -m benchmarks.report --readme     # and into README.md, between its performance markers
+python -m benchmarks.report               # the table on stdout and into docs/performance.md
+python -m benchmarks.report --print_only  # on stdout only
 
 A row is the newest line in benchmarks/results/<name>.jsonl for that configuration on that
 machine (processor and core count: a run on another machine gets a row of its own). "met" says
@@ -18,6 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
+PAGE = os.path.join(os.path.dirname(__file__), "..", "docs", "performance.md")
+SECTION = "performance"  # The page's markers: <!-- performance:begin ... --> ... :end -->
 
 Row = tuple[str, str, str, bool | None]  # (configuration, figure, target, met)
 
@@ -145,11 +147,16 @@ def markdown() -> str:
     return "\n".join(lines)
 
 
+def write_page(table: str, page: str = PAGE) -> bool:
+    """The table into the page's performance section; False when the page has no markers."""
+    from echo_jax.reports.generated_sections import splice_section
+
+    return splice_section(page, table, SECTION)
+
+
 if __name__ == "__main__":
     table = markdown()
     print(table)
-    if "--readme" in sys.argv[1:]:
-        from echo_jax.reports.results import splice_readme
-
-        readme = os.path.join(os.path.dirname(RESULTS), "..", "README.md")
-        print("README.md updated" if splice_readme(readme, table, "performance") else "no markers")
+    if "--print_only" not in sys.argv[1:]:
+        done = write_page(table)
+        print(f"{os.path.relpath(PAGE)} updated" if done else f"no {SECTION} markers in {PAGE}")

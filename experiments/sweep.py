@@ -1,22 +1,19 @@
 """The λ ablation: grpo, echo at each λ, verifier_free; several seeds; one results table.
 
     python -m experiments.sweep                    # the default grid, resumable; writes results/
-    python -m experiments.sweep --report_only      # tables, plots, README section from the CSV
+    python -m experiments.sweep --report_only      # tables, plots, docs/results.md from the CSV
     python -m experiments.sweep --closed_loop=agent   # fill pass@1 / pass@k of finished runs
 
 Every arm shares the training flags of experiments.train (--data, --steps, --model_size, ...);
 --objectives, --lams and --seeds choose the grid, which replaces --objective, --lam, --seed and
 --workdir. Runs live in <root>/<arm>_seed<s>; a finished run is skipped, an interrupted one
-resumed. Outputs in --results: ablation.csv, ABLATION.md, README_results.md, *.png.
+resumed. Outputs in --results: ablation.csv, ablation.json, ABLATION.md, *.png; with the
+default --results, the summary section of --page (docs/results.md) too.
 
-Default size, for 2 CPU cores: 7 arms × 3 seeds = 21 runs of SWEEP_STEPS=150 steps of the tiny
-model at batch 4 × 1024 tokens (600 rows per run), with held-out evaluation at steps 50, 100
-and 150 on at most 16 rows per set. Budget per run: 80 min / 21 ≈ 230 s. Measured cost on
-this machine: ~1 s per training step when idle (~2 CPU-s per step), one eval row ≈ 7% of a
-step (≈ 6 s per evaluation of the four sets), compile ≈ 15 s for an arm's first run and a few
-seconds for its other seeds (persistent XLA cache, --jax_cache), packed data cached after the
-first run (--cache_dir). Estimate ≈ 150 + 18 + 20 ≈ 190 s per run, ≈ 65 min for the grid,
-leaving slack for a shared machine. On an accelerator raise --steps (and --model_size).
+The default size (7 arms × 3 seeds × SWEEP_STEPS steps of the tiny model, held-out evaluation
+every SWEEP_EVAL_EVERY steps on SWEEP_EVAL_MAX_ROWS rows per set) is chosen to finish on 2 CPU
+cores in a little over an hour; docs/results.md gives the costs it was sized from. On an
+accelerator raise --steps (and --model_size).
 """
 
 from __future__ import annotations
@@ -29,11 +26,11 @@ from absl import app, flags, logging
 
 from echo_jax import config as C
 from echo_jax.data.episodes import EpisodeError
-from echo_jax.reports import results, sweep
+from echo_jax.reports import ablation_report, results, sweep
 from echo_jax.train.run_dir import RunDirError
 from experiments import train as train_cli  # Defines the shared training flags.
 
-# Sized for 2 CPU cores: 21 runs × (SWEEP_STEPS steps + 4 evals + start-up) in ~80 minutes.
+# Sized for 2 CPU cores (docs/results.md, "Sizing the default sweep").
 SWEEP_STEPS = 150
 SWEEP_EVAL_EVERY = 50
 SWEEP_EVAL_MAX_ROWS = 16
@@ -45,9 +42,9 @@ flags.DEFINE_string("root", "runs/sweep", "Folder holding one workdir per run.")
 flags.DEFINE_string("results", "results", "Folder for ablation.csv, ABLATION.md and plots.")
 flags.DEFINE_bool("report_only", False, "Regenerate the report from <results>/ablation.csv.")
 flags.DEFINE_string(
-    "readme",
-    "README.md",
-    "README whose results section (between its markers) is rewritten; only for the default "
+    "page",
+    "docs/results.md",
+    "Docs page whose results section (between its markers) is rewritten; only for the default "
     "--results folder, so a sweep written elsewhere (a test, a trial) never touches it.",
 )
 flags.DEFINE_enum(
@@ -119,13 +116,14 @@ def closed_loop_from_flags() -> sweep.ClosedLoopFn | None:
     )
 
 
-def splice_readme(out: str) -> None:
+def write_page(out: str, rows: list[dict], command: str) -> None:
+    """The summary section of --page, for the default --results folder only."""
     if FLAGS["results"].present and FLAGS.results != FLAGS["results"].default:
         return
-    if FLAGS.readme and os.path.exists(FLAGS.readme):
-        with open(os.path.join(out, results.README_NAME)) as f:
-            if results.splice_readme(FLAGS.readme, f.read()):
-                print(f"updated the results section of {FLAGS.readme}")
+    if not FLAGS.page or not os.path.exists(FLAGS.page):
+        return
+    if ablation_report.write_section(FLAGS.page, rows, command, out):
+        print(f"updated the results section of {FLAGS.page}")
 
 
 def main(argv: list[str]) -> None:
@@ -137,9 +135,10 @@ def main(argv: list[str]) -> None:
         if FLAGS.report_only:
             if not os.path.exists(os.path.join(out, results.CSV_NAME)):
                 raise C.ConfigError(f"--report_only: no {results.CSV_NAME} in {out}; run the sweep")
-            for path in results.regenerate(out):
+            rows, command = ablation_report.load(out)
+            for path in ablation_report.write_report(rows, out, command):
                 print(f"wrote {path}")
-            splice_readme(out)
+            write_page(out, rows, command)
             return
         specs = specs_from_flags()
         hook = closed_loop_from_flags()
@@ -156,9 +155,9 @@ def main(argv: list[str]) -> None:
             after_each=lambda rows: results.write_csv(rows, csv_path),  # --report_only mid-way
         )
         results.write_csv(rows, csv_path)
-        for path in results.write_report(rows, out, command):
+        for path in ablation_report.write_report(rows, out, command):
             print(f"wrote {path}")
-        splice_readme(out)
+        write_page(out, rows, command)
     except (C.ConfigError, EpisodeError, RunDirError, sweep.SweepError) as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -55,3 +55,20 @@ def test_a_tuned_environment_is_a_comparison_row_beside_the_default(tmp_path, mo
         ("(comparison)", None),
     ]
     assert "GLIBC_TUNABLES=glibc.malloc.arena_max=1" in rows[1][1]
+
+
+def test_the_table_is_written_into_the_docs_page_between_its_markers(tmp_path):
+    page = tmp_path / "performance.md"
+    begin, end = "<!-- performance:begin (x) -->", "<!-- performance:end -->"
+    page.write_text(f"# Performance\n{begin}\nold\n{end}\n")
+    assert report.write_page("| a | b |", str(page))
+    assert page.read_text() == f"# Performance\n{begin}\n| a | b |\n{end}\n"
+    unmarked = tmp_path / "other.md"
+    unmarked.write_text("no markers\n")
+    assert not report.write_page("| a |", str(unmarked)) and unmarked.read_text() == "no markers\n"
+
+
+def test_the_shipped_performance_page_has_the_markers():
+    with open(report.PAGE) as f:
+        text = f.read()
+    assert "<!-- performance:begin" in text and "<!-- performance:end -->" in text

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from echo_jax.config import Config, DataConfig, LossConfig
-from echo_jax.reports import results, sweep
+from echo_jax.reports import ablation_report, results, sweep
+from echo_jax.reports.generated_sections import splice_section
 from echo_jax.train import evaluation
 from echo_jax.train.run_dir import RunDir
 from tests.cli import run_module
@@ -87,10 +88,10 @@ def test_sweep_skips_resumes_refuses_and_fills_closed_loop(tmp_path):
     assert [r["arm"] for r in back] == [r["arm"] for r in rows]
     assert back[2]["heldout_scenarios/env_ce"] == pytest.approx(rows[2]["heldout_scenarios/env_ce"])
     assert back[0]["heldout_tasks/action_acc"] is None and back[0]["seed"] == 0
-    written = results.write_report(back, str(tmp_path / "out"), "python -m experiments.sweep X")
+    command = "python -m experiments.sweep X"
+    written = ablation_report.write_report(back, str(tmp_path / "out"), command)
     assert {os.path.basename(p) for p in written} >= {
         "ABLATION.md",
-        "README_results.md",
         "curves_train.png",
         "curves_heldout.png",
         "env_ce_vs_lambda.png",
@@ -151,12 +152,12 @@ def test_cli_tiny_sweep_end_to_end_and_resume(tmp_path):
         f"--eval_real={real}",
         f"--cache_dir={tmp_path / 'data_cache'}",
     ]
-    readme = Path(ROOT) / "README.md"
-    readme_before = readme.read_text()
+    page = Path(ROOT) / "docs" / "results.md"
+    page_before = page.read_text()
     proc = _sweep_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # Results written elsewhere never rewrite the repository's README.
-    assert readme.read_text() == readme_before
+    # Results written elsewhere never rewrite the repository's docs page.
+    assert page.read_text() == page_before
     rows = results.read_csv(str(tmp_path / "results" / "ablation.csv"))
     assert [(r["arm"], r["seed"], r["status"]) for r in rows] == [
         ("grpo", 0, "done"),
@@ -180,7 +181,7 @@ def test_cli_tiny_sweep_end_to_end_and_resume(tmp_path):
     # --report_only: everything again from the CSV, without training.
     md = (tmp_path / "results" / "ABLATION.md").read_text()
     os.remove(tmp_path / "results" / "ABLATION.md")
-    results.regenerate(str(tmp_path / "results"))
+    ablation_report.regenerate(str(tmp_path / "results"))
     assert (tmp_path / "results" / "ABLATION.md").read_text() == md
     with open(tmp_path / "results" / "ablation.json") as f:
         assert "--objectives=grpo,echo" in json.load(f)["command"]
@@ -219,14 +220,46 @@ def test_agent_hook_calls_the_closed_loop_evaluator(tmp_path, monkeypatch):
     ]
 
 
-def test_readme_results_section_is_spliced_between_its_markers(tmp_path):
-    readme = tmp_path / "README.md"
+def test_a_generated_section_is_spliced_between_its_markers(tmp_path):
+    page = tmp_path / "results.md"
     begin, end = "<!-- results:begin (generated) -->", "<!-- results:end -->"
-    readme.write_text(f"intro\n{begin}\nold\n{end}\noutro\n")
-    assert results.splice_readme(str(readme), "## Results\nnew table\n")
-    text = readme.read_text()
+    page.write_text(f"intro\n{begin}\nold\n{end}\noutro\n")
+    assert splice_section(str(page), "## Results\nnew table\n", "results")
+    text = page.read_text()
     assert text == f"intro\n{begin}\n## Results\nnew table\n{end}\noutro\n"
-    assert not results.splice_readme(str(readme), "x", name="performance")
+    assert not splice_section(str(page), "x", "performance")
     unmarked = tmp_path / "OTHER.md"
     unmarked.write_text("no markers\n")
-    assert not results.splice_readme(str(unmarked), "x") and unmarked.read_text() == "no markers\n"
+    assert not splice_section(str(unmarked), "x", "results")
+    assert unmarked.read_text() == "no markers\n"
+
+
+def test_the_docs_pages_section_links_to_the_results_folder_from_where_the_page_is(tmp_path):
+    """docs/results.md sits beside results/, not above it: its links go through '..'."""
+    rows = [
+        {
+            "arm": "grpo",
+            "objective": "grpo",
+            "lam": 0.0,
+            "seed": s,
+            "steps": 2,
+            "status": "done",
+            "heldout_tasks/env_ce": 3.0 + s,
+        }  # fmt: skip
+        for s in (0, 1)
+    ]
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / "docs" / "results.md"
+    page.write_text("# Results\n<!-- results:begin -->\n<!-- results:end -->\nafter\n")
+    out = str(tmp_path / "results")
+    assert ablation_report.write_section(str(page), rows, "python -m experiments.sweep", out)
+    text = page.read_text()
+    assert "[../results/ABLATION.md](../results/ABLATION.md)" in text
+    assert "(../results/env_ce_vs_lambda.png)" in text
+    assert "| grpo | 2 | – | 3.500 ± 0.707 |" in text
+    assert text.startswith("# Results\n") and text.endswith("<!-- results:end -->\nafter\n")
+
+
+def test_the_shipped_results_page_has_the_markers():
+    text = (Path(ROOT) / "docs" / "results.md").read_text()
+    assert "<!-- results:begin" in text and "<!-- results:end -->" in text
