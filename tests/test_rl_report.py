@@ -70,6 +70,11 @@ def test_report_from_made_up_runs(tmp_path):
                 | ({"heldout_pass@1": 0.5} if i == 6 else {})
             )
     rows = rl_report.collect(specs)
+    # A longer run (an earlier sweep with more iterations) is compared at the common budget.
+    extra = dict(rows[-1], iteration=7, env_steps=10_000, success_rate=0.0)
+    rows.append(extra)
+    assert rl_report.budget(rows) == 6
+    assert all(len(c.success_I) == 6 for cs in rl_report.curves(rows).values() for c in cs)
     out = tmp_path / "out"
     written = rl_report.write(rows, str(out), {s.name: s.command for s in specs}, "setup")
     assert len(written) == 5  # csv, summary, markdown, two plots

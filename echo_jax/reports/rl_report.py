@@ -75,16 +75,28 @@ def arm_label(row: dict[str, Any]) -> str:
     return f"echo λ={row['lam']:g}" if row["objective"] == "echo" else row["objective"]
 
 
+def budget(rows: Sequence[dict[str, Any]]) -> int:
+    """The iterations every run finished: the common budget the arms are compared at (a run
+    cut there is the same as a run of that many iterations, its rollouts being seeded by
+    iteration)."""
+    last: dict[tuple[str, int], int] = {}
+    for r in rows:
+        key = (r["arm"], r["seed"])
+        last[key] = max(last.get(key, 0), r["iteration"])
+    return min(last.values())
+
+
 def curves(rows: Sequence[dict[str, Any]]) -> dict[str, list[rl_stats.Curve]]:
-    """arm -> one Curve per seed, in the report's arm order and seed order."""
+    """arm -> one Curve per seed over the common budget, in the report's arm and seed order."""
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {}
     for r in rows:
         runs.setdefault(r["arm"], {}).setdefault(r["seed"], []).append(r)
+    n = budget(rows)
     out = {}
     for arm in results.arm_order(rows):
         out[arm] = []
         for seed in sorted(runs[arm]):
-            its = sorted((r for r in runs[arm][seed] if r["iteration"] > 0),
+            its = sorted((r for r in runs[arm][seed] if 0 < r["iteration"] <= n),
                          key=lambda r: r["iteration"])  # fmt: skip
             if not its:
                 continue
@@ -152,6 +164,8 @@ def markdown(rows, commands: dict[str, str], setup: str, plots: Sequence[str],
         "# Does ECHO reach a success rate in fewer environment steps than GRPO?",
         "",
         setup,
+        "",
+        f"Every arm is compared over the first {budget(rows)} iterations of its runs.",
         "",
         "*Environment steps*: tool calls made in rollouts, cumulated over iterations. *Success*: "
         "the share of an iteration's rollouts on the pool that the verifier passed. A run "
