@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from echo_jax.config import Config
 from echo_jax.train import distributed
 from echo_jax.util.atomic import atomic_open, atomic_write_text
+from echo_jax.util.jsonl import read_jsonl
 
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"  # Orbax writes it into every finished step dir.
 
@@ -33,7 +34,7 @@ class RunDirError(ValueError):
 def config_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """Flattened keys whose values differ. A setting added to Config after a run was saved is
     missing from its config.json; it counts as equal when the wanted value is its default."""
-    defaults = _flatten(json.loads(Config().to_json()))
+    defaults = flatten(json.loads(Config().to_json()))
     return sorted(
         k
         for k in saved.keys() | wanted.keys()
@@ -42,11 +43,12 @@ def config_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     )
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level: {"loss": {"lam": 0.1}} -> {"loss.lam": 0.1}."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -79,8 +81,8 @@ class RunDir:
                     "it, or choose another --workdir"
                 )
             with open(config_path) as f:
-                saved = _flatten(json.load(f))
-            wanted = _flatten(json.loads(cfg.to_json()))
+                saved = flatten(json.load(f))
+            wanted = flatten(json.loads(cfg.to_json()))
             diff = config_diff(saved, wanted)
             if diff:
                 details = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in diff)
@@ -157,17 +159,7 @@ class RunDir:
             f.write(json.dumps(line) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        path = self.file(self.METRICS)
-        if not os.path.exists(path):
-            return []
-        lines = []
-        with open(path) as f:
-            for raw in f:
-                try:
-                    lines.append(json.loads(raw))
-                except json.JSONDecodeError:
-                    break  # A line cut short by a kill; everything after it is unreliable.
-        return lines
+        return read_jsonl(self.file(self.METRICS))
 
     def truncate_metrics(self, after_step: int) -> None:
         """Keeps only complete lines up to `after_step`, so a resumed run logs each step once."""
