@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from echo_jax.config import Config
 from echo_jax.train import distributed
+from echo_jax.train.scalars import ScalarWriter
 from echo_jax.util.atomic import atomic_open, atomic_write_text
 from echo_jax.util.jsonl import read_jsonl
 
@@ -58,6 +59,7 @@ class RunDir:
     CONFIG = "config.json"
     VOCAB = "vocab.json"
     METRICS = "metrics.jsonl"
+    TENSORBOARD = "tensorboard"  # Events files of `scalars`.
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.path.abspath(os.fspath(path))
@@ -65,6 +67,8 @@ class RunDir:
         self._manager: ocp.CheckpointManager | None = None
         self._keep = 2
         self._config_json = ""
+        self._scalars: ScalarWriter | None = None
+        self._purge_step: int | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike, cfg: Config, resume: bool) -> RunDir:
@@ -162,12 +166,30 @@ class RunDir:
         return read_jsonl(self.file(self.METRICS))
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Keeps only complete lines up to `after_step`, so a resumed run logs each step once."""
+        """Keeps only complete lines up to `after_step`, so a resumed run logs each step once;
+        TensorBoard likewise hides what earlier events files logged after it (`scalars`)."""
+        self.close()
+        self._purge_step = after_step + 1  # For the events file that the next write opens.
         if not distributed.is_primary():
             return
         kept = [m for m in self.read_metrics() if m["step"] <= after_step]
         with atomic_open(self.file(self.METRICS)) as f:
             f.writelines(json.dumps(m) + "\n" for m in kept)
+
+    @property
+    def scalars(self) -> ScalarWriter:
+        """TensorBoard scalars in WORKDIR/tensorboard: `run.scalars.write(step, metrics)`.
+        Process 0 only, like the metrics; its events file opens at the first write."""
+        if self._scalars is None:
+            self._scalars = ScalarWriter(self.file(self.TENSORBOARD), self._purge_step)
+            self._purge_step = None
+        return self._scalars
+
+    def close(self) -> None:
+        """Closes the TensorBoard events file (a later write opens another)."""
+        if self._scalars is not None:
+            self._scalars.close()
+            self._scalars = None
 
     def write_json(self, name: str, obj: Any) -> None:
         if not distributed.is_primary():
