@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
             and not FLAGS.workdir
         ):
             raise C.ConfigError("a run as several processes needs --workdir, the same in each")
-        workdir = FLAGS.workdir or f"runs/{FLAGS.objective}_{time.strftime('%Y%m%d-%H%M%S')}"
+        workdir = FLAGS.workdir or f"runs/{cfg.loss.objective}_{time.strftime('%Y%m%d-%H%M%S')}"
         run_experiment(cfg, workdir, resume=FLAGS.resume)
     except (C.ConfigError, EpisodeError, RunDirError, TrainingDiverged) as e:
         raise SystemExit(f"error: {e}") from None
