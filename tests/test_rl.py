@@ -271,9 +271,9 @@ def test_reward_weights_imitate_rewarded_episodes_only(tmp_path):
 
 
 def test_config_added_later_matches_its_default_only():
-    from echo_jax.train.run_dir import _flatten, config_diff
+    from echo_jax.train.run_dir import config_diff, flatten
 
-    wanted = _flatten(json.loads(Config().to_json()))
+    wanted = flatten(json.loads(Config().to_json()))
     saved = {k: v for k, v in wanted.items() if k != "loss.advantage"}  # A run saved before.
     assert config_diff(saved, wanted) == []
     changed = dict(wanted, **{"loss.advantage": "reward"})

@@ -24,7 +24,7 @@ from typing import Any
 
 from echo_jax.config import EVAL_SPLITS, AgentConfig, Config, validate
 from echo_jax.train import evaluation
-from echo_jax.train.run_dir import RunDir, _flatten, config_diff
+from echo_jax.train.run_dir import RunDir, config_diff, flatten
 from echo_jax.train.trainer import TrainingDiverged, run_experiment
 from echo_jax.util.atomic import atomic_write_text
 from echo_jax.util.provenance import git_commit
@@ -111,8 +111,8 @@ def status(spec: RunSpec) -> str:
     if not os.path.exists(config_path):
         return "new"
     with open(config_path) as f:
-        saved = _flatten(json.load(f))
-    wanted = _flatten(json.loads(spec.cfg.to_json()))
+        saved = flatten(json.load(f))
+    wanted = flatten(json.loads(spec.cfg.to_json()))
     diff = config_diff(saved, wanted)
     if diff:
         raise SweepError(

@@ -37,6 +37,7 @@ from echo_jax.data.packing import PackedData
 from echo_jax.data.vocab import PAD_ID, Vocab
 from echo_jax.objective.fused_loss import resolve_impl
 from echo_jax.util.atomic import atomic_open
+from echo_jax.util.jsonl import read_jsonl
 
 EVAL_FILE = "eval.jsonl"
 ROLE_TERMS = (("env", roles.ENV_OUTPUT), ("action", roles.ACTION))
@@ -270,7 +271,7 @@ class Evaluator:
     def truncate(self, after_step: int) -> None:
         """Drops lines beyond `after_step`, so a resumed run evaluates each step once."""
         if self.path is not None and os.path.exists(self.path):
-            kept = [m for m in read_lines(self.path) if m["step"] <= after_step]
+            kept = [m for m in read_jsonl(self.path) if m["step"] <= after_step]
             with atomic_open(self.path) as f:
                 f.writelines(_dumps(m) + "\n" for m in kept)
 
@@ -286,18 +287,7 @@ def append_line(path: str, line: dict[str, Any]) -> None:
         f.write(_dumps(line) + "\n")
 
 
-def read_lines(path: str) -> list[dict[str, Any]]:
-    """Complete lines of an eval.jsonl; a line cut short by a kill ends the read."""
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path) as f:
-        for raw in f:
-            try:
-                out.append(json.loads(raw))
-            except json.JSONDecodeError:
-                break
-    return out
+read_lines = read_jsonl  # An eval.jsonl's complete lines, read as metrics.jsonl's are.
 
 
 def format_line(line: dict[str, Any], names: list[str]) -> str:

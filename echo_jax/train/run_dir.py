@@ -21,7 +21,9 @@ import orbax.checkpoint as ocp
 
 from echo_jax.config import Config
 from echo_jax.train import distributed
+from echo_jax.train.scalars import ScalarWriter
 from echo_jax.util.atomic import atomic_open, atomic_write_text
+from echo_jax.util.jsonl import read_jsonl
 
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"  # Orbax writes it into every finished step dir.
 
@@ -33,7 +35,7 @@ class RunDirError(ValueError):
 def config_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """Flattened keys whose values differ. A setting added to Config after a run was saved is
     missing from its config.json; it counts as equal when the wanted value is its default."""
-    defaults = _flatten(json.loads(Config().to_json()))
+    defaults = flatten(json.loads(Config().to_json()))
     return sorted(
         k
         for k in saved.keys() | wanted.keys()
@@ -42,11 +44,12 @@ def config_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     )
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level: {"loss": {"lam": 0.1}} -> {"loss.lam": 0.1}."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -56,6 +59,7 @@ class RunDir:
     CONFIG = "config.json"
     VOCAB = "vocab.json"
     METRICS = "metrics.jsonl"
+    TENSORBOARD = "tensorboard"  # Events files of `scalars`.
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.path.abspath(os.fspath(path))
@@ -63,6 +67,8 @@ class RunDir:
         self._manager: ocp.CheckpointManager | None = None
         self._keep = 2
         self._config_json = ""
+        self._scalars: ScalarWriter | None = None
+        self._purge_step: int | None = None
 
     @classmethod
     def open(cls, path: str | os.PathLike, cfg: Config, resume: bool) -> RunDir:
@@ -79,8 +85,8 @@ class RunDir:
                     "it, or choose another --workdir"
                 )
             with open(config_path) as f:
-                saved = _flatten(json.load(f))
-            wanted = _flatten(json.loads(cfg.to_json()))
+                saved = flatten(json.load(f))
+            wanted = flatten(json.loads(cfg.to_json()))
             diff = config_diff(saved, wanted)
             if diff:
                 details = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in diff)
@@ -157,25 +163,33 @@ class RunDir:
             f.write(json.dumps(line) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        path = self.file(self.METRICS)
-        if not os.path.exists(path):
-            return []
-        lines = []
-        with open(path) as f:
-            for raw in f:
-                try:
-                    lines.append(json.loads(raw))
-                except json.JSONDecodeError:
-                    break  # A line cut short by a kill; everything after it is unreliable.
-        return lines
+        return read_jsonl(self.file(self.METRICS))
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Keeps only complete lines up to `after_step`, so a resumed run logs each step once."""
+        """Keeps only complete lines up to `after_step`, so a resumed run logs each step once;
+        TensorBoard likewise hides what earlier events files logged after it (`scalars`)."""
+        self.close()
+        self._purge_step = after_step + 1  # For the events file that the next write opens.
         if not distributed.is_primary():
             return
         kept = [m for m in self.read_metrics() if m["step"] <= after_step]
         with atomic_open(self.file(self.METRICS)) as f:
             f.writelines(json.dumps(m) + "\n" for m in kept)
+
+    @property
+    def scalars(self) -> ScalarWriter:
+        """TensorBoard scalars in WORKDIR/tensorboard: `run.scalars.write(step, metrics)`.
+        Process 0 only, like the metrics; its events file opens at the first write."""
+        if self._scalars is None:
+            self._scalars = ScalarWriter(self.file(self.TENSORBOARD), self._purge_step)
+            self._purge_step = None
+        return self._scalars
+
+    def close(self) -> None:
+        """Closes the TensorBoard events file (a later write opens another)."""
+        if self._scalars is not None:
+            self._scalars.close()
+            self._scalars = None
 
     def write_json(self, name: str, obj: Any) -> None:
         if not distributed.is_primary():

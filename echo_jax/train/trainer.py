@@ -199,7 +199,8 @@ def make_batch(
 
 
 class MetricsLog:
-    """Per-step host metrics averaged over each logging interval, then reset."""
+    """Per-step host metrics averaged over each logging interval, then reset; each interval's
+    means go to metrics.jsonl and to TensorBoard (tagged train/...)."""
 
     def __init__(self, run: RunDir, tokens_per_step: int):
         self.run = run
@@ -219,6 +220,7 @@ class MetricsLog:
         line["steps_per_s"] = self.count / elapsed
         line["tokens_per_s"] = self.count * self.tokens_per_step / elapsed
         self.run.append_metrics(line)
+        self.run.scalars.write(step, line, prefix="train/")
         self.sums, self.count, self.t0 = {}, 0, time.perf_counter()
         return line
 
@@ -319,6 +321,7 @@ def train(
             pending = None
             if evaluates_at(step):
                 last_eval = evaluator(step, graphdef, state.params)
+                run.scalars.write(step, last_eval, prefix="eval/")
             if saves_at(step):
                 run.save(state, step, {"data_position": step * b, "seed": tcfg.seed})
     wall = time.perf_counter() - t_start
@@ -351,7 +354,7 @@ def run_experiment(cfg: Config, workdir: str, resume: bool = False, log=print) -
 
     With several processes each runs it alike (after `distributed.initialize`); only process 0
     logs and writes files. Every process evaluates (the jitted evaluation spans all devices);
-    process 0 writes eval.jsonl.
+    process 0 writes eval.jsonl and the TensorBoard scalars (WORKDIR/tensorboard).
     """
     validate(cfg)
     primary = distributed.is_primary()
@@ -373,4 +376,7 @@ def run_experiment(cfg: Config, workdir: str, resume: bool = False, log=print) -
         + f"; straddles {stats['straddles']}"
     )
     evaluator = Evaluator.for_run(cfg, vocab, data, run.path if primary else None, log)
-    return train(cfg, data, vocab.size, run, log, evaluator)
+    try:
+        return train(cfg, data, vocab.size, run, log, evaluator)
+    finally:
+        run.close()

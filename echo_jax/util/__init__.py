@@ -1,1 +1,2 @@
-"""Small helpers every layer uses: atomic file writes and the git provenance of results."""
+"""Small helpers every layer uses: atomic file writes, JSON-lines reads and the git provenance
+of results."""
