@@ -17,7 +17,8 @@
      every `eval_every` iterations greedy pass@1 on the pool and on held-out tasks.
 
 Workdir: config.json and vocab.json (so `experiments.evaluate` reads an RL run like any
-other), rl_config.json, pool.json, metrics.jsonl (one line per iteration),
+other), rl_config.json, pool.json, metrics.jsonl (one line per iteration; the same scalars in
+tensorboard/),
 rollouts/iter_NNNN.jsonl.gz (capture format with each step's policy record and the rows),
 checkpoints/<iteration>, summary.json.
 """
@@ -138,6 +139,7 @@ def run_rl(
         lines = [{"iteration": 0, "env_steps": 0, "pool_tasks": len(tasks),
                   **evaluations(engine, tasks, held, 0, rl)}]  # fmt: skip
         run.append_metrics(lines[0])
+        run.scalars.write(0, lines[0])
         for it in range(1, rl.iterations + 1):
             t0 = time.perf_counter()
             records = engine.run(group_requests(tasks, it, rl.seed, rl.group_size, 1.0))
@@ -159,6 +161,7 @@ def run_rl(
                     **iteration_metrics(records, batch, sampled, updated, timing), **upd,
                     **evaluations(engine, tasks, held, it, rl)}  # fmt: skip
             run.append_metrics(line)
+            run.scalars.write(it, line)
             lines.append(line)
             log(format_line(line))
     summary = {
@@ -173,6 +176,7 @@ def run_rl(
         "final": lines[-1],
     }
     run.write_json(SUMMARY, summary)
+    run.close()
     return summary
 
 
