@@ -18,9 +18,8 @@
 
 Workdir: config.json and vocab.json (so `experiments.evaluate` reads an RL run like any
 other), rl_config.json, pool.json, metrics.jsonl (one line per iteration; the same scalars in
-tensorboard/),
-rollouts/iter_NNNN.jsonl.gz (capture format with each step's policy record and the rows),
-checkpoints/<iteration>, summary.json.
+tensorboard/), rollouts/iter_NNNN.jsonl.gz (capture format with each step's policy record and
+the rows), checkpoints/<iteration>, summary.json.
 """
 
 from __future__ import annotations
