@@ -16,8 +16,8 @@ from echo_jax.agent.rollout_rows import (
     RecordingPolicy,
     segments_to_tokens,
 )
-from echo_jax.awm.capture import LiveWorld
 from echo_jax.awm.harness import run_episode
+from echo_jax.awm.live_world import LiveWorld
 from echo_jax.awm.world_format import load_worlds
 from echo_jax.data import roles
 from echo_jax.data.episodes import parse_episode

@@ -26,7 +26,8 @@ import numpy as np
 from echo_jax.agent.decoding import Decoder
 from echo_jax.agent.policy import load_run, tool_call_accuracy
 from echo_jax.agent.rollout import EngineConfig, EpisodeRequest, RolloutEngine
-from echo_jax.awm.capture import episode_rng, write_shard
+from echo_jax.awm.capture import episode_rng
+from echo_jax.awm.capture_shards import write_shard
 from echo_jax.awm.rewards import FORMAT_ERROR_TYPES
 from echo_jax.awm.world_format import World, load_worlds
 from echo_jax.config import SPLITS, AgentConfig

@@ -39,8 +39,8 @@ from flax import nnx
 
 from echo_jax.agent.decoding import Decoder, Generation, Rows
 from echo_jax.agent.rollout_rows import RecordingPolicy
-from echo_jax.awm.capture import WORLD_FAILURES
 from echo_jax.awm.harness import HarnessConfig, run_episode
+from echo_jax.awm.live_world import WORLD_FAILURES
 from echo_jax.awm.world_format import World
 from echo_jax.awm.world_pool import WorldPool
 from echo_jax.data.vocab import PAD_ID, Vocab

@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import collections
 import functools
-import gzip
 import hashlib
 import importlib
 import json
 import logging
 import multiprocessing
 import os
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -38,18 +36,17 @@ from typing import Any
 
 import numpy as np
 
+from echo_jax.awm.capture_shards import read_shard, shard_is_complete, shard_path, write_shard
+from echo_jax.awm.child_process import parent_death_hook
 from echo_jax.awm.harness import HarnessConfig, run_episode
-from echo_jax.awm.mcp_client import McpClient, WorldUnavailable
+from echo_jax.awm.live_world import WORLD_FAILURES, LiveWorld
 from echo_jax.awm.world_format import World, load_worlds
-from echo_jax.awm.world_server import WorldServer, WorldServerError, parent_death_hook
 from echo_jax.config import AgentConfig
-from echo_jax.util.atomic import atomic_open, atomic_write_text
+from echo_jax.util.atomic import atomic_write_text
 from echo_jax.util.provenance import git_commit
 
 log = logging.getLogger(__name__)
 
-SHARD_SUFFIX = ".jsonl.gz"
-WORLD_FAILURES = (WorldUnavailable, WorldServerError, sqlite3.Error)
 SCRIPTED, AGENT = "scripted", "agent"
 POLICIES = (SCRIPTED, AGENT)
 
@@ -83,71 +80,11 @@ def episode_rng(seed: int, scenario: str, task_idx: int, k: int) -> np.random.Ge
     return np.random.default_rng(sequence)
 
 
-def shard_path(out_dir: str | Path, scenario: str) -> Path:
-    return Path(out_dir) / "episodes" / f"{scenario}{SHARD_SUFFIX}"
-
-
-def read_shard(path: str | Path) -> Iterator[dict[str, Any]]:
-    with gzip.open(path, "rt", encoding="utf-8") as handle:
-        for line in handle:
-            yield json.loads(line)
-
-
-def write_shard(path: Path, episodes: list[dict[str, Any]]) -> None:
-    """Write atomically and reproducibly (gzip header without file name or time)."""
-    with (
-        atomic_open(path, "wb") as raw,
-        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as compressed,
-    ):
-        for episode in episodes:
-            compressed.write((json.dumps(episode, ensure_ascii=False) + "\n").encode())
-
-
-def shard_is_complete(path: Path, world: World, episodes_per_task: int, seed: int) -> bool:
-    """True when the shard holds exactly the requested (task_idx, k) grid for this seed."""
-    expected = [(t, k) for t in range(len(world.tasks)) for k in range(episodes_per_task)]
-    try:
-        found = [
-            (episode["task_idx"], episode["capture"]["k"], episode["capture"]["seed"])
-            for episode in read_shard(path)
-        ]
-    except (OSError, EOFError, ValueError, KeyError, TypeError):
-        return False
-    return [(t, k) for t, k, _ in found] == expected and all(s == seed for *_, s in found)
-
-
 @functools.cache
 def _policy_source(module_name: str, worlds_dir: str) -> tuple[Any, Any]:
     """The policy module and its task parameters, loaded once per worker process."""
     module = importlib.import_module(module_name)
     return module, module.load_task_params(worlds_dir)
-
-
-class LiveWorld:
-    """A started server with an initialised client, restartable after a failure."""
-
-    def __init__(self, world: World, timeout_s: float = 30.0):
-        self.world = world
-        self.timeout_s = timeout_s
-        self.server: WorldServer | None = None
-        self.client: McpClient | None = None
-
-    def open(self) -> None:
-        self.server = WorldServer(self.world).start()
-        self.client = McpClient(self.server.mcp_url, timeout_s=self.timeout_s)
-        self.client.initialize()
-
-    def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = None
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-
-    def restart(self) -> None:
-        self.close()
-        self.open()
 
 
 def _capture_episode(

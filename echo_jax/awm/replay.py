@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from echo_jax.awm.capture import LiveWorld, read_shard
+from echo_jax.awm.capture_shards import read_shard
 from echo_jax.awm.harness import INVALID_ACTION_TOOL, PARSE_ERROR_KEY, HarnessConfig, run_episode
+from echo_jax.awm.live_world import LiveWorld
 from echo_jax.awm.world_format import World, load_worlds
 
 _COMPARED_FIELDS = ("reward_type", "tool_result", "error", "warning")

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from echo_jax.awm import sandbox, verifier_runner
-from echo_jax.awm.world_server import copy_database, kill_process_group, parent_death_hook
+from echo_jax.awm.child_process import kill_process_group, limiting_preexec, read_tail
+from echo_jax.awm.world_server import copy_database
 
 VERIFIER_RESULTS = ("complete", "others")
 _TAIL_BYTES = 1 << 20
@@ -49,6 +50,15 @@ class VerifierLimits:
     file_size_bytes: int = 16 << 20
     open_files: int = 64
 
+    def rlimits(self) -> dict[int, int]:
+        # RLIMIT_NPROC=0 is set by the runner itself: bubblewrap has to fork first.
+        return {
+            resource.RLIMIT_CPU: self.cpu_seconds,
+            resource.RLIMIT_AS: self.address_space_bytes,
+            resource.RLIMIT_FSIZE: self.file_size_bytes,
+            resource.RLIMIT_NOFILE: self.open_files,
+        }
+
 
 def _read_only_snapshot(source: str | Path, target: Path) -> None:
     """Snapshot a DB (WAL pages included) into a rollback-journal file and make it read-only."""
@@ -56,27 +66,6 @@ def _read_only_snapshot(source: str | Path, target: Path) -> None:
     with contextlib.closing(sqlite3.connect(target)) as connection:
         connection.execute("PRAGMA journal_mode=DELETE")
     target.chmod(0o444)
-
-
-def _limiting_preexec(limits: VerifierLimits):
-    set_death_signal = parent_death_hook()
-
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds,) * 2)
-        resource.setrlimit(resource.RLIMIT_AS, (limits.address_space_bytes,) * 2)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size_bytes,) * 2)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files,) * 2)
-        # RLIMIT_NPROC=0 is set by the runner itself: bubblewrap has to fork first.
-        set_death_signal()
-
-    return apply
-
-
-def _tail(path: Path) -> str:
-    with path.open("rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        handle.seek(max(0, handle.tell() - _TAIL_BYTES))
-        return handle.read().decode("utf-8", errors="replace")
 
 
 def _exited_within(process: subprocess.Popen, timeout_s: float) -> bool:
@@ -202,7 +191,7 @@ def run_verifier(
                 stderr=stderr,
                 pass_fds=tuple(pass_fds),
                 start_new_session=True,
-                preexec_fn=_limiting_preexec(limits),
+                preexec_fn=limiting_preexec(limits.rlimits()),
             )
             if not _exited_within(process, limits.timeout_s):
                 kill_process_group(process, grace_s=0.0)
@@ -215,5 +204,5 @@ def run_verifier(
         return _failure(
             "error",
             f"verifier process exited with code {process.returncode} without a result; "
-            f"stderr tail: {_tail(stderr_path)[-2000:]}",
+            f"stderr tail: {read_tail(stderr_path, _TAIL_BYTES)[-2000:]}",
         )

@@ -6,7 +6,7 @@ import collections
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from echo_jax.awm.capture import LiveWorld
+from echo_jax.awm.live_world import LiveWorld
 from echo_jax.awm.world_format import World
 
 

@@ -2,137 +2,45 @@
 
 The world's generated `full_code` is untrusted-ish model output, so it runs under bubblewrap
 (`echo_jax.awm.sandbox`: its own namespaces, no network, only its folder writable; it serves on
-a Unix socket that `_LoopbackBridge` forwards to 127.0.0.1:PORT), in its own process group, from
-a private temp dir, with a clean environment, resource limits and a parent-death signal;
-`stop()` (also called at exit) kills the whole group. The database is built once from the world's
-DDL and sample inserts; a pristine copy is kept so `reset()` can restore the initial state
-between episodes without paying for a server restart.
+a Unix socket that `echo_jax.awm.loopback` bridges to 127.0.0.1:PORT), in its own process group,
+from a private temp dir, with a clean environment, resource limits and a parent-death signal
+(`echo_jax.awm.child_process`); `stop()` (also called at exit) kills the whole group. The
+database is built once from the world's DDL and sample inserts; a pristine copy is kept so
+`reset()` can restore the initial state between episodes without paying for a server restart.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
-import ctypes.util
-import functools
 import os
 import re
 import resource
-import select
 import shutil
-import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
 from echo_jax.awm import sandbox
+from echo_jax.awm.child_process import kill_process_group, limiting_preexec, read_tail
 from echo_jax.awm.launcher import prepare_server_code
+from echo_jax.awm.loopback import (
+    LOOPBACK,
+    LOOPBACK_LAUNCHER,
+    SOCKET_NAME,
+    UNIX_SOCKET_PRELUDE,
+    LoopbackBridge,
+    free_loopback_port,
+)
 from echo_jax.awm.world_format import World
 
-LOOPBACK = "127.0.0.1"
 _ESSENTIAL_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
-_PR_SET_PDEATHSIG = 1
-_STOP_GRACE_S = 3.0
-_REAP_WAIT_S = 2.0
-
-# Runs server.py as __main__ after pinning uvicorn.run to 127.0.0.1 and $PORT, so a generated
-# server that hard-codes another host or port still only listens on the loopback interface.
-_LOOPBACK_LAUNCHER = """
-import os, runpy, sys
-import uvicorn
-_run = uvicorn.run
-def _loopback_run(app, *args, **kwargs):
-    kwargs.update(host="127.0.0.1", port=int(os.environ["PORT"]), access_log=False)
-    return _run(app, **kwargs)
-uvicorn.run = _loopback_run
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
-# Under the sandbox the server has a network namespace of its own (no network): this runs before
-# the launcher and turns its uvicorn.run into one on a Unix socket in the server's folder, which
-# the parent bridges to 127.0.0.1:$PORT (`_LoopbackBridge`).
-_UNIX_SOCKET_PRELUDE = """
-import os
-import uvicorn
-_unix_run = uvicorn.run
-def _unix_socket_run(app, *args, **kwargs):
-    kwargs.pop("host", None)
-    kwargs.pop("port", None)
-    kwargs["uds"] = os.environ["ECHO_JAX_SERVER_SOCKET"]
-    return _unix_run(app, **kwargs)
-uvicorn.run = _unix_socket_run
-"""
-_SOCKET_NAME = "server.sock"
-
-
-def _pump_both_ways(client: socket.socket, upstream: socket.socket) -> None:
-    """Copy bytes both ways until both sides have finished sending; then close both."""
-    with client, upstream:
-        peers = {client: upstream, upstream: client}
-        while peers:
-            readable, _, _ = select.select(list(peers), [], [])
-            for sender in readable:
-                try:
-                    data = sender.recv(1 << 16)
-                except OSError:
-                    data = b""
-                receiver = peers[sender]
-                if data:
-                    try:
-                        receiver.sendall(data)
-                    except OSError:
-                        return
-                else:
-                    del peers[sender]
-                    with contextlib.suppress(OSError):
-                        receiver.shutdown(socket.SHUT_WR)
-
-
-class _LoopbackBridge:
-    """Listens on 127.0.0.1:PORT in the parent and forwards each connection to a Unix socket."""
-
-    def __init__(self, socket_path: Path):
-        self._socket_path = str(socket_path)
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.bind((LOOPBACK, 0))
-        self._listener.listen(64)
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._serve, name=f"bridge:{self.port}", daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:  # Closed: the server stopped.
-                return
-            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
-
-    def _connect(self, client: socket.socket) -> None:
-        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            upstream.connect(self._socket_path)
-        except OSError:  # Not listening (yet, or any more): the client sees the connection close.
-            upstream.close()
-            client.close()
-            return
-        _pump_both_ways(client, upstream)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
 
 
 class WorldServerError(RuntimeError):
@@ -148,6 +56,13 @@ class ServerLimits:
     file_size_bytes: int = 1 << 30
     startup_timeout_s: float = 30.0
     start_attempts: int = 3
+
+    def rlimits(self) -> dict[int, int]:
+        return {
+            resource.RLIMIT_AS: self.address_space_bytes,
+            resource.RLIMIT_CPU: self.cpu_seconds,
+            resource.RLIMIT_FSIZE: self.file_size_bytes,
+        }
 
 
 def build_database(world: World, path: str | Path) -> None:
@@ -182,58 +97,6 @@ def copy_database(source: str | Path, target: str | Path) -> None:
         src.backup(dst)
 
 
-def _free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    """libc for prctl on Linux; looked up once, as find_library runs a subprocess."""
-    name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
-    return None if name is None else ctypes.CDLL(name, use_errno=True)
-
-
-def parent_death_hook() -> Callable[[], None]:
-    """Return a preexec hook asking Linux to SIGKILL the child when its parent thread dies."""
-    libc = _libc()
-    if libc is None:
-        return lambda: None
-    return lambda: libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _limiting_preexec(limits: ServerLimits) -> Callable[[], None]:
-    set_death_signal = parent_death_hook()
-
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (limits.address_space_bytes,) * 2)
-        resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds,) * 2)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size_bytes,) * 2)
-        set_death_signal()
-
-    return apply
-
-
-def kill_process_group(process: subprocess.Popen, grace_s: float = _STOP_GRACE_S) -> None:
-    """SIGTERM the process group led by `process`, SIGKILL it after `grace_s`, and reap it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=grace_s)
-    # Also catches anything the leader spawned that outlived it in the same group (inside the
-    # sandbox: bwrap's PID 1 and the server), then waits, briefly, until their parents (not us)
-    # have reaped them, so that a stopped server has no process left.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    deadline = time.monotonic() + _REAP_WAIT_S
-    with contextlib.suppress(ProcessLookupError):
-        while time.monotonic() < deadline:
-            os.killpg(process.pid, 0)
-            time.sleep(0.005)
-
-
 class WorldServer:
     """A running world: its server process, live database and pristine initial database.
 
@@ -248,7 +111,7 @@ class WorldServer:
         self._dir: Path | None = None
         self._process: subprocess.Popen | None = None
         self._port: int | None = None
-        self._bridge: _LoopbackBridge | None = None
+        self._bridge: LoopbackBridge | None = None
 
     @property
     def base_url(self) -> str:
@@ -310,7 +173,7 @@ class WorldServer:
 
     def _launch_with_port_retries(self, server_path: Path) -> None:
         for attempt in range(1, self.limits.start_attempts + 1):
-            self._port = _free_loopback_port()
+            self._port = free_loopback_port()
             self._launch(server_path)
             try:
                 self._wait_until_ready()
@@ -328,7 +191,7 @@ class WorldServer:
         binary = sandbox.require_sandbox(f"world server {self.world.name!r}")
         self._close_bridge()
         if binary is not None:  # No network of its own: the parent bridges its port.
-            self._bridge = _LoopbackBridge(home / _SOCKET_NAME)
+            self._bridge = LoopbackBridge(home / SOCKET_NAME)
             self._port = self._bridge.port
         env = {key: os.environ[key] for key in _ESSENTIAL_ENV if key in os.environ}
         env.update(
@@ -340,10 +203,10 @@ class WorldServer:
             HOST=LOOPBACK,
             PORT=str(self._port),
         )
-        command = [sys.executable, "-c", _LOOPBACK_LAUNCHER, str(server_path)]
+        command = [sys.executable, "-c", LOOPBACK_LAUNCHER, str(server_path)]
         if binary is not None:
-            env["ECHO_JAX_SERVER_SOCKET"] = str(home / _SOCKET_NAME)
-            command[2] = _UNIX_SOCKET_PRELUDE + _LOOPBACK_LAUNCHER
+            env["ECHO_JAX_SERVER_SOCKET"] = str(home / SOCKET_NAME)
+            command[2] = UNIX_SOCKET_PRELUDE + LOOPBACK_LAUNCHER
             command = sandbox.server_argv(binary, str(home), env, command)
             env = {"PATH": os.defpath}  # bwrap clears it and sets the server's own.
         with self._log_path.open("wb") as log:
@@ -355,7 +218,7 @@ class WorldServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_limiting_preexec(self.limits),
+                preexec_fn=limiting_preexec(self.limits.rlimits()),
             )
 
     def _wait_until_ready(self) -> None:
@@ -385,10 +248,7 @@ class WorldServer:
     def stderr_tail(self, max_chars: int = 4000) -> str:
         """The end of the server's combined stdout/stderr log, for error messages."""
         try:
-            with self._log_path.open("rb") as log:
-                log.seek(0, os.SEEK_END)
-                log.seek(max(0, log.tell() - max_chars))
-                return log.read().decode("utf-8", errors="replace")
+            return read_tail(self._log_path, max_chars)
         except (OSError, WorldServerError):
             return ""
 

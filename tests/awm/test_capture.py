@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 
 from echo_jax.awm import capture
-from echo_jax.awm.capture import (
-    CaptureConfig,
-    episode_rng,
-    read_shard,
-    run_capture,
-    shard_is_complete,
-    shard_path,
-)
+from echo_jax.awm.capture import CaptureConfig, episode_rng, run_capture
+from echo_jax.awm.capture_shards import read_shard, shard_is_complete, shard_path
 from echo_jax.awm.world_format import load_worlds
 from echo_jax.data.episodes import load_episodes
 

@@ -13,7 +13,9 @@ import pytest
 import requests
 
 from echo_jax.awm import capture
-from echo_jax.awm.capture import CaptureConfig, read_shard, run_capture, shard_path
+from echo_jax.awm.capture import CaptureConfig, run_capture
+from echo_jax.awm.capture_shards import read_shard, shard_is_complete, shard_path
+from echo_jax.awm.mcp_client import WorldUnavailable
 from echo_jax.data.episodes import load_episodes
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -103,7 +105,7 @@ def test_episode_failing_every_attempt_is_left_out_and_reported(tmp_path, monkey
         if task_idx == 1:
             attempts.append(task_idx)
             os.killpg(server.pid, signal.SIGKILL)
-            raise capture.WorldUnavailable("tools/call: connection reset")
+            raise WorldUnavailable("tools/call: connection reset")
         return real_run_episode(server, client, world, task_idx, *args, **kwargs)
 
     monkeypatch.setattr(capture, "run_episode", task_1_always_dies)
@@ -117,7 +119,7 @@ def test_episode_failing_every_attempt_is_left_out_and_reported(tmp_path, monkey
     assert "connection reset" in failed["error"]
     kept = list(read_shard(shard_path(tmp_path, "tiny_shop")))
     assert [e["task_idx"] for e in kept] == [0]  # Only whole episodes are written.
-    assert not capture.shard_is_complete(
+    assert not shard_is_complete(
         shard_path(tmp_path, "tiny_shop"), capture.load_worlds(WORLDS)["tiny_shop"], 1, 7
     )  # So the next run redoes this shard.
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from echo_jax.awm.capture import LiveWorld
 from echo_jax.awm.harness import run_episode
+from echo_jax.awm.live_world import LiveWorld
 from echo_jax.awm.world_format import WorldFormatError, load_worlds
 from echo_jax.data.check_data import check
 
@@ -130,7 +130,7 @@ def test_closed_loop_agent_completes_episodes_in_a_real_world(tmp_path):
         out=str(tmp_path / "eval"),
     )
     assert metrics["tasks"] == 2 and metrics["episodes"] == 4  # Greedy + 1 sample per task.
-    from echo_jax.awm.capture import read_shard
+    from echo_jax.awm.capture_shards import read_shard
 
     episodes = list(read_shard(metrics["rollouts"]))
     for episode in episodes:
@@ -155,7 +155,8 @@ def test_scripted_capture_without_parameters_is_refused_clearly(tmp_path):
 
 def test_agent_captures_a_real_world_and_its_episodes_replay(tmp_path):
     from echo_jax.agent.capture import capture_agent_scenario
-    from echo_jax.awm.capture import CaptureConfig, read_shard, run_capture, shard_path
+    from echo_jax.awm.capture import CaptureConfig, run_capture
+    from echo_jax.awm.capture_shards import read_shard, shard_path
     from echo_jax.awm.harness import HarnessConfig
     from echo_jax.awm.replay import check_corpus
     from echo_jax.config import AgentConfig

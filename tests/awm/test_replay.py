@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from echo_jax.awm.capture import CaptureConfig, read_shard, run_capture, shard_path
+from echo_jax.awm.capture import CaptureConfig, run_capture
+from echo_jax.awm.capture_shards import read_shard, shard_path
 from echo_jax.awm.replay import check_corpus, differences, replay_scenario
 from echo_jax.awm.world_format import load_worlds
 

@@ -306,7 +306,7 @@ def test_no_world_server_outlives_a_killed_parent(tmp_path):
 
 @pytest.mark.parametrize("name", ["../../etc", "a/b", "..", "x\x00y", "C:\\evil"])
 def test_scenario_names_cannot_leave_their_folder(name, world, tmp_path):
-    from echo_jax.awm.capture import shard_path
+    from echo_jax.awm.capture_shards import shard_path
     from echo_jax.awm.world_format import WorldFormatError
 
     with pytest.raises(WorldFormatError, match="path traversal|not normalised"):
