@@ -19,7 +19,8 @@ from echo_jax.agent.policy import (
 )
 from echo_jax.awm.world_format import load_worlds
 from echo_jax.config import AgentConfig, Config, DataConfig, ModelConfig
-from echo_jax.data.episodes import load_episodes, parse_episode
+from echo_jax.data.episode_files import load_episodes
+from echo_jax.data.episodes import parse_episode
 from echo_jax.data.packing import to_compact
 from echo_jax.data.render import CALL_MARK, END_CALL, render_action, render_episode
 from echo_jax.data.tokenizer import encoding, tokenize_rendered

@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from echo_jax.config import DataConfig
 from echo_jax.data import roles
 from echo_jax.data.dataset import load_packed
-from echo_jax.data.episodes import EpisodeError, SkipReport, load_episodes
+from echo_jax.data.episode_files import SkipReport, load_episodes
+from echo_jax.data.episodes import EpisodeError
 from echo_jax.data.packed_io import PackedFileError, load_packed_file, save_packed
 from echo_jax.data.packing import pack, tokenize_episodes
 from echo_jax.data.vocab import build_vocab

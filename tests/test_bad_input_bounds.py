@@ -16,7 +16,8 @@ from echo_jax.awm.world_format import WorldFormatError, load_worlds
 from echo_jax.config import DataConfig
 from echo_jax.data import corpus, data_cache
 from echo_jax.data.check_data import MAX_LISTED_ERRORS, check
-from echo_jax.data.episodes import EpisodeError, SkipReport, load_episodes
+from echo_jax.data.episode_files import SkipReport, load_episodes
+from echo_jax.data.episodes import EpisodeError
 from tests.cli import run_module
 from tests.test_data import small_episode
 

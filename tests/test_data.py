@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from echo_jax.config import DataConfig
 from echo_jax.data import roles
 from echo_jax.data.dataset import load_packed
-from echo_jax.data.episodes import EpisodeError, load_episodes
+from echo_jax.data.episode_files import load_episodes
+from echo_jax.data.episodes import EpisodeError
 from echo_jax.data.packing import pack, to_compact, tokenize_episodes, window_spans
 from echo_jax.data.render import render_episode
 from echo_jax.data.tokenizer import tokenize_rendered

@@ -13,7 +13,7 @@ from echo_jax.agent.rollout_rows import EPISODE_ROWS
 from echo_jax.awm.rewards import reward_for
 from echo_jax.config import Config, ConfigError, DataConfig, LossConfig, RLConfig, validate_rl
 from echo_jax.data import roles
-from echo_jax.data.episodes import load_episodes
+from echo_jax.data.episode_files import load_episodes
 from echo_jax.data.render import END_CALL
 from echo_jax.objective.loss import echo_loss_from_logprobs
 from echo_jax.rl.loop import lam_at, run_rl

@@ -32,7 +32,7 @@ from echo_jax.awm.rewards import FORMAT_ERROR_TYPES
 from echo_jax.awm.world_format import World, load_worlds
 from echo_jax.config import SPLITS, AgentConfig
 from echo_jax.data import corpus
-from echo_jax.data.episodes import load_episodes
+from echo_jax.data.episode_files import load_episodes
 from echo_jax.util.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)

@@ -18,15 +18,8 @@ import numpy as np
 from echo_jax.awm.launcher import LaunchError, prepare_server_code
 from echo_jax.awm.world_format import SCENARIO_FILE, WorldFormatError, load_worlds
 from echo_jax.data import corpus, roles
-from echo_jax.data.episodes import (
-    DEFAULT_MAX_FIELD_CHARS,
-    Episode,
-    EpisodeError,
-    SkipReport,
-    dedupe,
-    expand_paths,
-    iter_episodes,
-)
+from echo_jax.data.episode_files import SkipReport, dedupe, expand_paths, iter_episodes
+from echo_jax.data.episodes import DEFAULT_MAX_FIELD_CHARS, Episode, EpisodeError
 from echo_jax.data.packing import tokenize_episodes
 
 _TOP = 10  # Most common values shown per histogram.

@@ -21,7 +21,8 @@ import numpy as np
 
 from echo_jax.config import SPLITS
 from echo_jax.data import roles
-from echo_jax.data.episodes import Episode, EpisodeError, load_episodes, require_regular_file
+from echo_jax.data.episode_files import load_episodes, require_regular_file
+from echo_jax.data.episodes import Episode, EpisodeError
 from echo_jax.data.packing import tokenize_episodes
 
 MANIFEST = "manifest.json"

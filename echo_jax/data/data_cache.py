@@ -23,7 +23,7 @@ import tiktoken
 
 from echo_jax.config import DataConfig
 from echo_jax.data import corpus, tokenizer
-from echo_jax.data.episodes import expand_paths
+from echo_jax.data.episode_files import expand_paths
 from echo_jax.data.packing import PackedData, PackStats
 from echo_jax.data.vocab import Vocab
 from echo_jax.util.atomic import atomic_open
@@ -35,6 +35,7 @@ PIPELINE_MODULES = (
     "echo_jax.data.corpus",
     "echo_jax.data.data_cache",
     "echo_jax.data.dataset",
+    "echo_jax.data.episode_files",
     "echo_jax.data.episodes",
     "echo_jax.data.packing",
     "echo_jax.data.render",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from echo_jax.config import DataConfig
 from echo_jax.data import corpus, data_cache
-from echo_jax.data.episodes import Episode, EpisodeError, SkipReport, dedupe, load_episodes
+from echo_jax.data.episode_files import SkipReport, dedupe, load_episodes
+from echo_jax.data.episodes import Episode, EpisodeError
 from echo_jax.data.packing import PackedData, pack, tokenize_episodes
 from echo_jax.data.vocab import Vocab, build_vocab, full_vocab
 

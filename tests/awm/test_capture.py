@@ -11,7 +11,7 @@ from echo_jax.awm import capture
 from echo_jax.awm.capture import CaptureConfig, episode_rng, run_capture
 from echo_jax.awm.capture_shards import read_shard, shard_is_complete, shard_path
 from echo_jax.awm.world_format import load_worlds
-from echo_jax.data.episodes import load_episodes
+from echo_jax.data.episode_files import load_episodes
 
 FIXTURES = Path(__file__).parent / "fixtures"
 WORLDS = FIXTURES / "tiny_world"

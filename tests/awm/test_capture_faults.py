@@ -16,7 +16,7 @@ from echo_jax.awm import capture
 from echo_jax.awm.capture import CaptureConfig, run_capture
 from echo_jax.awm.capture_shards import read_shard, shard_is_complete, shard_path
 from echo_jax.awm.mcp_client import WorldUnavailable
-from echo_jax.data.episodes import load_episodes
+from echo_jax.data.episode_files import load_episodes
 
 FIXTURES = Path(__file__).parent / "fixtures"
 WORLDS = FIXTURES / "tiny_world"

@@ -353,7 +353,7 @@ def test_capture_cli_without_bubblewrap_stops_before_any_work(tmp_path):
 
 def test_capture_keeps_every_other_episode_of_a_hostile_verifiers_scenario(tmp_path, monkeypatch):
     from echo_jax.awm.capture import CaptureConfig, run_capture
-    from echo_jax.data.episodes import load_episodes
+    from echo_jax.data.episode_files import load_episodes
 
     monkeypatch.syspath_prepend(str(FIXTURES))
     worlds = tmp_path / "worlds"
