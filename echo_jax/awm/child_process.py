@@ -17,7 +17,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -40,9 +41,25 @@ def parent_death_hook() -> Callable[[], None]:
     return lambda: libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def limiting_preexec(rlimits: Mapping[int, int]) -> Callable[[], None]:
-    """A preexec hook that caps each `resource.RLIMIT_*` at its value (soft = hard) and then
-    arms the parent-death signal."""
+@dataclass(frozen=True)
+class ChildLimits:
+    """Hard resource limits (soft = hard) of a child process; None leaves one as inherited."""
+
+    address_space_bytes: int | None = None
+    cpu_seconds: int | None = None
+    file_size_bytes: int | None = None
+    open_files: int | None = None
+
+
+def limiting_preexec(limits: ChildLimits) -> Callable[[], None]:
+    """A preexec hook that applies `limits` and then arms the parent-death signal."""
+    named = {
+        resource.RLIMIT_AS: limits.address_space_bytes,
+        resource.RLIMIT_CPU: limits.cpu_seconds,
+        resource.RLIMIT_FSIZE: limits.file_size_bytes,
+        resource.RLIMIT_NOFILE: limits.open_files,
+    }
+    rlimits = {which: limit for which, limit in named.items() if limit is not None}
     set_death_signal = parent_death_hook()
 
     def apply() -> None:

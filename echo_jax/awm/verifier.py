@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import select
 import sqlite3
 import subprocess
@@ -31,7 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from echo_jax.awm import sandbox, verifier_runner
-from echo_jax.awm.child_process import kill_process_group, limiting_preexec, read_tail
+from echo_jax.awm.child_process import (
+    ChildLimits,
+    kill_process_group,
+    limiting_preexec,
+    read_tail,
+)
 from echo_jax.awm.world_server import copy_database
 
 VERIFIER_RESULTS = ("complete", "others")
@@ -41,7 +45,7 @@ _MAX_RESULT_FILE_BYTES = verifier_runner.MAX_RESULT_BYTES + 4096
 
 
 @dataclass(frozen=True)
-class VerifierLimits:
+class VerifierLimits(ChildLimits):
     """Per-verification limits; AWM verifiers are a few SQL queries, so these are generous."""
 
     timeout_s: float = 10.0
@@ -49,15 +53,7 @@ class VerifierLimits:
     address_space_bytes: int = 1 << 30
     file_size_bytes: int = 16 << 20
     open_files: int = 64
-
-    def rlimits(self) -> dict[int, int]:
-        # RLIMIT_NPROC=0 is set by the runner itself: bubblewrap has to fork first.
-        return {
-            resource.RLIMIT_CPU: self.cpu_seconds,
-            resource.RLIMIT_AS: self.address_space_bytes,
-            resource.RLIMIT_FSIZE: self.file_size_bytes,
-            resource.RLIMIT_NOFILE: self.open_files,
-        }
+    # RLIMIT_NPROC=0 is set by the runner itself: bubblewrap has to fork first.
 
 
 def _read_only_snapshot(source: str | Path, target: Path) -> None:
@@ -191,7 +187,7 @@ def run_verifier(
                 stderr=stderr,
                 pass_fds=tuple(pass_fds),
                 start_new_session=True,
-                preexec_fn=limiting_preexec(limits.rlimits()),
+                preexec_fn=limiting_preexec(limits),
             )
             if not _exited_within(process, limits.timeout_s):
                 kill_process_group(process, grace_s=0.0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,31 +124,30 @@ def _check_scenario_name(name: str, where: _Where, key: str) -> None:
         )
 
 
+def _require_items(container: Any, key: str, where: _Where, path: str) -> Iterator[tuple[str, Any]]:
+    """(path, entry) for each entry of the list container[key], the path naming it in errors."""
+    for index, item in enumerate(_require(container, key, list, where, path)):
+        yield f"{path}[{index}]", item
+
+
 def _check_db_schema(db_schema: dict[str, Any], where: _Where) -> None:
-    tables = _require(db_schema, "tables", list, where, "db_schema.tables")
-    for index, table in enumerate(tables):
-        prefix = f"db_schema.tables[{index}]"
+    for prefix, table in _require_items(db_schema, "tables", where, "db_schema.tables"):
         _require(table, "name", str, where, f"{prefix}.name")
         _require(table, "ddl", str, where, f"{prefix}.ddl")
         _require_str_list(table, "indexes", where, f"{prefix}.indexes")
 
 
 def _check_sample_data(sample_data: dict[str, Any], where: _Where) -> None:
-    tables = _require(sample_data, "tables", list, where, "sample_data.tables")
-    for index, table in enumerate(tables):
-        prefix = f"sample_data.tables[{index}]"
+    for prefix, table in _require_items(sample_data, "tables", where, "sample_data.tables"):
         _require(table, "table_name", str, where, f"{prefix}.table_name")
         _require_str_list(table, "insert_statements", where, f"{prefix}.insert_statements")
 
 
 def _check_api_spec(api_spec: dict[str, Any], where: _Where) -> None:
-    groups = _require(api_spec, "api_groups", list, where, "api_spec.api_groups")
-    for group_index, group in enumerate(groups):
-        prefix = f"api_spec.api_groups[{group_index}]"
+    for prefix, group in _require_items(api_spec, "api_groups", where, "api_spec.api_groups"):
         _require(group, "group_name", str, where, f"{prefix}.group_name")
-        endpoints = _require(group, "endpoints", list, where, f"{prefix}.endpoints")
-        for endpoint_index, endpoint in enumerate(endpoints):
-            endpoint_prefix = f"{prefix}.endpoints[{endpoint_index}]"
+        endpoints = _require_items(group, "endpoints", where, f"{prefix}.endpoints")
+        for endpoint_prefix, endpoint in endpoints:
             for key in ("path", "method", "operation_id"):
                 _require(endpoint, key, str, where, f"{endpoint_prefix}.{key}")
 
@@ -181,49 +180,38 @@ class _Collector:
         self.where[scenario] = where
 
 
-def _read_scenarios(folder: Path, wanted: set[str] | None) -> _Collector:
-    collector = _Collector(SCENARIO_FILE, wanted)
-    for where, record in _iter_records(folder / SCENARIO_FILE):
-        name = _scenario_of(record, where, key="name")
-        if collector.wants(name):
-            collector.add(name, _require(record, "description", str, where, "description"), where)
-    return collector
-
-
-def _read_keyed(
-    folder: Path, file: str, key: str, wanted: set[str] | None, check=None
+def _read_per_scenario(
+    folder: Path,
+    file: str,
+    wanted: set[str] | None,
+    value: Callable[[dict[str, Any], _Where], Any],
+    name_key: str = "scenario",
 ) -> _Collector:
-    """Read a file whose records are {scenario, <key>: dict}; `check` validates the payload."""
+    """Each wanted scenario's record of `file`, as `value` checks and extracts it."""
     collector = _Collector(file, wanted)
     for where, record in _iter_records(folder / file):
-        scenario = _scenario_of(record, where)
-        if not collector.wants(scenario):
-            continue
-        payload = _require(record, key, dict, where, key)
+        scenario = _scenario_of(record, where, name_key)
+        if collector.wants(scenario):
+            collector.add(scenario, value(record, where), where)
+    return collector
+
+
+def _field(
+    key: str, kind: type, check: Callable[[Any, _Where], None] | None = None
+) -> Callable[[dict[str, Any], _Where], Any]:
+    """A `value` for _read_per_scenario: record[key] of type `kind`, checked by `check`."""
+
+    def value(record: dict[str, Any], where: _Where) -> Any:
+        found = _require(record, key, kind, where, key)
         if check is not None:
-            check(payload, where)
-        collector.add(scenario, payload, where)
-    return collector
+            check(found, where)
+        return found
+
+    return value
 
 
-def _read_tasks(folder: Path, wanted: set[str] | None) -> _Collector:
-    collector = _Collector(TASKS_FILE, wanted)
-    for where, record in _iter_records(folder / TASKS_FILE):
-        scenario = _scenario_of(record, where)
-        if collector.wants(scenario):
-            collector.add(
-                scenario, tuple(_require_str_list(record, "tasks", where, "tasks")), where
-            )
-    return collector
-
-
-def _read_envs(folder: Path, wanted: set[str] | None) -> _Collector:
-    collector = _Collector(ENVS_FILE, wanted)
-    for where, record in _iter_records(folder / ENVS_FILE):
-        scenario = _scenario_of(record, where)
-        if collector.wants(scenario):
-            collector.add(scenario, _require(record, "full_code", str, where, "full_code"), where)
-    return collector
+def _tasks(record: dict[str, Any], where: _Where) -> tuple[str, ...]:
+    return tuple(_require_str_list(record, "tasks", where, "tasks"))
 
 
 def _read_verifiers(folder: Path, wanted: set[str] | None) -> dict[str, dict[int, tuple]]:
@@ -310,16 +298,19 @@ def load_worlds(folder: str | Path, scenarios: Iterable[str] | None = None) -> d
         for name in sorted(wanted):
             _check_scenario_name(name, _Where("scenarios argument", 0), "scenarios")
 
-    declared = _read_scenarios(folder, wanted)
+    declared = _read_per_scenario(
+        folder, SCENARIO_FILE, wanted, _field("description", str), name_key="name"
+    )
     if wanted is not None:
         missing = sorted(wanted - set(declared.values))
         if missing:
             raise WorldFormatError(f"{SCENARIO_FILE}: requested scenarios not found: {missing}")
-    tasks = _read_tasks(folder, wanted)
-    db = _read_keyed(folder, DB_FILE, "db_schema", wanted, _check_db_schema)
-    sample = _read_keyed(folder, SAMPLE_FILE, "sample_data", wanted, _check_sample_data)
-    spec = _read_keyed(folder, SPEC_FILE, "api_spec", wanted, _check_api_spec)
-    envs = _read_envs(folder, wanted)
+    tasks = _read_per_scenario(folder, TASKS_FILE, wanted, _tasks)
+    db = _read_per_scenario(folder, DB_FILE, wanted, _field("db_schema", dict, _check_db_schema))
+    sample_data = _field("sample_data", dict, _check_sample_data)
+    sample = _read_per_scenario(folder, SAMPLE_FILE, wanted, sample_data)
+    spec = _read_per_scenario(folder, SPEC_FILE, wanted, _field("api_spec", dict, _check_api_spec))
+    envs = _read_per_scenario(folder, ENVS_FILE, wanted, _field("full_code", str))
     _check_same_scenarios(declared, (tasks, db, sample, spec, envs))
     verifiers = _attach_verifiers(tasks, _read_verifiers(folder, wanted))
 

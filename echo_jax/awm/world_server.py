@@ -15,7 +15,6 @@ import atexit
 import contextlib
 import os
 import re
-import resource
 import shutil
 import sqlite3
 import subprocess
@@ -28,7 +27,12 @@ from pathlib import Path
 import requests
 
 from echo_jax.awm import sandbox
-from echo_jax.awm.child_process import kill_process_group, limiting_preexec, read_tail
+from echo_jax.awm.child_process import (
+    ChildLimits,
+    kill_process_group,
+    limiting_preexec,
+    read_tail,
+)
 from echo_jax.awm.launcher import prepare_server_code
 from echo_jax.awm.loopback import (
     LOOPBACK,
@@ -48,7 +52,7 @@ class WorldServerError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ServerLimits:
+class ServerLimits(ChildLimits):
     """Resource limits for a world server; generous enough for uvicorn and its thread pool."""
 
     address_space_bytes: int = 4 << 30
@@ -56,13 +60,6 @@ class ServerLimits:
     file_size_bytes: int = 1 << 30
     startup_timeout_s: float = 30.0
     start_attempts: int = 3
-
-    def rlimits(self) -> dict[int, int]:
-        return {
-            resource.RLIMIT_AS: self.address_space_bytes,
-            resource.RLIMIT_CPU: self.cpu_seconds,
-            resource.RLIMIT_FSIZE: self.file_size_bytes,
-        }
 
 
 def build_database(world: World, path: str | Path) -> None:
@@ -218,7 +215,7 @@ class WorldServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=limiting_preexec(self.limits.rlimits()),
+                preexec_fn=limiting_preexec(self.limits),
             )
 
     def _wait_until_ready(self) -> None:

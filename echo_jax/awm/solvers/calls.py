@@ -79,3 +79,25 @@ def pick_match(items: list[dict], matches: Callable[[dict], bool], ctx: Choices)
     if not ranked or not matches(ranked[0]):
         return None
     return ctx.pick(ranked)
+
+
+def find_match(
+    listing: Call, key: str, matches: Callable[[dict], bool], ctx: Choices
+) -> Generator[Call, Any, dict | None]:
+    """Make the listing call and pick the item the task names from its `key` list (pick_match)."""
+    listed = yield listing
+    return pick_match(listed[key], matches, ctx)
+
+
+def change_match(
+    listing: Call,
+    key: str,
+    matches: Callable[[dict], bool],
+    change: Callable[[dict], Call],
+    ctx: Choices,
+) -> Solver:
+    """Find the item the task names, change it, and list again to see the change."""
+    item = yield from find_match(listing, key, matches, ctx)
+    if item is not None:
+        yield change(item)
+        yield listing

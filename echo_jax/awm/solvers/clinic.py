@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import Any
+from collections.abc import Callable
 
-from echo_jax.awm.solvers.calls import Call, Choices, Solver, pick_match
+from echo_jax.awm.solvers.calls import Call, Choices, Solver, change_match, find_match
+
+SCHEDULED = Call("list_my_appointments", {"status": "scheduled"})
 
 
 def _book(slot_id: int, reason: str) -> Solver:
     yield Call(
         "book_appointment", {"slot_id": slot_id, "reason": reason}, writes=True, id_arg="slot_id"
     )
-    yield Call("list_my_appointments", {"status": "scheduled"})
+    yield SCHEDULED
 
 
 def solve_book_top_rated_at_location(p: dict, ctx: Choices) -> Solver:
@@ -58,30 +59,21 @@ def solve_book_earliest_any_provider(p: dict, ctx: Choices) -> Solver:
         yield from _book(slot["id"], p["reason"])
 
 
-def _find_appointment(p: dict, ctx: Choices) -> Generator[Call, Any, dict | None]:
-    listed = yield Call("list_my_appointments", {"status": "scheduled"})
-    return pick_match(
-        listed["appointments"],
-        lambda a: a["provider_name"] == p["provider_name"] and a["start_time"][:10] == p["date"],
-        ctx,
-    )
+def _is_booked(p: dict) -> Callable[[dict], bool]:
+    """Whether an appointment is the one the task names (its provider, on its date)."""
+    return lambda a: a["provider_name"] == p["provider_name"] and a["start_time"][:10] == p["date"]
 
 
 def solve_cancel_appointment(p: dict, ctx: Choices) -> Solver:
-    appointment = yield from _find_appointment(p, ctx)
-    if appointment is None:
-        return
-    yield Call(
-        "cancel_appointment",
-        {"appointment_id": appointment["id"]},
-        writes=True,
-        id_arg="appointment_id",
-    )
-    yield Call("list_my_appointments", {"status": "scheduled"})
+    def cancel(appointment: dict) -> Call:
+        arguments = {"appointment_id": appointment["id"]}
+        return Call("cancel_appointment", arguments, writes=True, id_arg="appointment_id")
+
+    yield from change_match(SCHEDULED, "appointments", _is_booked(p), cancel, ctx)
 
 
 def solve_reschedule_first_open(p: dict, ctx: Choices) -> Solver:
-    appointment = yield from _find_appointment(p, ctx)
+    appointment = yield from find_match(SCHEDULED, "appointments", _is_booked(p), ctx)
     if appointment is None:
         return
     open_slots = yield Call(
@@ -96,7 +88,7 @@ def solve_reschedule_first_open(p: dict, ctx: Choices) -> Solver:
             writes=True,
             id_arg="new_slot_id",
         )
-        yield Call("list_my_appointments", {"status": "scheduled"})
+        yield SCHEDULED
 
 
 SOLVERS = {

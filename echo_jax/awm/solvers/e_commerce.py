@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator
-from typing import Any
+from echo_jax.awm.solvers.calls import Call, Choices, Solver, change_match
 
-from echo_jax.awm.solvers.calls import Call, Choices, Solver, pick_match
+CART = Call("list_cart_items", {})
 
 
 def _add_offer_to_cart(offer_id: int, quantity: int) -> Solver:
@@ -17,7 +16,7 @@ def _add_offer_to_cart(offer_id: int, quantity: int) -> Solver:
         id_arg="product_offer_id",
         int_arg="quantity",
     )
-    yield Call("list_cart_items", {})
+    yield CART
 
 
 def solve_cart_top_rated_under_budget(p: dict, ctx: Choices) -> Solver:
@@ -79,31 +78,27 @@ def solve_cart_cheapest_in_stock(p: dict, ctx: Choices) -> Solver:
         yield from _add_offer_to_cart(offer["id"], ctx.quantity(p["quantity"]))
 
 
-def _find_cart_line(p: dict, ctx: Choices) -> Generator[Call, Any, dict | None]:
-    cart = yield Call("list_cart_items", {})
-    return pick_match(cart["items"], lambda i: i["product_title"] == p["title"], ctx)
-
-
 def solve_cart_update_quantity(p: dict, ctx: Choices) -> Solver:
-    item = yield from _find_cart_line(p, ctx)
-    if item is None:
-        return
-    yield Call(
-        "update_cart_item_quantity",
-        {"cart_item_id": item["id"], "quantity": ctx.quantity(p["quantity"])},
-        writes=True,
-        id_arg="cart_item_id",
-        int_arg="quantity",
-    )
-    yield Call("list_cart_items", {})
+    def update(line: dict) -> Call:
+        quantity = ctx.quantity(p["quantity"])
+        arguments = {"cart_item_id": line["id"], "quantity": quantity}
+        return Call(
+            "update_cart_item_quantity",
+            arguments,
+            writes=True,
+            id_arg="cart_item_id",
+            int_arg="quantity",
+        )
+
+    yield from change_match(CART, "items", lambda i: i["product_title"] == p["title"], update, ctx)
 
 
 def solve_cart_remove_item(p: dict, ctx: Choices) -> Solver:
-    item = yield from _find_cart_line(p, ctx)
-    if item is None:
-        return
-    yield Call("remove_cart_item", {"cart_item_id": item["id"]}, writes=True, id_arg="cart_item_id")
-    yield Call("list_cart_items", {})
+    def remove(line: dict) -> Call:
+        arguments = {"cart_item_id": line["id"]}
+        return Call("remove_cart_item", arguments, writes=True, id_arg="cart_item_id")
+
+    yield from change_match(CART, "items", lambda i: i["product_title"] == p["title"], remove, ctx)
 
 
 def solve_wishlist_best_seller(p: dict, ctx: Choices) -> Solver:

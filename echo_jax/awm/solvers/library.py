@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from echo_jax.awm.solvers.calls import Call, Choices, Solver, pick_match
+from echo_jax.awm.solvers.calls import Call, Choices, Solver, change_match, find_match
+
+ACTIVE_LOANS = Call("list_my_loans", {"status": "active"})
 
 
 def _branch_id(listed: dict, name: str) -> int | None:
@@ -42,29 +44,29 @@ def solve_checkout_top_rated_available(p: dict, ctx: Choices) -> Solver:
     if picks:
         copy_id = picks[min(want, len(picks) - 1)]["id"]
         yield Call("checkout_copy", {"copy_id": copy_id}, writes=True, id_arg="copy_id")
-        yield Call("list_my_loans", {"status": "active"})
+        yield ACTIVE_LOANS
 
 
 def solve_renew_due_by(p: dict, ctx: Choices) -> Solver:
-    listed = yield Call("list_my_loans", {"status": "active"})
+    listed = yield ACTIVE_LOANS
     for loan in listed["loans"]:
         if loan["due_date"] <= p["date"]:
             yield Call("renew_loan", {"loan_id": loan["id"]}, writes=True, id_arg="loan_id")
-    yield Call("list_my_loans", {"status": "active"})
+    yield ACTIVE_LOANS
 
 
 def solve_return_book(p: dict, ctx: Choices) -> Solver:
-    listed = yield Call("list_my_loans", {"status": "active"})
-    loan = pick_match(listed["loans"], lambda ln: ln["title"] == p["title"], ctx)
-    if loan is None:
-        return
-    yield Call("return_loan", {"loan_id": loan["id"]}, writes=True, id_arg="loan_id")
-    yield Call("list_my_loans", {"status": "active"})
+    def give_back(loan: dict) -> Call:
+        return Call("return_loan", {"loan_id": loan["id"]}, writes=True, id_arg="loan_id")
+
+    yield from change_match(
+        ACTIVE_LOANS, "loans", lambda ln: ln["title"] == p["title"], give_back, ctx
+    )
 
 
 def solve_place_hold(p: dict, ctx: Choices) -> Solver:
-    listed = yield Call("list_branches", {})
-    branch = pick_match(listed["branches"], lambda b: b["name"] == p["branch"], ctx)
+    branches = Call("list_branches", {})
+    branch = yield from find_match(branches, "branches", lambda b: b["name"] == p["branch"], ctx)
     if branch is None:
         return
     found = yield Call("search_catalog", {"query": p["title"], "limit": 5})
