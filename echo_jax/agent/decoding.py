@@ -272,30 +272,27 @@ def decode_text(vocab: Vocab, compact_ids: np.ndarray) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
+@dataclasses.dataclass(eq=False, repr=False)
 class Decoder:
-    """A model, its vocabulary and row length, ready to continue prompts of compact ids."""
+    """A model, its vocabulary and row length, ready to continue prompts of compact ids.
 
-    def __init__(
-        self,
-        graphdef: nnx.GraphDef,
-        params: Any,
-        vocab: Vocab,
-        max_len: int,
-        max_new_tokens: int,
-        stop: str = END_CALL,
-        block: int | None = None,
-    ):
-        self.graphdef = graphdef
-        self.params = params
-        self.vocab = vocab
-        self.max_len = max_len
-        self.max_new_tokens = max_new_tokens
-        self.stop = stop
-        self.stop_VS = jnp.asarray(token_stop_transitions(vocab, stop))
-        self.extend_fn = make_extend_fn(graphdef)
-        self.decode_fn = make_decode_fn(graphdef, max_new_tokens)
-        # Tokens per call of the rollout engine's decode, which hands finished rows back.
-        self.block_fn = make_decode_fn(graphdef, block or max_new_tokens)
+    `block` is the tokens per call of the rollout engine's decode, which hands finished rows
+    back between calls (default: max_new_tokens, one call per generation).
+    """
+
+    graphdef: nnx.GraphDef
+    params: Any
+    vocab: Vocab
+    max_len: int
+    max_new_tokens: int
+    stop: str = END_CALL
+    block: int | None = None
+
+    def __post_init__(self) -> None:
+        self.stop_VS = jnp.asarray(token_stop_transitions(self.vocab, self.stop))
+        self.extend_fn = make_extend_fn(self.graphdef)
+        self.decode_fn = make_decode_fn(self.graphdef, self.max_new_tokens)
+        self.block_fn = make_decode_fn(self.graphdef, self.block or self.max_new_tokens)
 
     def empty_cache(self, rows: int) -> KVCache:
         return nnx.merge(self.graphdef, self.params).empty_cache(rows, self.max_len)
