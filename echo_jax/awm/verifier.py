@@ -65,7 +65,8 @@ def _read_only_snapshot(source: str | Path, target: Path) -> None:
 
 
 def _exited_within(process: subprocess.Popen, timeout_s: float) -> bool:
-    """Wait for exit on a pidfd; Popen.wait(timeout) sleep-polls, adding ~25 ms per verify."""
+    """Wait for exit on a pidfd: Popen.wait(timeout) sleep-polls, so every verify would wait
+    out part of a polling interval (`benchmarks/rollout_throughput.py` reports verify time)."""
     try:
         pidfd = os.pidfd_open(process.pid)
     except (AttributeError, OSError):  # not Linux >= 5.3

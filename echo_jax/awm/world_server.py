@@ -84,7 +84,8 @@ def copy_database(source: str | Path, target: str | Path) -> None:
     Unlike a file copy this goes through SQLite's locking and bumps the change counter, so the
     server's pooled SQLAlchemy connections see the new content on their next transaction, and a
     WAL-mode source is copied with its not-yet-checkpointed pages. The copies are scratch files
-    in a temp dir, so the write skips fsync (15 ms -> 1 ms per copy).
+    in a temp dir, so the write skips fsync, which would otherwise take most of each copy's time
+    (`benchmarks/rollout_throughput.py` reports tool time, the resets' copies included).
     """
     with (
         contextlib.closing(sqlite3.connect(source)) as src,

@@ -3,9 +3,10 @@
 "xla" and "cudnn" are `jax.nn.dot_product_attention`'s implementations (cuDNN's fused kernel
 needs a GPU and bfloat16/float16). "blocked" is the same math split into query blocks, each
 attending only to the keys at or before its end: the score matrices above the diagonal are
-never computed, about half the attention FLOPs and memory of "xla" at T=1024 with 8 blocks;
-"auto" picks it on a CPU, where it makes the whole train step about twice as fast as "xla"
-(benchmarks/train_step_vs_torch).
+never computed, so n blocks cost (n + 1) / 2n of the FLOPs and score memory of "xla". "auto"
+picks it on a CPU, where skipping the masked half outweighs running more, smaller products:
+`benchmarks/gpu_throughput.py --attention=xla` or `--attention=blocked` times a train step with
+either (on any backend), and `benchmarks/train_step_vs_torch.py` the CPU step "auto" gives.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """The output projection's product, with a weight gradient on XLA CPU's fast matmul path.
 
 Autodiff writes the gradient of x @ w with respect to w as one dot contracting the rows of
-both operands. For a vocabulary-wide w, XLA's CPU backend runs that form on a kernel about half
-as fast as the same product with x transposed first: [4096, 128]ᵀ @ [4096, 8192] at 56 against
-106 GFLOP/s, [512, 128]ᵀ @ [512, 8192] (a loss chunk) at 52 against 124, on this project's
-2-core machine. For the blocks' own layers (F <= 4·D) the two forms run alike, so only the
-output projection uses `matmul`. On accelerators the transpose is the plain one autodiff
-would have folded away.
+both operands. For a vocabulary-wide w, XLA's CPU backend runs that form on a slower kernel
+than the same product with x transposed first, so the output projection uses `matmul`, whose
+backward transposes x first (the chunked loss head calls `transposed` itself). For the blocks'
+own layers (F <= 4·D) the two forms run alike. On accelerators the transpose is the plain one
+autodiff would have folded away. No benchmark times the two forms alone;
+`benchmarks/train_step_vs_torch.py` times the CPU train step they are part of.
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ def _sin_cos(positions: Array, half: int) -> tuple[Array, Array]:
 
     Static positions (training, prefill) give tables computed once while tracing: traced ones
     let XLA fuse sin and cos into every [B, T, N, H/2] consumer, evaluating them B·N times
-    over (about a tenth of a CPU train step). The values are the same either way.
+    over, a cost that shows in the CPU train step `benchmarks/train_step_vs_torch.py` times.
+    The values are the same either way.
     """
     with jax.ensure_compile_time_eval():
         freq = 1.0 / (10_000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
