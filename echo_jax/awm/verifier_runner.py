@@ -27,7 +27,7 @@ It then executes the verifier with restricted builtins and an import allow-list,
 `verify_task_completion`, writes the outcome to RESULT_FD and exits at once (no finaliser runs
 after it). The parent checks what it reads (one JSON document of the right shape, size-capped).
 
-What the hook alone does not cover (see the README): a verifier can undo the SQLite connection
+What the hook alone does not cover (see docs/sandbox.md): a verifier can undo the SQLite connection
 settings of step 4 on its own connection (set_authorizer / setlimit) and then write new SQLite
 files where its user id may (world-writable folders such as /tmp; 16 MB each, RLIMIT_FSIZE); it
 can burn its CPU and memory allowance; it can read world-readable files through SQLite (an

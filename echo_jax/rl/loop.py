@@ -40,7 +40,7 @@ from flax import nnx
 from echo_jax.agent.closed_loop import choose_tasks, mute_fork_warning, split_tasks
 from echo_jax.agent.policy import load_run
 from echo_jax.agent.rollout import EngineConfig, RolloutEngine
-from echo_jax.awm.capture import write_shard
+from echo_jax.awm.capture_shards import write_shard
 from echo_jax.awm.rewards import FORMAT_ERROR_TYPES
 from echo_jax.awm.world_format import load_worlds
 from echo_jax.config import Config, ConfigError, RLConfig, validate, validate_rl
