@@ -8,7 +8,7 @@ Every flag of experiments.rl is accepted and passed to each run (the per-run fla
 --lam, --seed and --workdir are set by the grid). Runs are subprocesses, --parallel at a time;
 finished runs are skipped, an interrupted one restarts. The pool is chosen once
 (ROOT/pool.json) from the start checkpoint. Defaults sized for 2 CPU cores: a 2-task pool,
-12 iterations of G=8 rollouts per task.
+8 iterations of G=8 rollouts per task.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ flags.DEFINE_bool("report_only", False, "Only regenerate the report from finishe
 flags.DEFINE_string("machine", "", "Where the runs ran, for the report (default: this host).")
 FLAGS = flags.FLAGS
 FLAGS.set_default("start", "data/warm_start")
-FLAGS.set_default("iterations", 12)
+FLAGS.set_default("iterations", 8)
 FLAGS.set_default("pool_size", 2)
 
 _PER_RUN = ("objective", "lam", "seed", "workdir")
