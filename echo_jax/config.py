@@ -143,7 +143,8 @@ class ModelConfig:
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
-    # Trains on 2 CPU cores in a minute or two; the default.
+    # The default: small enough to train on 2 CPU cores (benchmarks/train_step_vs_torch times
+    # its step).
     "tiny": ModelConfig(),
     # Four times the tiny model's parameters (twice the width).
     "small": ModelConfig(d_model=256, n_layers=2, n_heads=2, d_ff=1024),
@@ -230,9 +231,9 @@ class TrainConfig:
     checkpoint_every: int = 30  # Steps between checkpoints; the last step is always saved.
     keep_checkpoints: int = 2  # Checkpoints kept on disk.
     # Optimiser steps per jitted call (a scan over that many batches, train.make_train_steps):
-    # XLA's temporaries are then allocated once per call rather than per step, about a seventh
-    # of a small-preset CPU step. Checkpoints and evaluations end a call early; any value gives
-    # the same training.
+    # XLA's temporaries are then allocated once per call rather than per step, a visible share
+    # of a CPU step (benchmarks/train_step_vs_torch: side "jax" against "jax_1"). Checkpoints
+    # and evaluations end a call early; any value gives the same training.
     steps_per_call: int = 4
 
 

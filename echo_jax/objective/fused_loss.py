@@ -13,9 +13,9 @@ temporary is one [chunk, V] block (plus dw, the size of w):
 Only the targets the loss or its metrics read (`loss.counted_targets`: ACTION, ENV_OUTPUT and,
 under world_loss_target="all", WARNING) are projected: they are gathered to the front and the
 loop stops at the last of them (a partial last chunk runs in smaller pieces), so CONTEXT and
-PAD targets (a third of the shipped corpus) cost no matmul at all. Their log-probs come back
-as 0 and their gradients are exactly 0, as in the plain path, where every term that reads them
-is multiplied by 0.
+PAD targets cost no matmul at all (benchmarks/train_step_vs_torch measures what skipping them
+saves: its torch_skip side against torch). Their log-probs come back as 0 and their gradients
+are exactly 0, as in the plain path, where every term that reads them is multiplied by 0.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ def resolve_impl(impl: str) -> str:
 
 # The last, partial chunk is projected in pieces of chunk // TAIL_PIECES targets, so that
 # it costs about what it holds rather than a whole chunk: on average 1/8 of a chunk is wasted
-# instead of 1/2 (at 512 targets a chunk on the CPU train step's batch, the last of 6 chunks
-# held 48 targets and cost a tenth of the loss).
+# instead of 1/2 (a partial last chunk is a large share of a small CPU batch's targets;
+# benchmarks/train_step_vs_torch times the step it is part of).
 TAIL_PIECES = 4
 
 
