@@ -28,15 +28,17 @@ class JaxSide(common.Bench):
         import jax
         import jax.numpy as jnp
 
+        from echo_jax.config import LossConfig
+        from echo_jax.objective.batch import Batch
         from echo_jax.objective.loss import echo_loss
 
-        kwargs = LOSS_KWARGS
+        cfg = LossConfig(**LOSS_KWARGS)
         role, adv = common.synthetic_targets(b, t)
         self.tokens = jnp.asarray(np.random.default_rng(1).integers(0, v, (b, t)), jnp.int32)
         self.roles, self.adv = jnp.asarray(role), jnp.asarray(adv)
 
         def loss(logits_BTV, tokens_BT, roles_BT, adv_B):
-            return echo_loss(logits_BTV, tokens_BT, roles_BT, adv_B, **kwargs)
+            return echo_loss(logits_BTV, Batch(tokens_BT, roles_BT, adv_B), cfg)
 
         self.step = jax.jit(jax.value_and_grad(loss, has_aux=True), donate_argnums=0)
         # Normal logits generated a few rows at a time: a whole-array threefry would hold

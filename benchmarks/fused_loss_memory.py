@@ -28,25 +28,26 @@ class HeadSide(common.Bench):
         import jax
         import jax.numpy as jnp
 
+        from echo_jax.config import LossConfig
+        from echo_jax.objective.batch import Batch
         from echo_jax.objective.fused_loss import fused_echo_loss
         from echo_jax.objective.loss import echo_loss
 
         role, adv = common.synthetic_targets(b, t)
         rng = np.random.default_rng(0)
-        batch = {
-            "tokens": jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32),
-            "roles": jnp.asarray(role),
-            "advantage": jnp.asarray(adv),
-        }
+        batch = Batch(
+            tokens_BT=jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32),
+            roles_BT=jnp.asarray(role),
+            advantages_B=jnp.asarray(adv),
+        )
+        cfg = LossConfig(**LOSS_KWARGS, chunk_size=chunk)
 
         def plain(h_BTD, w_DV, batch):
             logits_BTV = (h_BTD.reshape(b * t, d) @ w_DV).reshape(b, t, v)
-            return echo_loss(
-                logits_BTV, batch["tokens"], batch["roles"], batch["advantage"], **LOSS_KWARGS
-            )
+            return echo_loss(logits_BTV, batch, cfg)
 
         def chunked(h_BTD, w_DV, batch):  # What LossConfig(impl="chunked") trains with.
-            return fused_echo_loss(h_BTD, w_DV, batch, chunk_size=chunk, **LOSS_KWARGS)
+            return fused_echo_loss(h_BTD, w_DV, batch, cfg)
 
         fn = {"plain": plain, "chunked": chunked}[impl]
         self.step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))

@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
 
     import jax
 
-    from benchmarks.train_step_vs_torch import synthetic_batch
+    from benchmarks.train_step_vs_torch import synthetic_jax_batch
     from echo_jax.config import MODEL_PRESETS, Config, LossConfig, TrainConfig, validate
     from echo_jax.model.attention import resolve
     from echo_jax.train.sharding import data_parallel
@@ -97,7 +97,7 @@ def main(argv: list[str]) -> None:
     dp = data_parallel(b)
     state = jax.device_put(init_state(params, tx), dp.replicated)
     step = make_train_step(graphdef, tx, cfg.loss)
-    batch = jax.device_put(synthetic_batch(b, t, v), dp.batch)
+    batch = jax.device_put(synthetic_jax_batch(b, t, v), dp.batch)
 
     t0 = time.perf_counter()
     state, metrics = step(state, batch)

@@ -47,6 +47,14 @@ def synthetic_batch(b: int, t: int, v: int) -> dict[str, np.ndarray]:
     return {"tokens": tokens, "roles": role, "advantage": adv}
 
 
+def synthetic_jax_batch(b: int, t: int, v: int):
+    """`synthetic_batch` as the echo_jax train step's Batch."""
+    from echo_jax.objective.batch import batch_rows
+
+    x = synthetic_batch(b, t, v)
+    return batch_rows(np.arange(b), x["tokens"], x["roles"], x["advantage"])
+
+
 class JaxTrainSide(common.Bench):
     """echo_jax's own jitted steps, state donated: by default `experiments.train`'s call of
     TrainConfig.steps_per_call steps (timed per step); with steps_per_call=1 the single step,
@@ -87,13 +95,13 @@ class JaxTrainSide(common.Bench):
         self.params = sum(x.size for x in jax.tree.leaves(params))
         self.state = init_state(params, tx)
         self.steps_per_run = steps_per_call or TrainConfig.steps_per_call
-        batch = synthetic_batch(b, t, v)
+        batch = synthetic_jax_batch(b, t, v)
         if self.steps_per_run == 1:
             self.step = make_train_step(graphdef, tx, cfg.loss)
             self.args = (jax.device_put(batch),)
         else:  # The same batch every step, as the PyTorch side.
             self.step = make_train_steps(graphdef, tx, cfg.loss)
-            stacked = {k: np.stack([x] * self.steps_per_run) for k, x in batch.items()}
+            stacked = jax.tree.map(lambda x: np.stack([x] * self.steps_per_run), batch)
             active = np.ones(self.steps_per_run, bool)
             self.args = (jax.device_put(stacked), jax.device_put(active))
         self.jax = jax

@@ -69,9 +69,11 @@ def run_config_from_flags() -> C.Config:
         base = C.Config(
             model=C.MODEL_PRESETS[FLAGS.model_size], data=C.DataConfig(paths=tuple(FLAGS.data))
         )
-    if FLAGS.objective != "echo" and FLAGS["lam"].present and FLAGS.lam != 0:
-        raise C.ConfigError(f"--lam only applies to --objective=echo, not {FLAGS.objective}")
-    lam = FLAGS.lam if FLAGS.objective == "echo" else 0.0
+    uses_lam = C.objective_spec(FLAGS.objective).uses_lam
+    if not uses_lam and FLAGS["lam"].present and FLAGS.lam != 0:
+        scaled = "|".join(o for o in C.OBJECTIVES if C.objective_spec(o).uses_lam)
+        raise C.ConfigError(f"--lam only applies to --objective={scaled}, not {FLAGS.objective}")
+    lam = FLAGS.lam if uses_lam else 0.0
     loss = dataclasses.replace(  # On-policy updates always use group advantages.
         base.loss, objective=FLAGS.objective, lam=lam, clip_eps=FLAGS.clip_eps, advantage="group"
     )

@@ -16,29 +16,24 @@ from echo_jax.data import roles
 from echo_jax.model.matmul import matmul
 from echo_jax.model.transformer import Transformer
 from echo_jax.objective import loss as loss_module
+from echo_jax.objective.batch import Batch
 from echo_jax.objective.fused_loss import chunked_label_logprobs, model_echo_loss, resolve_impl
 from echo_jax.objective.loss import echo_loss, label_logprobs
-from echo_jax.train.trainer import (
-    init_model,
-    init_state,
-    loss_kwargs,
-    make_optimizer,
-    make_train_step,
-)
+from echo_jax.train.trainer import init_model, init_state, make_optimizer, make_train_step
 
 B, T, V = 3, 17, 251  # B·(T-1) = 48 targets.
 CFG = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32)
 
 
-def random_batch(seed=0, b=B, t=T, v=V):
+def random_batch(seed=0, b=B, t=T, v=V) -> Batch:
     rng = np.random.default_rng(seed)
     role = rng.choice([roles.CONTEXT, roles.ACTION, roles.ENV_OUTPUT, roles.WARNING], (b, t))
     role[0, -3:] = roles.PAD
-    return {
-        "tokens": jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32),
-        "roles": jnp.asarray(role, jnp.int32),
-        "advantage": jnp.asarray(rng.normal(size=(b,)), jnp.float32),
-    }
+    return Batch(
+        tokens_BT=jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32),
+        roles_BT=jnp.asarray(role, jnp.int32),
+        advantages_B=jnp.asarray(rng.normal(size=(b,)), jnp.float32),
+    )
 
 
 def rel_err(got, want) -> float:
@@ -57,7 +52,7 @@ def test_plain_label_logprobs_blocks_match_autodiff(block_bytes, monkeypatch):
     monkeypatch.setattr(loss_module, "_ROW_BLOCK_BYTES", block_bytes)
     rng = np.random.default_rng(6)
     logits = jnp.asarray(rng.normal(size=(B, T, V)) * 3, jnp.float32)
-    tokens = random_batch(seed=6)["tokens"]
+    tokens = random_batch(seed=6).tokens_BT
     g_BS = jnp.asarray(rng.normal(size=(B, T - 1)), jnp.float32)
     want, want_g = jax.value_and_grad(lambda x: (autodiff_logprobs(x, tokens) * g_BS).sum())(logits)
     got, got_g = jax.jit(jax.value_and_grad(lambda x: (label_logprobs(x, tokens) * g_BS).sum()))(
@@ -72,7 +67,7 @@ def test_label_logprobs_and_their_gradients_match_the_plain_path(chunk):
     rng = np.random.default_rng(1)
     h_BTD = jnp.asarray(rng.normal(size=(B, T, 8)), jnp.float32)
     w_DV = jnp.asarray(rng.normal(size=(8, V)), jnp.float32)
-    tokens = random_batch()["tokens"]
+    tokens = random_batch().tokens_BT
     g_BS = jnp.asarray(rng.normal(size=(B, T - 1)), jnp.float32)
 
     def plain(h, w):
@@ -95,14 +90,13 @@ def test_model_loss_and_parameter_gradients_match_the_plain_path(objective, tie)
     model = Transformer(dataclasses.replace(CFG, tie_embeddings=tie), V, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     batch = random_batch(seed=2)
-    kwargs = loss_kwargs(LossConfig(objective=objective, lam=0.3))
+    cfg = LossConfig(objective=objective, lam=0.3, chunk_size=10)
 
     def plain(p):
-        logits = nnx.merge(graphdef, p)(batch["tokens"])
-        return echo_loss(logits, batch["tokens"], batch["roles"], batch["advantage"], **kwargs)
+        return echo_loss(nnx.merge(graphdef, p)(batch.tokens_BT), batch, cfg)
 
     def fused(p):
-        return model_echo_loss(nnx.merge(graphdef, p), batch, chunk_size=10, **kwargs)
+        return model_echo_loss(nnx.merge(graphdef, p), batch, cfg)
 
     (want, want_m), want_g = jax.jit(jax.value_and_grad(plain, has_aux=True))(params)
     (got, got_m), got_g = jax.jit(jax.value_and_grad(fused, has_aux=True))(params)
@@ -119,11 +113,10 @@ def test_ppo_clip_old_logprobs_pass_through():
     model = Transformer(CFG, V, rngs=nnx.Rngs(0))
     batch = random_batch(seed=3)
     old = jnp.asarray(np.log(np.random.default_rng(3).uniform(0.01, 0.5, (B, T - 1))), jnp.float32)
-    kwargs = dict(loss_kwargs(LossConfig()), old_logp_BT=old)
-    want, _ = echo_loss(
-        model(batch["tokens"]), batch["tokens"], batch["roles"], batch["advantage"], **kwargs
-    )
-    got, metrics = model_echo_loss(model, batch, chunk_size=16, **kwargs)
+    batch = batch._replace(old_logp_BS=old)
+    cfg = LossConfig(chunk_size=16)
+    want, _ = echo_loss(model(batch.tokens_BT), batch, cfg)
+    got, metrics = model_echo_loss(model, batch, cfg)
     assert rel_err(got, want) <= 1e-5
     assert float(metrics["clip_frac"]) > 0
 
@@ -158,14 +151,13 @@ def test_no_batch_by_time_by_vocab_array_in_forward_or_backward():
     model = Transformer(CFG, v, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     batch = random_batch(seed=5, b=b, t=t, v=v)
-    kwargs = loss_kwargs(LossConfig())
+    cfg = LossConfig(chunk_size=16)
 
     def fused(p):
-        return model_echo_loss(nnx.merge(graphdef, p), batch, chunk_size=16, **kwargs)[0]
+        return model_echo_loss(nnx.merge(graphdef, p), batch, cfg)[0]
 
     def plain(p):
-        logits = nnx.merge(graphdef, p)(batch["tokens"])
-        return echo_loss(logits, batch["tokens"], batch["roles"], batch["advantage"], **kwargs)[0]
+        return echo_loss(nnx.merge(graphdef, p)(batch.tokens_BT), batch, cfg)[0]
 
     limit = b * (t - 1) * v // 4  # Chunks of 16 of 126 targets hold an eighth of them.
     fused_hlo = jax.jit(jax.grad(fused)).lower(params).compile().as_text()
@@ -182,21 +174,17 @@ def test_nothing_outside_the_counted_targets_reaches_the_loss_or_its_metrics(
     """What licenses the fused path to skip them: the loss and every metric read log-probs only
     at `counted_targets`, so a target outside it has a zero derivative in all of them."""
     batch = random_batch(seed=8)
-    target_roles = batch["roles"][:, 1:]
+    target_roles = batch.roles_BT[:, 1:]
     old = jnp.full(target_roles.shape, -1.0)
     logp = jnp.asarray(np.random.default_rng(8).uniform(-5, -0.1, target_roles.shape), jnp.float32)
     counted = np.asarray(loss_module.counted_targets(target_roles, world_loss_target))
     assert counted.any() and not counted.all()
+    cfg = LossConfig(objective=objective, lam=0.3, world_loss_target=world_loss_target)
     for old_logp in (None, old):
-        kwargs = dict(
-            loss_kwargs(LossConfig(objective=objective, lam=0.3)),
-            world_loss_target=world_loss_target,
-            old_logp_BS=old_logp,
-        )
 
-        def outputs(lp, kwargs=kwargs):
+        def outputs(lp, old_logp=old_logp):
             loss, metrics = loss_module.echo_loss_from_logprobs(
-                lp, target_roles, batch["advantage"], **kwargs
+                lp, batch._replace(old_logp_BS=old_logp), cfg
             )
             return {"loss": loss, **metrics}
 
@@ -209,7 +197,7 @@ def test_skipped_targets_are_zero_and_the_counted_ones_exact():
     h_BTD = jnp.asarray(rng.normal(size=(B, T, 8)), jnp.float32)
     w_DV = jnp.asarray(rng.normal(size=(8, V)), jnp.float32)
     batch = random_batch(seed=9)
-    tokens, counted = batch["tokens"], loss_module.counted_targets(batch["roles"][:, 1:])
+    tokens, counted = batch.tokens_BT, loss_module.counted_targets(batch.roles_BT[:, 1:])
     g_BS = jnp.asarray(rng.normal(size=(B, T - 1)), jnp.float32)
 
     def fused(h, w, mask):
@@ -242,7 +230,7 @@ def test_every_count_of_counted_targets_is_projected_exactly_once(chunk):
     rng = np.random.default_rng(11)
     h_BTD = jnp.asarray(rng.normal(size=(B, T, 8)), jnp.float32)
     w_DV = jnp.asarray(rng.normal(size=(8, V)), jnp.float32)
-    tokens = random_batch(seed=11)["tokens"]
+    tokens = random_batch(seed=11).tokens_BT
     g_BS = jnp.asarray(rng.normal(size=(B, T - 1)), jnp.float32)
 
     def plain(h, w, mask):
@@ -269,13 +257,13 @@ def test_every_count_of_counted_targets_is_projected_exactly_once(chunk):
 def test_a_batch_with_no_counted_target_gives_zero_loss_and_gradients(ppo):
     model = Transformer(CFG, V, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
-    batch = dict(random_batch(seed=10), roles=jnp.full((B, T), roles.CONTEXT, jnp.int32))
-    kwargs = loss_kwargs(LossConfig())
+    batch = random_batch(seed=10)._replace(roles_BT=jnp.full((B, T), roles.CONTEXT, jnp.int32))
     if ppo:
-        kwargs["old_logp_BT"] = jnp.full((B, T - 1), -1.0)
+        batch = batch._replace(old_logp_BS=jnp.full((B, T - 1), -1.0))
+    cfg = LossConfig(chunk_size=7)
 
     def fused(p):
-        return model_echo_loss(nnx.merge(graphdef, p), batch, chunk_size=7, **kwargs)
+        return model_echo_loss(nnx.merge(graphdef, p), batch, cfg)
 
     (loss, metrics), grads = jax.jit(jax.value_and_grad(fused, has_aux=True))(params)
     assert float(loss) == 0.0 and float(metrics["n_action"]) == 0

@@ -136,9 +136,9 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(
         batch = real_make_batch(data, index, advantage)
         steps, used[0] = asked[used[0] :], len(asked)  # This call's steps, in its order.
         if 4 in steps:
-            advantage = batch["advantage"].copy()
-            advantage[steps.index(4)] = np.nan
-            batch = dict(batch, advantage=advantage)
+            advantages_KB = batch.advantages_B.copy()
+            advantages_KB[steps.index(4)] = np.nan
+            batch = batch._replace(advantages_B=advantages_KB)
         return batch
 
     monkeypatch.setattr(train_module, "batch_indices", indices)

@@ -9,7 +9,9 @@ import optax
 import pytest
 from absl.testing import parameterized
 
+from echo_jax.config import ConfigError, LossConfig
 from echo_jax.data import roles
+from echo_jax.objective.batch import Batch
 from echo_jax.objective.loss import echo_loss
 from tests.reference_loss import reference_echo_loss
 
@@ -41,6 +43,14 @@ def random_inputs(seed: int = 0, b: int = B, t: int = T, v: int = V):
     return logits, tokens, role, advantages, old_logp, env_weight
 
 
+def batch(tokens, role, adv, old_logp=None, env_weight_B=None) -> Batch:
+    """A Batch; a per-row env weight [B] is given to every target of its row."""
+    env_weight_BS = None
+    if env_weight_B is not None:
+        env_weight_BS = np.repeat(np.asarray(env_weight_B)[:, None], tokens.shape[1] - 1, axis=1)
+    return Batch(tokens, role, adv, old_logp_BS=old_logp, env_weight_BS=env_weight_BS)
+
+
 @pytest.mark.parametrize("option", OPTION_GRID, ids=lambda o: "-".join(map(str, o)))
 def test_matches_independent_reference(option):
     objective, target, normalization, reduction, use_old, use_weight = option
@@ -54,12 +64,14 @@ def test_matches_independent_reference(option):
     )
     loss, metrics = echo_loss(
         logits,
-        tokens,
-        role,
-        adv,
-        old_logp_BT=old_logp if use_old else None,
-        env_weight_B=env_weight if use_weight else None,
-        **kwargs,
+        batch(
+            tokens,
+            role,
+            adv,
+            old_logp=old_logp if use_old else None,
+            env_weight_B=env_weight if use_weight else None,
+        ),
+        LossConfig(**kwargs),
     )
     want = reference_echo_loss(
         logits,
@@ -79,8 +91,8 @@ class EchoLossVariantsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_shapes_types_and_finite(self):
         logits, tokens, role, adv, old_logp, _ = random_inputs()
-        fn = self.variant(functools.partial(echo_loss, objective="echo", lam=0.1))
-        loss, metrics = fn(logits, tokens, role, adv, old_logp_BT=old_logp)
+        fn = self.variant(functools.partial(echo_loss, cfg=LossConfig(objective="echo", lam=0.1)))
+        loss, metrics = fn(logits, batch(tokens, role, adv, old_logp=old_logp))
         chex.assert_shape(loss, ())
         chex.assert_type(loss, jnp.float32)
         chex.assert_tree_all_finite((loss, metrics))
@@ -93,17 +105,16 @@ class EchoLossVariantsTest(chex.TestCase):
     def test_empty_masks_give_zero_not_nan(self, objective):
         logits, tokens, _, adv, _, _ = random_inputs()
         all_pad = np.zeros((B, T), np.int32)
-        fn = self.variant(functools.partial(echo_loss, objective=objective))
-        loss, metrics = fn(logits, tokens, all_pad, adv)
+        fn = self.variant(functools.partial(echo_loss, cfg=LossConfig(objective=objective)))
+        loss, metrics = fn(logits, batch(tokens, all_pad, adv))
         self.assertEqual(float(loss), 0.0)
         chex.assert_tree_all_finite(metrics)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_gradients_finite_and_zero_where_no_target(self):
         logits, tokens, role, adv, _, _ = random_inputs()
-        fn = self.variant(
-            jax.grad(lambda lg: echo_loss(lg, tokens, role, adv, objective="echo", lam=0.5)[0])
-        )
+        cfg = LossConfig(objective="echo", lam=0.5)
+        fn = self.variant(jax.grad(lambda lg: echo_loss(lg, batch(tokens, role, adv), cfg)[0]))
         grad = np.asarray(fn(jnp.asarray(logits)))
         chex.assert_tree_all_finite(grad)
         chex.assert_shape(grad, (B, T, V))
@@ -119,7 +130,8 @@ def _loss(objective, lam=0.05, **kw):
     args = dict(logits=kw.pop("logits", logits), tokens=kw.pop("tokens", tokens))
     role = kw.pop("role", role)
     adv = kw.pop("adv", adv)
-    return echo_loss(args["logits"], args["tokens"], role, adv, objective=objective, lam=lam, **kw)
+    cfg = LossConfig(objective=objective, lam=lam, **kw)
+    return echo_loss(args["logits"], batch(args["tokens"], role, adv), cfg)
 
 
 def test_lambda_zero_is_grpo():
@@ -135,20 +147,12 @@ def test_env_term_is_linear_in_lambda():
 
 def test_verifier_free_is_pure_env_cross_entropy_and_ignores_rewards():
     logits, tokens, role, adv, _, _ = random_inputs(seed=3)
-    loss, _ = echo_loss(
-        logits, tokens, role, adv, objective="verifier_free", world_loss_normalization="token_mean"
-    )
+    cfg = LossConfig(objective="verifier_free", world_loss_normalization="token_mean")
+    loss, _ = echo_loss(logits, batch(tokens, role, adv), cfg)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
     mask = role[:, 1:] == roles.ENV_OUTPUT
     np.testing.assert_allclose(float(loss), float(ce[mask].mean()), rtol=1e-5)
-    other, _ = echo_loss(
-        logits,
-        tokens,
-        role,
-        -3 * adv,
-        objective="verifier_free",
-        world_loss_normalization="token_mean",
-    )
+    other, _ = echo_loss(logits, batch(tokens, role, -3 * adv), cfg)
     np.testing.assert_allclose(float(other), float(loss), rtol=1e-6)
 
 
@@ -185,7 +189,8 @@ def test_warning_excluded_under_env_only_and_included_under_all():
     kw = dict(objective="verifier_free", world_loss_normalization="token_mean")
 
     def env_ce(r, target):
-        return float(echo_loss(logits, tokens, r, adv, world_loss_target=target, **kw)[0])
+        cfg = LossConfig(world_loss_target=target, **kw)
+        return float(echo_loss(logits, batch(tokens, r, adv), cfg)[0])
 
     # Under "all", WARNING targets count exactly as ENV_OUTPUT ones would.
     np.testing.assert_allclose(env_ce(role, "all"), env_ce(flip, "env_only"), rtol=1e-6)
@@ -201,10 +206,10 @@ def test_env_weight_zero_removes_an_episode(normalization):
     logits, tokens, role, adv, _, _ = random_inputs(seed=13)
     weight = np.ones(B, np.float32)
     weight[2] = 0.0
-    kw = dict(objective="verifier_free", world_loss_normalization=normalization)
-    filtered = float(echo_loss(logits, tokens, role, adv, env_weight_B=weight, **kw)[0])
+    cfg = LossConfig(objective="verifier_free", world_loss_normalization=normalization)
+    filtered = float(echo_loss(logits, batch(tokens, role, adv, env_weight_B=weight), cfg)[0])
     keep = np.arange(B) != 2
-    dropped = float(echo_loss(logits[keep], tokens[keep], role[keep], adv[keep], **kw)[0])
+    dropped = float(echo_loss(logits[keep], batch(tokens[keep], role[keep], adv[keep]), cfg)[0])
     np.testing.assert_allclose(filtered, dropped, rtol=1e-6)
 
 
@@ -212,9 +217,10 @@ def test_ppo_clip_fraction_and_on_policy_ratio():
     logits, tokens, role, adv, _, _ = random_inputs(seed=17)
     logp = jax.nn.log_softmax(logits[:, :-1])
     on_policy = np.take_along_axis(np.asarray(logp), tokens[:, 1:, None], -1)[..., 0]
-    _, on = echo_loss(logits, tokens, role, adv, objective="grpo", old_logp_BT=on_policy)
-    _, off = echo_loss(logits, tokens, role, adv, objective="grpo", old_logp_BT=on_policy - 1.0)
-    _, plain = echo_loss(logits, tokens, role, adv, objective="grpo")
+    grpo = LossConfig(objective="grpo")
+    _, on = echo_loss(logits, batch(tokens, role, adv, old_logp=on_policy), grpo)
+    _, off = echo_loss(logits, batch(tokens, role, adv, old_logp=on_policy - 1.0), grpo)
+    _, plain = echo_loss(logits, batch(tokens, role, adv), grpo)
     assert float(on["clip_frac"]) == 0.0
     np.testing.assert_allclose(float(off["clip_frac"]), 1.0)  # ratio = e > 1.2 everywhere
     # At ratio 1 the PPO surrogate's value is -A (its gradient is REINFORCE's).
@@ -226,7 +232,51 @@ def test_ppo_clip_fraction_and_on_policy_ratio():
     assert float(plain["pg_loss"]) != float(on["pg_loss"])
 
 
-def test_bad_option_is_a_clear_error():
-    logits, tokens, role, adv, _, _ = random_inputs()
-    with pytest.raises(ValueError, match="objective='ppo'"):
-        echo_loss(logits, tokens, role, adv, objective="ppo")
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"objective": "ppo"},
+        {"world_loss_target": "warnings"},
+        {"world_loss_normalization": "row_mean"},
+        {"pg_loss_reduction": "sum"},
+        {"advantage": "baseline"},
+        {"impl": "fused"},
+    ],
+)
+def test_bad_option_is_a_clear_error(option):
+    """Refused where the options are built, naming the option, the value and the choices."""
+    (value,) = option.values()
+    with pytest.raises(ConfigError, match=rf"{value!r} is not one of \w+"):
+        LossConfig(**option)
+
+
+def test_dispatch_on_an_unknown_name_fails_rather_than_falling_through():
+    """Below the config too: a name that reaches a branch unchecked raises."""
+    from echo_jax.objective.fused_loss import resolve_impl
+    from echo_jax.objective.loss import world_targets
+
+    with pytest.raises(ConfigError, match="world_loss_target='warnings'"):
+        world_targets(np.zeros((1, 3), np.int32), "warnings")
+    with pytest.raises(ConfigError, match="loss impl='fused'"):
+        resolve_impl("fused")
+
+
+def test_per_row_lambda_weighs_each_rows_env_share():
+    """lam_B: the env term's rows each times their λ, over the same denominator, so it is linear
+    in lam_B, its one-hot parts add up to L_env, and a constant lam_B is LossConfig.lam."""
+    logits, tokens, role, adv, _, _ = random_inputs(seed=19)
+    for normalization in ("full_observation_tokens", "token_mean"):
+        cfg = LossConfig(objective="echo", lam=0.3, world_loss_normalization=normalization)
+
+        def loss(lam_B, cfg=cfg):
+            return echo_loss(logits, batch(tokens, role, adv)._replace(lam_B=lam_B), cfg)
+
+        pg, env = float(loss(None)[1]["pg_loss"]), float(loss(None)[1]["env_loss"])
+        shares = [float(loss(np.eye(B, dtype=np.float32)[b])[0]) - pg for b in range(B)]
+        np.testing.assert_allclose(sum(shares), env, rtol=1e-5)
+        lam_B = np.array([0.0, 0.1, 0.2, 0.7, 1.3], np.float32)
+        np.testing.assert_allclose(float(loss(lam_B)[0]), pg + lam_B @ shares, rtol=1e-5)
+        np.testing.assert_allclose(
+            float(loss(np.full(B, 0.3, np.float32))[0]), float(loss(None)[0]), rtol=1e-6
+        )
+        assert len({round(s, 6) for s in shares}) > 2  # Rows differ: a real per-row test.

@@ -15,6 +15,7 @@ from echo_jax.config import Config, ConfigError, DataConfig, LossConfig, RLConfi
 from echo_jax.data import roles
 from echo_jax.data.episode_files import load_episodes
 from echo_jax.data.render import END_CALL
+from echo_jax.objective.batch import Batch
 from echo_jax.objective.loss import echo_loss_from_logprobs
 from echo_jax.rl.loop import lam_at, run_rl
 from echo_jax.rl.rows import env_term_kept, rollout_batch, rollout_stats, training_reward
@@ -144,19 +145,21 @@ def test_an_episode_over_several_rows_weighs_as_one_in_the_policy_term():
     roles_S = np.array([A, A, E, A, A])
     adv = 0.8
 
-    def pg(logp_BS, roles_BS, **kw):
-        return float(echo_loss_from_logprobs(logp_BS, roles_BS, np.full(len(logp_BS), adv),
-                                             objective="grpo", **kw)[0])  # fmt: skip
+    def pg(logp_BS, roles_BS, pg_weight_B=None):
+        roles_BT = np.pad(roles_BS, ((0, 0), (1, 0)))  # Targets are tokens 1 .. T-1.
+        batch = Batch(np.zeros_like(roles_BT), roles_BT, np.full(len(logp_BS), adv),
+                      pg_weight_B=pg_weight_B)  # fmt: skip
+        return float(echo_loss_from_logprobs(logp_BS, batch, LossConfig(objective="grpo"))[0])
 
     whole = pg(logp_S[None], roles_S[None])
     assert whole == pytest.approx(-adv * logp_S[roles_S == A].mean())  # Independent: -A·mean.
     cut_logp = np.array([[-0.1, -0.7, -0.3, 0.0], [-0.9, -0.2, 0.0, 0.0]], np.float32)
     cut_roles = np.array([[A, A, E, roles.PAD], [A, A, roles.PAD, roles.PAD]])
     weights = np.array([0.5, 0.5], np.float32)  # 2 of the episode's 4 action tokens each.
-    assert pg(cut_logp, cut_roles, pg_weight_B=weights) == pytest.approx(whole, rel=1e-6)
+    assert pg(cut_logp, cut_roles, weights) == pytest.approx(whole, rel=1e-6)
     other = np.array([[A, A, A, E], [A, roles.PAD, roles.PAD, roles.PAD]])  # 3 + 1 tokens.
     unweighted = pg(cut_logp, other)
-    weighted = pg(cut_logp, other, pg_weight_B=np.array([0.75, 0.25], np.float32))
+    weighted = pg(cut_logp, other, np.array([0.75, 0.25], np.float32))
     want = -adv * np.mean([-0.1, -0.7, -0.3, -0.9])
     assert weighted == pytest.approx(want, rel=1e-6) and unweighted != pytest.approx(want)
 
@@ -166,9 +169,9 @@ def test_env_term_teaches_on_a_group_whose_rewards_are_equal():
     batch = rollout_batch(records, RLConfig(), max_len=10)
     np.testing.assert_array_equal(batch.advantage, [0.0, 0.0])  # No policy signal ...
     logp = np.full((2, 9), -1.5, np.float32)
-    kw = dict(env_weight_B=batch.env_weight, pg_weight_B=batch.pg_weight)
-    loss, m = echo_loss_from_logprobs(logp, batch.roles[:, 1:], batch.advantage, objective="echo",
-                                      lam=0.1, **kw)  # fmt: skip
+    rows = Batch(batch.tokens, batch.roles, batch.advantage, pg_weight_B=batch.pg_weight,
+                 env_weight_BS=batch.env_weight)  # fmt: skip
+    loss, m = echo_loss_from_logprobs(logp, rows, LossConfig(objective="echo", lam=0.1))
     assert float(m["pg_loss"]) == 0.0 and float(m["env_loss"]) > 0  # ... but the world model.
     assert float(loss) == pytest.approx(0.1 * float(m["env_loss"]))
 
@@ -266,8 +269,8 @@ def test_reward_weights_imitate_rewarded_episodes_only(tmp_path):
     path = write_jsonl(tmp_path / "e.jsonl", records)
     data, _ = load_packed(DataConfig(paths=(path,), max_len=128))
     index = np.array([1, 0])
-    np.testing.assert_array_equal(make_batch(data, index, "reward")["advantage"], [0.0, 1.0])
-    np.testing.assert_allclose(make_batch(data, index)["advantage"], [-1.0, 1.0], atol=1e-5)
+    np.testing.assert_array_equal(make_batch(data, index, "reward").advantages_B, [0.0, 1.0])
+    np.testing.assert_allclose(make_batch(data, index).advantages_B, [-1.0, 1.0], atol=1e-5)
 
 
 def test_config_added_later_matches_its_default_only():

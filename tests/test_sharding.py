@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent(
             dp = data_parallel(4, jax.devices()[:n])
             state = jax.device_put(init_state(params, tx), dp.replicated)
             sharded = jax.device_put(batch, dp.batch)
-            assert len(sharded["tokens"].sharding.device_set) == n
+            assert len(sharded.tokens_BT.sharding.device_set) == n
             state, metrics = make_train_step(graphdef, tx, cfg.loss)(state, sharded)
             leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(state.params)]
             out[f"{impl}_{n}"] = {
@@ -57,7 +57,7 @@ SCRIPT = textwrap.dedent(
             # The trainer's form: two steps in one call, the stack's row axis split.
             state = jax.device_put(init_state(params, tx), dp.replicated)
             stacked = jax.device_put(jax.tree.map(lambda x: np.stack([x, x]), batch), dp.steps)
-            assert len(stacked["tokens"].sharding.device_set) == n
+            assert len(stacked.tokens_BT.sharding.device_set) == n
             steps = make_train_steps(graphdef, tx, cfg.loss)
             state, metrics = steps(state, stacked, np.ones(2, bool))
             leaves = [np.asarray(x).ravel() for x in jax.tree.leaves(state.params)]

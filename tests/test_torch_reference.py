@@ -9,7 +9,7 @@ from flax import nnx
 
 from echo_jax.config import Config, LossConfig, ModelConfig
 from echo_jax.objective.loss import echo_loss
-from echo_jax.train.trainer import init_model, loss_kwargs
+from echo_jax.train.trainer import init_model
 from tests.test_fused_loss import random_batch
 
 torch = pytest.importorskip("torch")
@@ -23,26 +23,33 @@ def to_torch(x):
     return torch.from_numpy(np.array(x))
 
 
+def torch_kwargs(cfg: LossConfig) -> dict:
+    """The PyTorch reference's keyword options for the same loss."""
+    names = ("objective", "lam", "world_loss_target", "world_loss_normalization",
+             "pg_loss_reduction", "clip_eps")  # fmt: skip
+    return {name: getattr(cfg, name) for name in names}
+
+
 @pytest.mark.parametrize("use_old", [False, True])
 def test_loss_and_logit_gradients_match(use_old):
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(B, T, V)).astype(np.float32)
-    batch = random_batch(seed=1, v=V)
     old = np.log(rng.uniform(0.01, 0.5, (B, T - 1))).astype(np.float32) if use_old else None
-    kwargs = dict(loss_kwargs(LossConfig(lam=0.3)), old_logp_BT=old)
+    batch = random_batch(seed=1, v=V)._replace(old_logp_BS=old)
+    cfg = LossConfig(lam=0.3)
 
     def jax_loss(x):
-        return echo_loss(x, batch["tokens"], batch["roles"], batch["advantage"], **kwargs)
+        return echo_loss(x, batch, cfg)
 
     (want, want_m), want_g = jax.value_and_grad(jax_loss, has_aux=True)(logits)
     x = to_torch(logits).requires_grad_(True)
-    t_kwargs = dict(kwargs, old_logp_BT=None if old is None else to_torch(old))
     got, got_m = tr.echo_loss(
         x,
-        to_torch(batch["tokens"]),
-        to_torch(batch["roles"]),
-        to_torch(batch["advantage"]),
-        **t_kwargs,
+        to_torch(batch.tokens_BT),
+        to_torch(batch.roles_BT),
+        to_torch(batch.advantages_B),
+        old_logp_BT=None if old is None else to_torch(old),
+        **torch_kwargs(cfg),
     )
     got.backward()
     np.testing.assert_allclose(got.item(), float(want), rtol=1e-5)
@@ -68,7 +75,7 @@ def test_model_with_copied_weights_gives_the_same_logits():
                 block.down: ("mlp", "down"),
             }.items():
                 layer.weight.copy_(to_torch(p[a][b]["kernel"]).T)
-    tokens = random_batch(seed=2, v=V)["tokens"]
+    tokens = random_batch(seed=2, v=V).tokens_BT
     want = nnx.merge(graphdef, params)(jnp.asarray(tokens))
     got = model(to_torch(tokens).long()).detach().numpy()
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
@@ -82,9 +89,10 @@ def test_skipping_uncounted_targets_changes_neither_loss_nor_gradients(world_los
     """The benchmark's second PyTorch side (the same target skipping as echo_jax's CPU path)."""
     torch.manual_seed(0)
     model = tr.Transformer(MODEL.d_model, MODEL.n_layers, MODEL.n_heads, MODEL.d_ff, V)
-    batch = {k: to_torch(x) for k, x in random_batch(seed=2, v=V).items()}
-    tokens, roles = batch["tokens"].long(), batch["roles"]
-    kwargs = dict(loss_kwargs(LossConfig(lam=0.3)), world_loss_target=world_loss_target)
+    batch = random_batch(seed=2, v=V)
+    tokens, roles, advantages = (to_torch(x) for x in batch[:3])
+    tokens = tokens.long()
+    kwargs = torch_kwargs(LossConfig(lam=0.3, world_loss_target=world_loss_target))
     out = []
     for skip in (False, True):
         model.zero_grad()
@@ -94,7 +102,7 @@ def test_skipping_uncounted_targets_changes_neither_loss_nor_gradients(world_los
             )
         else:
             logp = tr.label_logprobs(model(tokens), tokens)
-        loss, metrics = tr.echo_loss_from_logprobs(logp, roles, batch["advantage"], **kwargs)
+        loss, metrics = tr.echo_loss_from_logprobs(logp, roles, advantages, **kwargs)
         loss.backward()
         grads = [p.grad.clone() for p in model.parameters()]
         out.append((loss.item(), metrics["env_ce"].item(), grads))

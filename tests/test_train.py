@@ -27,7 +27,6 @@ from echo_jax.train.trainer import (
     batch_indices,
     init_model,
     init_state,
-    loss_kwargs,
     make_batch,
     make_optimizer,
     make_train_step,
@@ -109,14 +108,7 @@ def test_train_step_equals_a_plain_optax_update(episodes_path):
     graphdef, tx, state, batch = one_step(cfg)
 
     def loss_fn(params):
-        logits = nnx.merge(graphdef, params)(batch["tokens"])
-        return echo_loss(
-            logits,
-            batch["tokens"],
-            batch["roles"],
-            batch["advantage"],
-            **loss_kwargs(cfg.loss),
-        )[0]
+        return echo_loss(nnx.merge(graphdef, params)(batch.tokens_BT), batch, cfg.loss)[0]
 
     grads = jax.jit(jax.grad(loss_fn))(state.params)
     updates, _ = tx.update(grads, state.opt_state, state.params)
@@ -126,14 +118,14 @@ def test_train_step_equals_a_plain_optax_update(episodes_path):
     chex.assert_trees_all_close(new_state.params, want, rtol=1e-5, atol=1e-6)
     assert int(new_state.step) == 1
     counts = sum(int(metrics[f"targets_{n}"]) for n in roles.NAMES)
-    assert counts == batch["tokens"].shape[0] * (batch["tokens"].shape[1] - 1)
+    assert counts == batch.tokens_BT.shape[0] * (batch.tokens_BT.shape[1] - 1)
 
 
 def test_non_finite_loss_leaves_state_untouched(episodes_path):
     cfg = tiny_config(episodes_path)
     graphdef, tx, state, batch = one_step(cfg)
     before = jax.tree.map(np.asarray, state.params)
-    batch = dict(batch, advantage=np.full_like(batch["advantage"], np.nan))
+    batch = batch._replace(advantages_B=np.full_like(batch.advantages_B, np.nan))
     new_state, metrics = make_train_step(graphdef, tx, cfg.loss)(state, batch)
     assert bool(metrics["nonfinite"])
     assert int(new_state.step) == 0
@@ -177,9 +169,9 @@ def test_a_call_stops_at_its_first_non_finite_step(episodes_path):
     cfg = tiny_config(episodes_path)
     graphdef, tx, state, _ = one_step(cfg)
     singles, stacked = _stacked_batches(cfg, 4)
-    advantage = stacked["advantage"].copy()
-    advantage[1] = np.nan
-    stacked = dict(stacked, advantage=advantage)
+    advantages_KB = stacked.advantages_B.copy()
+    advantages_KB[1] = np.nan
+    stacked = stacked._replace(advantages_B=advantages_KB)
     start = jax.tree.map(np.asarray, state)
     want, _ = make_train_step(graphdef, tx, cfg.loss)(state, singles[0])
     got_state, got = make_train_steps(graphdef, tx, cfg.loss)(start, stacked, np.ones(4, bool))

@@ -1,8 +1,8 @@
 """The echo loss from features and the output matrix, in chunks, never building [B, T, V].
 
-`fused_echo_loss(h, w, batch, chunk_size=...)` equals `echo_loss(h @ w, ...)` (the
-plain path) in value and gradients, looping over chunks of `chunk_size` target tokens so that
-the largest temporary is one [chunk, V] block (plus dw, the size of w):
+`fused_echo_loss(h, w, batch, cfg)` equals `echo_loss(h @ w, batch, cfg)` (the plain path) in
+value and gradients, looping over chunks of `cfg.chunk_size` target tokens so that the largest
+temporary is one [chunk, V] block (plus dw, the size of w):
 
 - without old log-probs the loss is linear in the per-target log-probs, so their cotangent g is
   known before the logits are: one pass computes each chunk's logits, its log-probs and its
@@ -13,9 +13,9 @@ the largest temporary is one [chunk, V] block (plus dw, the size of w):
 Only the targets the loss or its metrics read (`loss.counted_targets`: ACTION, ENV_OUTPUT and,
 under world_loss_target="all", WARNING) are projected: they are gathered to the front and the
 loop stops at the last of them (a partial last chunk runs in smaller pieces), so CONTEXT and
-PAD targets (a third of the shipped corpus) cost no matmul at all. Their log-probs come back
-as 0 and their gradients are exactly 0, as in the plain path, where every term that reads them
-is multiplied by 0.
+PAD targets cost no matmul at all (benchmarks/train_step_vs_torch measures what skipping them
+saves: its torch_skip side against torch). Their log-probs come back as 0 and their gradients
+are exactly 0, as in the plain path, where every term that reads them is multiplied by 0.
 """
 
 from __future__ import annotations
@@ -27,23 +27,24 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from echo_jax.config import LossConfig, pick
 from echo_jax.model.matmul import transposed
-from echo_jax.objective.loss import counted_targets, echo_loss_from_logprobs
+from echo_jax.objective.batch import Batch
+from echo_jax.objective.loss import counted_targets, echo_loss, echo_loss_from_logprobs
 
 
 def resolve_impl(impl: str) -> str:
     """The loss path LossConfig.impl="auto" stands for here: "chunked" on a CPU, where skipping
     the uncounted targets' logits outweighs the loop, "plain" on accelerators (one big matmul
     and fused kernels; benchmarks/gpu_throughput)."""
-    if impl != "auto":
-        return impl
-    return "chunked" if jax.default_backend() == "cpu" else "plain"
+    auto = "chunked" if jax.default_backend() == "cpu" else "plain"
+    return pick("loss impl", impl, {"auto": auto, "plain": "plain", "chunked": "chunked"})
 
 
 # The last, partial chunk is projected in pieces of chunk // TAIL_PIECES targets, so that
 # it costs about what it holds rather than a whole chunk: on average 1/8 of a chunk is wasted
-# instead of 1/2 (at 512 targets a chunk on the CPU train step's batch, the last of 6 chunks
-# held 48 targets and cost a tenth of the loss).
+# instead of 1/2 (a partial last chunk is a large share of a small CPU batch's targets;
+# benchmarks/train_step_vs_torch times the step it is part of).
 TAIL_PIECES = 4
 
 
@@ -246,53 +247,42 @@ def _wsum_bwd(chunk, residuals, cotangents):
 _weighted_logprob_sum.defvjp(_wsum_fwd, _wsum_bwd)
 
 
-def fused_echo_loss(
-    h_BTD: Array,
-    w_DV: Array,
-    batch: dict[str, Array],
-    *,
-    chunk_size: int,
-    world_loss_target: str = "env_only",
-    **loss_kwargs,
-):
-    """`echo_loss(h @ w, ...)` for features h [B, T, D] and the output matrix w [D, V], with
-    the projection fused into the cross-entropy: the same loss, never [B, T, V], and no logits
-    for the targets nothing reads.
+def fused_echo_loss(h_BTD: Array, w_DV: Array, batch: Batch, cfg: LossConfig):
+    """`echo_loss(h @ w, batch, cfg)` for features h [B, T, D] and the output matrix w [D, V],
+    with the projection fused into the cross-entropy: the same loss, never [B, T, V], and no
+    logits for the targets nothing reads.
 
     Without old log-probs the loss is linear in the log-probs, L = sum(g · logp) + c, with
     g = dL/dlogp fixed by the roles and advantages alone: then one pass over the chunks yields
     the log-probs and the gradient (3 matmuls per chunk, as the plain path). With them (PPO
     clip) g depends on logp, and the two-pass `chunked_label_logprobs` recomputes the logits.
     """
-    tokens_BT = batch["tokens"]
-    h_BSD, labels_BS, target_roles_BS = h_BTD[:, :-1], tokens_BT[:, 1:], batch["roles"][:, 1:]
-    counted_BS = counted_targets(target_roles_BS, world_loss_target)
-    old_logp_BS = loss_kwargs.pop("old_logp_BT", None)
+    h_BSD, labels_BS = h_BTD[:, :-1], batch.tokens_BT[:, 1:]
+    counted_BS = counted_targets(batch.roles_BT[:, 1:], cfg.world_loss_target)
+    chunk = cfg.chunk_size
 
-    def from_logprobs(logp_BS):
-        return echo_loss_from_logprobs(
-            logp_BS,
-            target_roles_BS,
-            batch["advantage"],
-            world_loss_target=world_loss_target,
-            old_logp_BS=old_logp_BS,
-            **loss_kwargs,
-        )
+    if batch.old_logp_BS is not None:
+        logp_BS = chunked_label_logprobs(h_BSD, w_DV, labels_BS, counted_BS, chunk)
+        return echo_loss_from_logprobs(logp_BS, batch, cfg)
 
-    if old_logp_BS is not None:
-        logp_BS = chunked_label_logprobs(h_BSD, w_DV, labels_BS, counted_BS, chunk_size)
-        return from_logprobs(logp_BS)
-    g_BS = jax.grad(lambda lp: from_logprobs(lp)[0])(jnp.zeros(labels_BS.shape, jnp.float32))
-    g_BS = jax.lax.stop_gradient(g_BS)
-    wsum, logp_BS = _weighted_logprob_sum(h_BSD, w_DV, labels_BS, counted_BS, g_BS, chunk_size)
-    loss, metrics = from_logprobs(jax.lax.stop_gradient(logp_BS))
+    def loss_of(logp_BS):
+        return echo_loss_from_logprobs(logp_BS, batch, cfg)[0]
+
+    g_BS = jax.lax.stop_gradient(jax.grad(loss_of)(jnp.zeros(labels_BS.shape, jnp.float32)))
+    wsum, logp_BS = _weighted_logprob_sum(h_BSD, w_DV, labels_BS, counted_BS, g_BS, chunk)
+    loss, metrics = echo_loss_from_logprobs(jax.lax.stop_gradient(logp_BS), batch, cfg)
     loss = loss + (wsum - jax.lax.stop_gradient(wsum))  # Its value, with sum(g · logp)'s grad.
     return loss, dict(metrics, loss=loss)
 
 
-def model_echo_loss(model, batch: dict[str, Array], *, chunk_size: int, **loss_kwargs):
+def model_echo_loss(model, batch: Batch, cfg: LossConfig):
     """`fused_echo_loss` through `Transformer.features` and `Transformer.output_matrix`."""
-    h_BTD = model.features(batch["tokens"])
-    return fused_echo_loss(
-        h_BTD, model.output_matrix(), batch, chunk_size=chunk_size, **loss_kwargs
-    )
+    return fused_echo_loss(model.features(batch.tokens_BT), model.output_matrix(), batch, cfg)
+
+
+def model_loss(model, batch: Batch, cfg: LossConfig):
+    """The model's loss on the batch by the path cfg.impl names (resolve_impl): the logits
+    then `echo_loss`, or `model_echo_loss`'s chunks."""
+    if resolve_impl(cfg.impl) == "chunked":
+        return model_echo_loss(model, batch, cfg)
+    return echo_loss(model(batch.tokens_BT), batch, cfg)

@@ -1,7 +1,9 @@
 """ECHO's objective: a policy-gradient term on ACTION targets plus λ · CE on ENV_OUTPUT targets.
 
 Position t predicts token t+1, so every mask below is taken from the *target* token's role.
-Each term is normalised over its own tokens, and empty masks give 0, never NaN.
+Each term is normalised over its own tokens, and empty masks give 0, never NaN. How the terms
+combine is the objective's record (echo_jax.config.objective_spec); the options come whole as
+one LossConfig.
 """
 
 from __future__ import annotations
@@ -10,13 +12,9 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from echo_jax.config import (
-    OBJECTIVES,
-    PG_LOSS_REDUCTIONS,
-    WORLD_LOSS_NORMALIZATIONS,
-    WORLD_LOSS_TARGETS,
-)
+from echo_jax.config import LossConfig, objective_spec, pick
 from echo_jax.data import roles
+from echo_jax.objective.batch import Batch
 
 # Added to each row's observation-token count in the paper's normalisation.
 FULL_OBS_EPS = 1e-3
@@ -90,21 +88,11 @@ def label_logprobs(logits_BTV: Array, tokens_BT: Array) -> Array:
     return _next_token_logprobs(logits_BTV, next_BT)[:, :-1]
 
 
-def _check_options(objective: str, world_loss_target: str, normalization: str, reduction: str):
-    for name, value, allowed in (
-        ("objective", objective, OBJECTIVES),
-        ("world_loss_target", world_loss_target, WORLD_LOSS_TARGETS),
-        ("world_loss_normalization", normalization, WORLD_LOSS_NORMALIZATIONS),
-        ("pg_loss_reduction", reduction, PG_LOSS_REDUCTIONS),
-    ):
-        if value not in allowed:
-            raise ValueError(f"{name}={value!r} is not one of {allowed}")
-
-
 def world_targets(target_roles_BS: Array, world_loss_target: str = "env_only") -> Array:
     """bool: the env term's targets, ENV_OUTPUT (and WARNING under world_loss_target="all")."""
+    with_warning = pick("world_loss_target", world_loss_target, {"env_only": False, "all": True})
     world_BS = target_roles_BS == roles.ENV_OUTPUT
-    if world_loss_target == "all":
+    if with_warning:
         world_BS = world_BS | (target_roles_BS == roles.WARNING)
     return world_BS
 
@@ -120,82 +108,98 @@ def _safe_div(num: Array, den: Array) -> Array:
     return num / jnp.where(den > 0, den, 1.0)
 
 
-def echo_loss_from_logprobs(
-    logp_BS: Array,
-    target_roles_BS: Array,
-    advantages_B: Array,
-    *,
-    objective: str = "echo",
-    lam: float = 0.05,
-    world_loss_target: str = "env_only",
-    world_loss_normalization: str = "full_observation_tokens",
-    pg_loss_reduction: str = "sequence_mean",
-    old_logp_BS: Array | None = None,
-    clip_eps: float = 0.2,
-    env_weight_B: Array | None = None,
-    pg_weight_B: Array | None = None,
-) -> tuple[Array, dict[str, Array]]:
-    """The objective given per-target log-probs; shared by the plain and the fused-vocab paths.
-
-    S = T - 1 targets per row; `target_roles_BS` are the roles of tokens[:, 1:]. `pg_weight_B`
-    weighs each row in the policy term (default 1): an episode cut into several rows gives each
-    its share of the episode's action tokens, so the episode counts once (`rl.episode_rows`).
-    """
-    _check_options(objective, world_loss_target, world_loss_normalization, pg_loss_reduction)
+def _pg_term(logp_BS: Array, action_BS: Array, batch: Batch, cfg: LossConfig):
+    """The policy-gradient loss, the share of action targets whose PPO ratio was clipped, and
+    the number of action targets."""
     f32 = jnp.float32
-    logp_BS = logp_BS.astype(f32)
-    action_BS = (target_roles_BS == roles.ACTION).astype(f32)
-    env_BS = (target_roles_BS == roles.ENV_OUTPUT).astype(f32)
-    warning_BS = (target_roles_BS == roles.WARNING).astype(f32)
-    observation_BS = env_BS + warning_BS
-    selected_BS = world_targets(target_roles_BS, world_loss_target).astype(f32)
-    if env_weight_B is not None:  # Per row [B], or per target [B, S].
-        env_weight_BS = env_weight_B.astype(f32)
-        env_weight_BS = env_weight_BS[:, None] if env_weight_BS.ndim == 1 else env_weight_BS
-        selected_BS = selected_BS * env_weight_BS
-
-    # Action (policy-gradient) term.
-    adv_B1 = advantages_B.astype(f32)[:, None]
-    if old_logp_BS is None:
+    adv_B1 = batch.advantages_B.astype(f32)[:, None]
+    if batch.old_logp_BS is None:
         pg_BS = -adv_B1 * logp_BS
         clipped_BS = jnp.zeros_like(logp_BS)
     else:
-        ratio_BS = jnp.exp(logp_BS - old_logp_BS.astype(f32))
-        clipped_ratio_BS = jnp.clip(ratio_BS, 1.0 - clip_eps, 1.0 + clip_eps)
+        ratio_BS = jnp.exp(logp_BS - batch.old_logp_BS.astype(f32))
+        clipped_ratio_BS = jnp.clip(ratio_BS, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
         pg_BS = -jnp.minimum(ratio_BS * adv_B1, clipped_ratio_BS * adv_B1)
-        clipped_BS = (jnp.abs(ratio_BS - 1.0) > clip_eps).astype(f32)
+        clipped_BS = (jnp.abs(ratio_BS - 1.0) > cfg.clip_eps).astype(f32)
     n_action_B = action_BS.sum(axis=1)
-    n_action = n_action_B.sum()
-    w_B = jnp.ones_like(n_action_B) if pg_weight_B is None else pg_weight_B.astype(f32)
-    if pg_loss_reduction == "sequence_mean":
-        row_mean_B = _safe_div((pg_BS * action_BS).sum(axis=1), n_action_B)
-        has_action_B = (n_action_B > 0).astype(f32) * w_B
-        pg_loss = _safe_div((row_mean_B * has_action_B).sum(), has_action_B.sum())
-    else:
-        pg_loss = _safe_div((pg_BS * action_BS).sum(axis=1) @ w_B, n_action_B @ w_B)
+    pg_B = (pg_BS * action_BS).sum(axis=1)
+    w_B = jnp.ones_like(n_action_B) if batch.pg_weight_B is None else batch.pg_weight_B.astype(f32)
 
-    # Env (world-model) term.
+    def sequence_mean():  # Each row's mean over its action targets, then the rows' mean.
+        has_action_B = (n_action_B > 0).astype(f32) * w_B
+        return _safe_div((_safe_div(pg_B, n_action_B) * has_action_B).sum(), has_action_B.sum())
+
+    def token_mean():  # One mean over every action target.
+        return _safe_div(pg_B @ w_B, n_action_B @ w_B)
+
+    reduce = pick(
+        "pg_loss_reduction",
+        cfg.pg_loss_reduction,
+        {"sequence_mean": sequence_mean, "token_mean": token_mean},
+    )
+    n_action = n_action_B.sum()
+    return reduce(), _safe_div((clipped_BS * action_BS).sum(), n_action), n_action
+
+
+def _env_rows(
+    selected_ce_B: Array, n_selected: Array, observation_BS: Array, batch: Batch, cfg: LossConfig
+) -> tuple[Array, Array]:
+    """The env term as per-row numerators over one denominator: L_env = sum(rows_B) / den. A
+    per-row λ then weighs each row's share without moving the denominator."""
+
+    def full_observation_tokens():  # Each row's CE over all its observation tokens, + eps.
+        n_obs_B = observation_BS.sum(axis=1)
+        has_obs_B = (n_obs_B > 0).astype(jnp.float32)
+        if batch.env_weight_BS is not None:  # A row whose observations all weigh 0 is left out.
+            kept_B = (batch.env_weight_BS.astype(jnp.float32) * observation_BS).sum(axis=1) > 0
+            has_obs_B = has_obs_B * kept_B.astype(jnp.float32)
+        return selected_ce_B / (n_obs_B + FULL_OBS_EPS) * has_obs_B, has_obs_B.sum()
+
+    def token_mean():  # One mean over every selected target.
+        return selected_ce_B, n_selected
+
+    normalise = pick(
+        "world_loss_normalization",
+        cfg.world_loss_normalization,
+        {"full_observation_tokens": full_observation_tokens, "token_mean": token_mean},
+    )
+    return normalise()
+
+
+def echo_loss_from_logprobs(
+    logp_BS: Array, batch: Batch, cfg: LossConfig
+) -> tuple[Array, dict[str, Array]]:
+    """The objective given per-target log-probs logp_BS (of batch.tokens_BT[:, 1:]); shared by
+    the plain and the fused-vocab paths. Returns (loss, metrics).
+
+    `batch.pg_weight_B` weighs each row in the policy term: an episode cut into several rows
+    gives each its share of the episode's action tokens, so the episode counts once.
+    """
+    objective = objective_spec(cfg.objective)
+    f32 = jnp.float32
+    logp_BS = logp_BS.astype(f32)
+    target_roles_BS = batch.roles_BT[:, 1:]
+    action_BS = (target_roles_BS == roles.ACTION).astype(f32)
+    observation_BS = (
+        (target_roles_BS == roles.ENV_OUTPUT) | (target_roles_BS == roles.WARNING)
+    ).astype(f32)
+    selected_BS = world_targets(target_roles_BS, cfg.world_loss_target).astype(f32)
+    if batch.env_weight_BS is not None:
+        selected_BS = selected_BS * batch.env_weight_BS.astype(f32)
+
+    pg_loss, clip_frac, n_action = _pg_term(logp_BS, action_BS, batch, cfg)
     ce_BS = -logp_BS
     selected_ce_B = (ce_BS * selected_BS).sum(axis=1)
     n_selected = selected_BS.sum()
-    if world_loss_normalization == "full_observation_tokens":
-        n_obs_B = observation_BS.sum(axis=1)
-        has_obs_B = (n_obs_B > 0).astype(f32)
-        if env_weight_B is not None:  # A row whose observations all weigh 0 is left out.
-            kept_B = (env_weight_BS * observation_BS).sum(axis=1) > 0
-            has_obs_B = has_obs_B * kept_B.astype(f32)
-        env_loss = _safe_div(
-            (selected_ce_B / (n_obs_B + FULL_OBS_EPS) * has_obs_B).sum(), has_obs_B.sum()
-        )
-    else:
-        env_loss = _safe_div(selected_ce_B.sum(), n_selected)
-
-    if objective == "grpo":
-        loss = pg_loss
-    elif objective == "echo":
-        loss = pg_loss + lam * env_loss
-    else:
-        loss = env_loss
+    env_rows_B, env_den = _env_rows(selected_ce_B, n_selected, observation_BS, batch, cfg)
+    env_loss = _safe_div(env_rows_B.sum(), env_den)
+    env_term = env_loss
+    if objective.uses_lam:
+        if batch.lam_B is None:
+            env_term = cfg.lam * env_loss
+        else:
+            env_term = _safe_div((env_rows_B * batch.lam_B.astype(f32)).sum(), env_den)
+    loss = objective.combine(pg_loss, env_term)
 
     metrics = {
         "loss": loss,
@@ -203,45 +207,16 @@ def echo_loss_from_logprobs(
         "env_loss": env_loss,
         "env_ce": _safe_div(selected_ce_B.sum(), n_selected),
         "action_ce": _safe_div((ce_BS * action_BS).sum(), n_action),
-        "clip_frac": _safe_div((clipped_BS * action_BS).sum(), n_action),
+        "clip_frac": clip_frac,
         "n_action": n_action,
         "n_env": n_selected,
     }
     return loss, metrics
 
 
-def echo_loss(
-    logits_BTV: Array,
-    tokens_BT: Array,
-    roles_BT: Array,
-    advantages_B: Array,
-    *,
-    objective: str = "echo",
-    lam: float = 0.05,
-    world_loss_target: str = "env_only",
-    world_loss_normalization: str = "full_observation_tokens",
-    pg_loss_reduction: str = "sequence_mean",
-    old_logp_BT: Array | None = None,
-    clip_eps: float = 0.2,
-    env_weight_B: Array | None = None,
-    pg_weight_B: Array | None = None,
-) -> tuple[Array, dict[str, Array]]:
-    """L = L_pg(ACTION targets) + λ · CE(ENV_OUTPUT targets), as a pure function of arrays.
-
-    `old_logp_BT` has shape [B, T-1], aligned with tokens_BT[:, 1:]; given, the action term is
+def echo_loss(logits_BTV: Array, batch: Batch, cfg: LossConfig) -> tuple[Array, dict[str, Array]]:
+    """L = L_pg(ACTION targets) + λ · CE(ENV_OUTPUT targets) (as cfg.objective combines them),
+    a pure function of the logits and the batch. Given batch.old_logp_BS, the action term is
     the PPO-clip surrogate, otherwise REINFORCE-style -A·log p. Returns (loss, metrics).
     """
-    return echo_loss_from_logprobs(
-        label_logprobs(logits_BTV, tokens_BT),
-        roles_BT[:, 1:],
-        advantages_B,
-        objective=objective,
-        lam=lam,
-        world_loss_target=world_loss_target,
-        world_loss_normalization=world_loss_normalization,
-        pg_loss_reduction=pg_loss_reduction,
-        old_logp_BS=old_logp_BT,
-        clip_eps=clip_eps,
-        env_weight_B=env_weight_B,
-        pg_weight_B=pg_weight_B,
-    )
+    return echo_loss_from_logprobs(label_logprobs(logits_BTV, batch.tokens_BT), batch, cfg)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from echo_jax.config import EVAL_SPLITS, AgentConfig, Config, validate
+from echo_jax.config import EVAL_SPLITS, AgentConfig, Config, objective_spec, validate
 from echo_jax.train import evaluation
 from echo_jax.train.run_dir import RunDir, config_diff, flatten
 from echo_jax.train.trainer import TrainingDiverged, run_experiment
@@ -49,15 +49,19 @@ class SweepError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Arm:
     objective: str
-    lam: float  # λ; 0.0 unless objective == "echo" (as experiments.train sets it).
+    lam: float  # λ; 0.0 unless the objective uses λ (as experiments.train sets it).
 
     @property
     def name(self) -> str:
-        return f"echo_lam{self.lam:g}" if self.objective == "echo" else self.objective
+        return f"{self.objective}_lam{self.lam:g}" if self._uses_lam else self.objective
 
     @property
     def label(self) -> str:
-        return f"echo λ={self.lam:g}" if self.objective == "echo" else self.objective
+        return f"{self.objective} λ={self.lam:g}" if self._uses_lam else self.objective
+
+    @property
+    def _uses_lam(self) -> bool:
+        return objective_spec(self.objective).uses_lam
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +83,12 @@ Runner = Callable[[RunSpec, bool, Callable[[str], None]], Any]
 
 
 def arms(objectives: Sequence[str], lams: Sequence[float]) -> list[Arm]:
-    """Every objective once, except echo, which gets one arm per λ."""
+    """Every objective once, except those λ scales (echo), which get one arm per λ; the
+    objectives are registered ones (config.OBJECTIVES), an unknown name a ConfigError."""
     out: list[Arm] = []
     for objective in objectives:
-        if objective == "echo":
-            out += [Arm("echo", float(lam)) for lam in lams]
+        if objective_spec(objective).uses_lam:
+            out += [Arm(objective, float(lam)) for lam in lams]
         else:
             out.append(Arm(objective, 0.0))
     return out

@@ -12,6 +12,7 @@ from flax import nnx
 
 from echo_jax.config import RLConfig
 from echo_jax.data import roles
+from echo_jax.objective.batch import Batch, batch_rows
 from echo_jax.objective.fused_loss import chunked_label_logprobs, resolve_impl
 from echo_jax.objective.loss import label_logprobs
 from echo_jax.rl.rows import RolloutBatch
@@ -69,7 +70,6 @@ def update(train_step, state, batch: RolloutBatch, lam: float, rl: RLConfig,
            rng: np.random.Generator, dp):  # fmt: skip
     """`epochs` passes of minibatch PPO-clip updates; returns the state and mean metrics."""
     b, n = rl.minibatch_size, batch.num_rows
-    lam_ = np.float32(lam)
     sums: dict[str, float] = {}
     steps = 0
 
@@ -83,22 +83,17 @@ def update(train_step, state, batch: RolloutBatch, lam: float, rl: RLConfig,
         for k in ("loss", "pg_loss", "env_loss", "clip_frac", "grad_norm"):
             sums[k] = sums.get(k, 0.0) + host[k]
 
-    def rows(idx: np.ndarray) -> dict[str, np.ndarray]:
-        real = idx >= 0
-        take = np.where(real, idx, 0)
-
-        def pick(x, fill=0):
-            mask = real.reshape(-1, *([1] * (x.ndim - 1)))
-            return np.where(mask, x[take], fill)
-
-        return {
-            "tokens": pick(batch.tokens).astype(np.int32),
-            "roles": pick(batch.roles, roles.PAD).astype(np.int32),
-            "advantage": pick(batch.advantage).astype(np.float32),
-            "old_logp": pick(batch.sample_logp).astype(np.float32),
-            "pg_weight": pick(batch.pg_weight).astype(np.float32),
-            "env_weight": pick(batch.env_weight).astype(np.float32),
-        }
+    def rows(idx: np.ndarray) -> Batch:  # -1: an empty row padding the last minibatch.
+        return batch_rows(
+            idx,
+            batch.tokens,
+            batch.roles,
+            batch.advantage,
+            old_logp_NS=batch.sample_logp,
+            pg_weight_N=batch.pg_weight,
+            env_weight_NS=batch.env_weight,
+            lam=lam,
+        )
 
     pending = None
     for _ in range(rl.epochs):
@@ -106,7 +101,7 @@ def update(train_step, state, batch: RolloutBatch, lam: float, rl: RLConfig,
         order = np.concatenate([order, np.full(padded_rows(n, b) - n, -1)])
         for lo in range(0, len(order), b):
             mb = jax.device_put(rows(order[lo : lo + b]), dp.batch)
-            state, metrics = train_step(state, mb | {"lam": jax.device_put(lam_, dp.replicated)})
+            state, metrics = train_step(state, mb)
             if pending is not None:
                 read(pending)
             pending = metrics

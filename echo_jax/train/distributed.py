@@ -162,9 +162,9 @@ def global_batch(local: Any, sharding: NamedSharding, global_rows: int) -> Any:
     host arrays holding only this process's rows (`process_slice(global_rows, sharding)`) on the
     axis the sharding splits (0 for DataParallel.batch, 1 for DataParallel.steps).
 
-    A leaf without that axis (a scalar such as a batch's "lam") must be the same on every
-    process; it is replicated. A leaf with any other row count is refused, so a process can
-    never silently contribute the wrong rows.
+    A leaf without that axis (a scalar) must be the same on every process; it is replicated.
+    A leaf with any other row count is refused, so a process can never silently contribute the
+    wrong rows.
     """
     axis = _row_axis(sharding)
     rows = process_slice(global_rows, sharding)

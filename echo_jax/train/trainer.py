@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
@@ -15,20 +14,18 @@ import numpy as np
 import optax
 from flax import nnx
 
-from echo_jax.config import Config, LossConfig, TrainConfig, validate
+from echo_jax.config import Config, LossConfig, TrainConfig, pick, validate
 from echo_jax.data import roles
 from echo_jax.data.dataset import load_packed
 from echo_jax.data.packing import PackedData
 from echo_jax.data.vocab import Vocab
 from echo_jax.model.transformer import Transformer
-from echo_jax.objective.fused_loss import model_echo_loss, resolve_impl
-from echo_jax.objective.loss import echo_loss
+from echo_jax.objective.batch import Batch, batch_rows
+from echo_jax.objective.fused_loss import model_loss
 from echo_jax.train import distributed
 from echo_jax.train.evaluation import Evaluator
 from echo_jax.train.run_dir import RunDir
 from echo_jax.train.sharding import data_parallel
-
-Batch = dict[str, jax.Array]
 
 
 class TrainState(NamedTuple):
@@ -73,41 +70,19 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def loss_kwargs(cfg: LossConfig) -> dict[str, Any]:
-    """The options of `echo_loss`; impl and chunk_size choose how it is computed."""
-    skip = ("impl", "chunk_size", "advantage")  # How it is computed; which weights the batch has.
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
-
-
 def step_function(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss_cfg: LossConfig):
     """The pure `(state, batch) -> (state, metrics)` step behind both jitted forms.
 
     A non-finite loss or gradient leaves the state unchanged and sets metrics["nonfinite"], so a
     divergence never poisons the parameters that the loop may checkpoint.
 
-    Besides tokens, roles and advantage, a batch may carry (on-policy updates, echo_jax.rl.loop)
-    "old_logp" [B, T-1] (the PPO-clip surrogate), "env_weight" [B] (rows kept out of the env
-    term), "pg_weight" [B] (each row's weight in the policy term) and "lam" (a scalar λ that
-    overrides loss_cfg.lam without recompiling).
+    The batch (objective.batch.Batch) carries tokens, roles and advantages, and for on-policy
+    updates (echo_jax.rl.update) old log-probs (the PPO-clip surrogate), env and policy weights
+    and a per-row λ (which replaces loss_cfg.lam without recompiling).
     """
-    base_kwargs = loss_kwargs(loss_cfg)
 
     def loss_fn(params, batch: Batch):
-        kwargs = dict(base_kwargs)
-        for key, name in (
-            ("old_logp", "old_logp_BT"),
-            ("env_weight", "env_weight_B"),
-            ("pg_weight", "pg_weight_B"),
-        ):
-            if key in batch:
-                kwargs[name] = batch[key]
-        if "lam" in batch:
-            kwargs["lam"] = batch["lam"]
-        if resolve_impl(loss_cfg.impl) == "chunked":
-            model, chunk = nnx.merge(graphdef, params), loss_cfg.chunk_size
-            return model_echo_loss(model, batch, chunk_size=chunk, **kwargs)
-        logits_BTV = nnx.merge(graphdef, params)(batch["tokens"])
-        return echo_loss(logits_BTV, batch["tokens"], batch["roles"], batch["advantage"], **kwargs)
+        return model_loss(nnx.merge(graphdef, params), batch, loss_cfg)
 
     def step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
@@ -117,7 +92,7 @@ def step_function(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, loss
         params = optax.apply_updates(state.params, updates)
         new = TrainState(state.step + 1, params, opt_state)
         state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-        counts = jnp.bincount(batch["roles"][:, 1:].ravel(), length=roles.NUM_ROLES)
+        counts = jnp.bincount(batch.roles_BT[:, 1:].ravel(), length=roles.NUM_ROLES)
         metrics = dict(metrics, grad_norm=grad_norm, nonfinite=~ok)
         metrics.update({f"targets_{n}": counts[i] for i, n in enumerate(roles.NAMES)})
         return state, metrics
@@ -138,10 +113,11 @@ def make_train_steps(
     `(state, batches, active_K) -> (state, metrics)`, each leaf of batches and metrics stacked
     on a leading K axis, step i reading batch i.
 
-    Why: XLA allocates a call's temporaries (439 MB at the small preset) afresh on every call,
-    and on a CPU the page faults of touching them cost about a seventh of a step; a `lax.scan`
-    over K steps pays them once (`TrainConfig.steps_per_call`). The steps are
-    `make_train_step`'s, so the result is the same as K calls of it.
+    Why: XLA allocates a call's temporaries afresh on every call, and on a CPU the page faults
+    of touching them are a sizeable share of a step; a `lax.scan` over K steps pays them once
+    (`TrainConfig.steps_per_call`; benchmarks/train_step_vs_torch measures it, side "jax"
+    against "jax_1"). The steps are `make_train_step`'s, so the result is the same as K calls
+    of it.
 
     A step whose `active_K` entry is False, or that comes after a non-finite step, is skipped
     (state untouched, metrics zero): one compiled K serves shorter calls, and a call stops
@@ -185,17 +161,11 @@ def batch_indices(step: int, num_rows: int, batch_size: int, seed: int) -> np.nd
     return out
 
 
-def make_batch(
-    data: PackedData, index: np.ndarray, advantage: str = "group"
-) -> dict[str, np.ndarray]:
+def make_batch(data: PackedData, index: np.ndarray, advantage: str = "group") -> Batch:
     """Rows `index` ([B], or [K, B] for K steps' batches stacked); the action weights are the
     group advantages or, with advantage="reward" (LossConfig.advantage), the raw rewards."""
-    weights = data.advantage if advantage == "group" else data.reward
-    return {
-        "tokens": data.tokens[index],
-        "roles": data.roles[index].astype(np.int32),
-        "advantage": weights[index].astype(np.float32),
-    }
+    weights = pick("advantage", advantage, {"group": data.advantage, "reward": data.reward})
+    return batch_rows(index, data.tokens, data.roles, weights)
 
 
 class MetricsLog:
