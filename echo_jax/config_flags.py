@@ -21,6 +21,7 @@ from typing import Any
 from absl import flags
 
 from echo_jax import config as C
+from echo_jax.objective.objectives import OBJECTIVES, objective_spec
 
 _FIELD = re.compile(r"^\s+(\w+): [^=]+= .*?(?:#\s*(.*))?$")
 _COMMENT = re.compile(r"^\s+#\s?(.*)$")
@@ -180,7 +181,7 @@ RUN_SECTIONS: dict[str, Section] = {
 # Fields, of any section, that take one of a fixed set of values (config.validate checks the
 # same sets); a tuple field takes several of them.
 RUN_CHOICES: dict[str, Sequence[str]] = {
-    "objective": C.OBJECTIVES,
+    "objective": OBJECTIVES,
     "world_loss_target": C.WORLD_LOSS_TARGETS,
     "world_loss_normalization": C.WORLD_LOSS_NORMALIZATIONS,
     "pg_loss_reduction": C.PG_LOSS_REDUCTIONS,
@@ -261,19 +262,21 @@ def define_run_flags(flag_values: flags.FlagValues = flags.FLAGS) -> RunFlagName
 
 def run_config_from_flags(names: RunFlagNames, flag_values=flags.FLAGS) -> C.Config:
     """The validated Config the flags describe: the --model_size preset with the model's flags
-    applied, every other section from its flags. λ belongs to objective="echo": setting the
-    λ flag with another objective is an error, and λ is 0 there."""
+    applied, every other section from its flags. λ belongs to the objectives it scales (echo):
+    setting the λ flag with another objective is an error, and λ is 0 there."""
     loss = names["loss"]
     objective = flag_values[loss["objective"]].value
-    if flag_values[loss["lam"]].present and objective != "echo":
+    uses_lam = objective_spec(objective).uses_lam
+    if flag_values[loss["lam"]].present and not uses_lam:
+        scaled = "|".join(o for o in OBJECTIVES if objective_spec(o).uses_lam)
         raise C.ConfigError(
-            f"--{loss['lam']} only applies to --{loss['objective']}=echo, not {objective}"
+            f"--{loss['lam']} only applies to --{loss['objective']}={scaled}, not {objective}"
         )
     base = C.Config(model=C.MODEL_PRESETS[flag_values["model_size"].value])
     cfg = dataclasses.replace(
         base,
         **{s: replace_from_flags(getattr(base, s), n, flag_values) for s, n in names.items()},
     )
-    if cfg.loss.objective != "echo":
+    if not uses_lam:
         cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, lam=0.0))
     return C.validate(cfg)

@@ -23,12 +23,13 @@ from echo_jax import config as C
 from echo_jax import config_flags
 from echo_jax.config_flags import define_flags, from_flags
 from echo_jax.data.episodes import EpisodeError
+from echo_jax.objective.objectives import OBJECTIVES, objective_spec
 from echo_jax.rl.loop import run_rl
 from echo_jax.train.run_dir import RunDir, RunDirError
 
 _L = C.LossConfig()
 
-flags.DEFINE_enum("objective", _L.objective, C.OBJECTIVES, "Which loss terms train the policy.")
+flags.DEFINE_enum("objective", _L.objective, OBJECTIVES, "Which loss terms train the policy.")
 flags.DEFINE_float("lam", _L.lam, "λ at the first iteration (objective=echo only).")
 flags.DEFINE_float("clip_eps", _L.clip_eps, "PPO clip range.")
 flags.DEFINE_string(
@@ -69,9 +70,9 @@ def run_config_from_flags() -> C.Config:
         base = C.Config(
             model=C.MODEL_PRESETS[FLAGS.model_size], data=C.DataConfig(paths=tuple(FLAGS.data))
         )
-    uses_lam = C.objective_spec(FLAGS.objective).uses_lam
+    uses_lam = objective_spec(FLAGS.objective).uses_lam
     if not uses_lam and FLAGS["lam"].present and FLAGS.lam != 0:
-        scaled = "|".join(o for o in C.OBJECTIVES if C.objective_spec(o).uses_lam)
+        scaled = "|".join(o for o in OBJECTIVES if objective_spec(o).uses_lam)
         raise C.ConfigError(f"--lam only applies to --objective={scaled}, not {FLAGS.objective}")
     lam = FLAGS.lam if uses_lam else 0.0
     loss = dataclasses.replace(  # On-policy updates always use group advantages.

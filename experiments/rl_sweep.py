@@ -20,11 +20,12 @@ import sys
 from absl import app, flags, logging
 
 from echo_jax import config as C
+from echo_jax.objective.objectives import OBJECTIVES
 from echo_jax.reports import rl_report, rl_sweep, sweep
 from echo_jax.rl.pool import make_pool
 from experiments import rl as rl_cli  # Defines the per-run flags, forwarded to every run.
 
-flags.DEFINE_list("objectives", list(C.OBJECTIVES), "Objectives of the grid.")
+flags.DEFINE_list("objectives", list(OBJECTIVES), "Objectives of the grid.")
 flags.DEFINE_list("lams", ["auto"], "λ of the echo arms, or 'auto' (from --ablation_csv).")
 flags.DEFINE_string(
     "ablation_csv", "results/ablation.csv", "--lams=auto: the offline ablation to pick λ from."

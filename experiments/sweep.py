@@ -26,6 +26,7 @@ from absl import app, flags, logging
 
 from echo_jax import config as C
 from echo_jax.data.episodes import EpisodeError
+from echo_jax.objective.objectives import OBJECTIVES
 from echo_jax.reports import ablation_report, results, sweep
 from echo_jax.train.run_dir import RunDirError
 from experiments import train as train_cli  # Defines the shared training flags.
@@ -35,7 +36,7 @@ SWEEP_STEPS = 150
 SWEEP_EVAL_EVERY = 50
 SWEEP_EVAL_MAX_ROWS = 16
 
-flags.DEFINE_list("objectives", list(C.OBJECTIVES), "Objectives of the grid.")
+flags.DEFINE_list("objectives", list(OBJECTIVES), "Objectives of the grid.")
 flags.DEFINE_list("lams", ["0.005", "0.01", "0.05", "0.1", "0.5"], "λ values of the echo arms.")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; every arm runs each.")
 flags.DEFINE_string("root", "runs/sweep", "Folder holding one workdir per run.")

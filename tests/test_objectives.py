@@ -9,11 +9,12 @@ import optax
 import pytest
 from flax import nnx
 
-from echo_jax import config
-from echo_jax.config import ConfigError, LossConfig, Objective, objective_spec
+from echo_jax.config import ConfigError, LossConfig
 from echo_jax.data import roles
+from echo_jax.objective import objectives
 from echo_jax.objective.batch import batch_rows
 from echo_jax.objective.loss import echo_loss
+from echo_jax.objective.objectives import Objective, objective_spec
 from echo_jax.reports import sweep
 from echo_jax.train.trainer import make_train_step
 from tests.test_train import episodes_path as episodes_path  # noqa: F401  (fixture)
@@ -24,9 +25,9 @@ TOY = "env_plus_half_action"  # Registered here and nowhere else: L_env + 0.5 ·
 
 @pytest.fixture
 def toy():
-    config.register_objective(TOY, Objective(policy=0.5, env=1.0))
+    objectives.register_objective(TOY, Objective(policy=0.5, env=1.0))
     yield TOY
-    config.unregister_objective(TOY)
+    objectives.unregister_objective(TOY)
 
 
 def test_a_registered_objective_trains_through_the_train_step(toy, episodes_path):  # noqa: F811
@@ -55,7 +56,7 @@ def test_a_registered_objective_trains_through_the_train_step(toy, episodes_path
 
 
 def test_the_registry_is_what_configs_flags_and_sweeps_read(toy):
-    assert toy in config.OBJECTIVES and list(config.OBJECTIVES)[:3] == [
+    assert toy in objectives.OBJECTIVES and list(objectives.OBJECTIVES)[:3] == [
         "grpo",
         "echo",
         "verifier_free",
@@ -68,12 +69,12 @@ def test_the_registry_is_what_configs_flags_and_sweeps_read(toy):
         "echo_lam0.5",
     ]
     scaled = "env_times_lam_twice"
-    config.register_objective(scaled, Objective(env=2.0, env_times_lam=True))
+    objectives.register_objective(scaled, Objective(env=2.0, env_times_lam=True))
     try:
         assert [a.name for a in sweep.arms([scaled], [0.1])] == [f"{scaled}_lam0.1"]
     finally:
-        config.unregister_objective(scaled)
-    assert scaled not in config.OBJECTIVES
+        objectives.unregister_objective(scaled)
+    assert scaled not in objectives.OBJECTIVES
 
 
 def test_unknown_or_conflicting_objectives_are_refused(toy):
@@ -83,8 +84,8 @@ def test_unknown_or_conflicting_objectives_are_refused(toy):
     with pytest.raises(ConfigError, match="not one of"):
         sweep.arms(["ppo"], [0.1])
     with pytest.raises(ConfigError, match="already registered"):
-        config.register_objective("echo", Objective(policy=1.0, env=1.0))
-    config.register_objective(toy, Objective(policy=0.5, env=1.0))  # The same again: no change.
+        objectives.register_objective("echo", Objective(policy=1.0, env=1.0))
+    objectives.register_objective(toy, Objective(policy=0.5, env=1.0))  # The same again: no change.
     with pytest.raises(ConfigError, match="weights"):
         Objective(policy=0.0, env=0.0)
     with pytest.raises(ConfigError, match="weights"):
@@ -93,12 +94,12 @@ def test_unknown_or_conflicting_objectives_are_refused(toy):
 
 def test_an_unregistered_objective_is_unknown_again(toy):
     LossConfig(objective=toy)
-    config.unregister_objective(toy)
+    objectives.unregister_objective(toy)
     try:
         with pytest.raises(ConfigError, match=f"objective='{toy}'"):
             LossConfig(objective=toy)
     finally:
-        config.register_objective(toy, Objective(policy=0.5, env=1.0))  # For the fixture.
+        objectives.register_objective(toy, Objective(policy=0.5, env=1.0))  # For the fixture.
 
 
 def test_batch_rows_pads_with_empty_rows_and_stacks():

@@ -2,7 +2,7 @@
 
 Position t predicts token t+1, so every mask below is taken from the *target* token's role.
 Each term is normalised over its own tokens, and empty masks give 0, never NaN. How the terms
-combine is the objective's record (echo_jax.config.objective_spec); the options come whole as
+combine is the objective's record (echo_jax.objective.objectives); the options come whole as
 one LossConfig.
 """
 
@@ -12,9 +12,11 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from echo_jax.config import LossConfig, objective_spec, pick
+from echo_jax.config import LossConfig
 from echo_jax.data import roles
 from echo_jax.objective.batch import Batch
+from echo_jax.objective.objectives import objective_spec
+from echo_jax.util.choices import pick
 
 # Added to each row's observation-token count in the paper's normalisation.
 FULL_OBS_EPS = 1e-3

@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from echo_jax.config import EVAL_SPLITS, AgentConfig, Config, objective_spec, validate
+from echo_jax.config import EVAL_SPLITS, AgentConfig, Config, validate
+from echo_jax.objective.objectives import objective_spec
 from echo_jax.train import evaluation
 from echo_jax.train.run_dir import RunDir, config_diff, flatten
 from echo_jax.train.trainer import TrainingDiverged, run_experiment
@@ -84,7 +85,8 @@ Runner = Callable[[RunSpec, bool, Callable[[str], None]], Any]
 
 def arms(objectives: Sequence[str], lams: Sequence[float]) -> list[Arm]:
     """Every objective once, except those λ scales (echo), which get one arm per λ; the
-    objectives are registered ones (config.OBJECTIVES), an unknown name a ConfigError."""
+    objectives are registered ones (echo_jax.objective.objectives), an unknown name a
+    ConfigError."""
     out: list[Arm] = []
     for objective in objectives:
         if objective_spec(objective).uses_lam:
