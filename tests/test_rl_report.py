@@ -91,3 +91,15 @@ def test_report_from_made_up_runs(tmp_path):
     assert hi < 1
     text = (out / "RL.md").read_text()
     assert "| echo λ=0.1 | 3 | 400, 401, 402 | 401 |" in text and "faster" in text
+
+
+def test_paired_resampling_keeps_a_seed_with_its_partner():
+    """Seed i of the arm always needs 0.9 times seed i of grpo, while the seeds themselves
+    differ widely: paired, every resample's ratio is 0.9; resampled apart, the interval is
+    wide."""
+    base = [100.0, 200.0, 300.0, 400.0, 500.0]
+    arm = [0.9 * b for b in base]
+    paired = rl_stats.ratio_to_baseline(arm, base, paired=True)
+    assert paired["ci95"] == pytest.approx([0.9, 0.9]) and rl_stats.verdict(paired) == "faster"
+    apart = rl_stats.ratio_to_baseline(arm, base)
+    assert apart["ci95"][0] < 0.9 < 1 < apart["ci95"][1]

@@ -111,10 +111,14 @@ def curves(rows: Sequence[dict[str, Any]]) -> dict[str, list[rl_stats.Curve]]:
 
 def summary(rows, threshold: float, window: int) -> dict[str, dict[str, Any]]:
     """rl_summary.json: per arm, the issue's fields, and the threshold they refer to."""
-    out = rl_stats.summarize(curves(rows), threshold, window)
+    seeds = {arm: sorted({r["seed"] for r in rows if r["arm"] == arm}) for arm in curves(rows)}
+    paired = len({tuple(v) for v in seeds.values()}) == 1  # Every arm ran the same seeds.
+    out = rl_stats.summarize(curves(rows), threshold, window, paired=paired)
     for arm, s in out.items():
         gaps = [r["logp_gap_mean"] for r in rows if r["arm"] == arm and r["logp_gap_mean"]]
         s["threshold"] = {"success": threshold, "moving_average_iterations": window}
+        s["seed_ids"] = seeds[arm]
+        s["bootstrap"] = "paired over seeds" if paired else "each arm resampled apart"
         s["logp_gap_mean_max"] = max(gaps) if gaps else None
     return out
 
@@ -173,8 +177,10 @@ def markdown(rows, commands: dict[str, str], setup: str, plots: Sequence[str],
         f"it and the {window - 1} before it, is at least the threshold. *Ratio to grpo*: the "
         "arm's median steps-to-threshold over grpo's (below 1: fewer steps); a seed that never "
         "reaches it counts as infinitely many steps. Intervals: 95% percentile bootstrap over "
-        "seeds, each arm resampled on its own. *Verdict*: faster or slower when the whole "
-        "interval lies below or above 1, otherwise not separable.",
+        "seeds; where every arm ran the same seeds they are resampled jointly (seed s of every "
+        "arm draws the same sampling keys, so its first rollouts are the same in every arm), "
+        "otherwise each arm on its own. *Verdict*: faster or slower when the whole interval "
+        "lies below or above 1, otherwise not separable.",
         "",
         "| arm | seeds | success first → last 3 | area under success [95% CI] | held-out "
         "pass@1 at the end [95% CI] | max logp_gap_mean |",
@@ -209,8 +215,9 @@ def findings(s: dict[str, dict[str, Any]], labels: dict[str, str], threshold: fl
         if arm == rl_stats.BASELINE or a["ratio_to_grpo"] is None:
             continue
         word = rl_stats.verdict(a["ratio_to_grpo"])
-        out.append(f"- {labels[arm]}: {word} than grpo at this budget "
-                   f"(ratio {_ratio(a['ratio_to_grpo'])}).")  # fmt: skip
+        against = "from" if word.startswith("not separable") else "than"
+        out.append(f"- {labels[arm]}: {word} {against} grpo at this budget (ratio of median "
+                   f"steps to {threshold:g}: {_ratio(a['ratio_to_grpo'])}).")  # fmt: skip
     return "\n".join(out)
 
 

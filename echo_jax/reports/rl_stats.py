@@ -58,16 +58,26 @@ def _as_steps(values: Sequence[float | None]) -> np.ndarray:
 
 
 def ratio_to_baseline(
-    arm: Sequence[float | None], base: Sequence[float | None], seed: int = 0
+    arm: Sequence[float | None],
+    base: Sequence[float | None],
+    paired: bool = False,
+    seed: int = 0,
 ) -> dict[str, object]:
     """Median steps-to-threshold of `arm` over that of `base` (< 1: the arm needs fewer), with
     a 95% percentile-bootstrap interval. A seed that never reaches the threshold counts as
     infinitely many steps, so a ratio can be infinite (written None: "never"); a resample where
-    both medians are infinite has no ratio and is left out (its share is reported)."""
+    both medians are infinite has no ratio and is left out (its share is reported).
+
+    paired: entry i of both is seed i, and a seed's runs share their sampling keys (the same
+    first rollouts in every arm), so seeds are resampled jointly; otherwise each arm apart."""
     a, b = _as_steps(arm), _as_steps(base)
     rng = np.random.default_rng(seed)
-    a_R = _median_steps(a[rng.integers(len(a), size=(BOOTSTRAP, len(a)))])
-    b_R = _median_steps(b[rng.integers(len(b), size=(BOOTSTRAP, len(b)))])
+    pick_a = rng.integers(len(a), size=(BOOTSTRAP, len(a)))
+    if paired and len(a) != len(b):
+        raise ValueError(f"paired samples differ in size: {len(a)} and {len(b)}")
+    pick_b = pick_a if paired else rng.integers(len(b), size=(BOOTSTRAP, len(b)))
+    a_R = _median_steps(a[pick_a])
+    b_R = _median_steps(b[pick_b])
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio_R = a_R / b_R
         point = float(_median_steps(a) / _median_steps(b))
@@ -122,9 +132,14 @@ def verdict(ratio: Mapping[str, object]) -> str:
 
 
 def summarize(
-    arms: Mapping[str, Sequence[Curve]], threshold: float, window: int, last: int = 3
+    arms: Mapping[str, Sequence[Curve]],
+    threshold: float,
+    window: int,
+    last: int = 3,
+    paired: bool = False,
 ) -> dict[str, dict[str, object]]:
-    """Per arm, the fields of results/rl_summary.json (and a few more for RL.md)."""
+    """Per arm, the fields of results/rl_summary.json (and a few more for RL.md). paired: the
+    arms' curves are the same seeds in the same order (see ratio_to_baseline)."""
     reach = {
         name: [steps_to_threshold(c, threshold, window) for c in curves]
         for name, curves in arms.items()
@@ -140,7 +155,9 @@ def summarize(
             "success_last": float(np.mean([c.success_I[-last:].mean() for c in curves])),
             "steps_to_threshold": reach[name],
             "ratio_to_grpo": (
-                ratio_to_baseline(reach[name], reach[BASELINE]) if BASELINE in reach else None
+                ratio_to_baseline(reach[name], reach[BASELINE], paired)
+                if BASELINE in reach
+                else None
             ),
             "auc": mean_ci([area_under_success(c) for c in curves]),
             "heldout_pass@1_end": mean_ci(heldout) if heldout else None,
