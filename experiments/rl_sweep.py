@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from echo_jax import config as C
 from echo_jax.objective.objectives import OBJECTIVES
 from echo_jax.reports import rl_report, rl_sweep, sweep
-from echo_jax.rl.pool import make_pool
+from echo_jax.rl.pool import load_pool, make_pool
 from experiments import rl as rl_cli  # Defines the per-run flags, forwarded to every run.
 
 flags.DEFINE_list("objectives", list(OBJECTIVES), "Objectives of the grid.")
@@ -96,14 +96,14 @@ def main(argv: list[str]) -> None:
         seeds = [int(s) for s in FLAGS.seeds]
     except (C.ConfigError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    if not FLAGS.pool_file and not FLAGS.report_only:  # One pool for every arm and seed.
-        pool = os.path.join(FLAGS.root, "pool.json")
-        if not os.path.exists(pool):
-            os.makedirs(FLAGS.root, exist_ok=True)
-            print(f"rl_sweep: choosing the task pool into {pool}", flush=True)
-            make_pool(pool, FLAGS.start, rl_cli.rl_config_from_flags(), FLAGS.worlds,
-                      FLAGS.corpus or None)  # fmt: skip
-        FLAGS.pool_file = pool
+    pool = FLAGS.pool_file or os.path.join(FLAGS.root, "pool.json")  # One for every run.
+    if not os.path.exists(pool) and not FLAGS.report_only:
+        os.makedirs(FLAGS.root, exist_ok=True)
+        print(f"rl_sweep: choosing the task pool into {pool}", flush=True)
+        make_pool(pool, FLAGS.start, rl_cli.rl_config_from_flags(), FLAGS.worlds,
+                  FLAGS.corpus or None)  # fmt: skip
+    FLAGS.pool_file = pool
+    tasks = ", ".join(f"{s}/{t}" for s, t in load_pool(pool)) if os.path.exists(pool) else "?"
     specs = rl_sweep.specs(arms, seeds, FLAGS.root, forwarded_flags())
     # The command that makes the runs: --report_only and --machine only rewrite the report.
     run_args = [a for a in sys.argv[1:] if not a.startswith(("--report_only", "--machine"))]
@@ -119,7 +119,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"error: no finished iterations under {FLAGS.root}")
     setup = (
         f"Runs made by `{command}` on {machine()}. Start checkpoint `{FLAGS.start}`; "
-        f"each run: the pool of `{FLAGS.pool_file}` x G={FLAGS.group_size} rollouts "
+        f"each run: the pool of `{FLAGS.pool_file}` ({tasks}) x G={FLAGS.group_size} rollouts "
         f"per iteration (at most {FLAGS.max_steps} tool calls), {FLAGS.iterations} iterations, "
         f"{FLAGS.epochs} epoch(s) of PPO-clip minibatch updates (B={FLAGS.minibatch_size}, "
         f"lr {FLAGS.learning_rate:g}); λ schedule "

@@ -218,6 +218,14 @@ def findings(s: dict[str, dict[str, Any]], labels: dict[str, str], threshold: fl
         against = "from" if word.startswith("not separable") else "than"
         out.append(f"- {labels[arm]}: {word} {against} grpo at this budget (ratio of median "
                    f"steps to {threshold:g}: {_ratio(a['ratio_to_grpo'])}).")  # fmt: skip
+    ratios = {arm: a["ratio_to_grpo"] for arm, a in s.items() if a["ratio_to_grpo"]}
+    faster = [labels[arm] for arm, r in ratios.items() if rl_stats.verdict(r) == "faster"]
+    out.append(
+        f"- In short: {', '.join(faster)} reached {threshold:g} in fewer environment steps than "
+        "grpo, beyond the seeds' spread." if faster else
+        f"- In short: no arm reached {threshold:g} in fewer environment steps than grpo beyond "
+        "the seeds' spread at this budget."
+    )  # fmt: skip
     return "\n".join(out)
 
 
