@@ -180,7 +180,8 @@ def markdown(rows, commands: dict[str, str], setup: str, plots: Sequence[str],
         "seeds; where every arm ran the same seeds they are resampled jointly (seed s of every "
         "arm draws the same sampling keys, so its first rollouts are the same in every arm), "
         "otherwise each arm on its own. *Verdict*: faster or slower when the whole interval "
-        "lies below or above 1, otherwise not separable.",
+        "lies below or above 1, otherwise not separable. In rl_summary.json a null step count "
+        "means never, and a null ratio or bound means infinite.",
         "",
         "| arm | seeds | success first → last 3 | area under success [95% CI] | held-out "
         "pass@1 at the end [95% CI] | max logp_gap_mean |",
