@@ -21,17 +21,23 @@ from absl import app, flags, logging
 
 from echo_jax import config as C
 from echo_jax import config_flags
-from echo_jax.config_flags import define_flags, from_flags
+from echo_jax.config_flags import define_flags, from_flags, replace_from_flags
 from echo_jax.data.episodes import EpisodeError
 from echo_jax.objective.objectives import OBJECTIVES, objective_spec
 from echo_jax.rl.loop import run_rl
 from echo_jax.train.run_dir import RunDir, RunDirError
 
-_L = C.LossConfig()
-
-flags.DEFINE_enum("objective", _L.objective, OBJECTIVES, "Which loss terms train the policy.")
-flags.DEFINE_float("lam", _L.lam, "λ at the first iteration (objective=echo only).")
-flags.DEFINE_float("clip_eps", _L.clip_eps, "PPO clip range.")
+LOSS_FLAGS = define_flags(  # One flag per LossConfig field, as in experiments.train.
+    C.LossConfig,
+    choices={
+        k: v for k, v in config_flags.RUN_CHOICES.items() if k in C.LossConfig.__annotations__
+    },
+    skip=("advantage",),  # On-policy updates always use group advantages.
+    rename={"impl": "loss_impl"},
+    optional=True,
+    note="Unset: the start run's value (λ: 0 for an objective λ does not scale; --lam at the "
+    "first iteration of the schedule).",
+)
 flags.DEFINE_string(
     "start",
     "data/warm_start",
@@ -70,14 +76,14 @@ def run_config_from_flags() -> C.Config:
         base = C.Config(
             model=C.MODEL_PRESETS[FLAGS.model_size], data=C.DataConfig(paths=tuple(FLAGS.data))
         )
-    uses_lam = objective_spec(FLAGS.objective).uses_lam
+    objective = FLAGS.objective or base.loss.objective
+    uses_lam = objective_spec(objective).uses_lam
     if not uses_lam and FLAGS["lam"].present and FLAGS.lam != 0:
         scaled = "|".join(o for o in OBJECTIVES if objective_spec(o).uses_lam)
-        raise C.ConfigError(f"--lam only applies to --objective={scaled}, not {FLAGS.objective}")
-    lam = FLAGS.lam if uses_lam else 0.0
-    loss = dataclasses.replace(  # On-policy updates always use group advantages.
-        base.loss, objective=FLAGS.objective, lam=lam, clip_eps=FLAGS.clip_eps, advantage="group"
-    )
+        raise C.ConfigError(f"--lam only applies to --objective={scaled}, not {objective}")
+    loss = replace_from_flags(dataclasses.replace(base.loss, advantage="group"), LOSS_FLAGS)
+    if not uses_lam:
+        loss = dataclasses.replace(loss, lam=0.0)
     return C.validate(dataclasses.replace(base, loss=loss))
 
 
@@ -88,7 +94,8 @@ def main(argv: list[str]) -> None:
     try:
         rl = rl_config_from_flags()
         cfg = run_config_from_flags()
-        workdir = FLAGS.workdir or f"runs/rl_{FLAGS.objective}_{time.strftime('%Y%m%d_%H%M%S')}"
+        stamp = time.strftime("%Y%m%d_%H%M%S")
+        workdir = FLAGS.workdir or f"runs/rl_{cfg.loss.objective}_{stamp}"
         summary = run_rl(
             workdir,
             rl,

@@ -48,18 +48,15 @@ FLAGS.set_default("iterations", 8)
 FLAGS.set_default("pool_size", 2)
 
 _PER_RUN = ("objective", "lam", "seed", "workdir")
-_FORWARDED = (
-    "start",
-    "worlds",
-    "corpus",
-    "clip_eps",
-    *(n for n in rl_cli.RL_FLAGS if n != "seed"),
-)
+_FORWARDED = ("start", "worlds", "corpus", *(n for n in rl_cli.RL_FLAGS if n != "seed"))
 
 
 def forwarded_flags() -> list[str]:
-    """Every shared experiments.rl flag, spelled out, so each run's command is complete."""
-    return [FLAGS[name].serialize() for name in _FORWARDED]
+    """Every shared experiments.rl flag, spelled out, so each run's command is complete; of
+    the loss flags (unset: the start run's value), those given."""
+    loss = [FLAGS[name].serialize() for name in rl_cli.LOSS_FLAGS.values()
+            if FLAGS[name].present and name not in _PER_RUN]  # fmt: skip
+    return [FLAGS[name].serialize() for name in _FORWARDED] + loss
 
 
 def lams_from_flags() -> list[float]:
