@@ -19,10 +19,11 @@ import pytest
 from echo_jax.config import Config, ConfigError
 from echo_jax.data.vocab import Vocab
 from echo_jax.train import distributed
-from echo_jax.train.evaluation import EVAL_FILE, read_lines
+from echo_jax.train.evaluation import EVAL_FILE
 from echo_jax.train.run_dir import RunDir
 from echo_jax.train.sharding import data_parallel
 from echo_jax.train.trainer import init_model, init_state, make_optimizer
+from echo_jax.util.jsonl import read_jsonl
 from tests.test_data import small_episode, write_jsonl
 from tests.test_train import assert_same_metrics
 
@@ -137,7 +138,7 @@ def test_two_processes_train_as_one(tmp_path):
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))
     assert sorted(p.name for p in two.rglob("*.jsonl")) == ["eval.jsonl", "metrics.jsonl"]
     assert_same_metrics(one, two, range(1, 5), rtol=1e-5)
-    (want_eval,), (got_eval,) = read_lines(one / EVAL_FILE), read_lines(two / EVAL_FILE)
+    (want_eval,), (got_eval,) = read_jsonl(one / EVAL_FILE), read_jsonl(two / EVAL_FILE)
     for key, value in want_eval.items():
         if key != "wall_s" and value is not None:
             np.testing.assert_allclose(got_eval[key], value, rtol=1e-5, err_msg=key)

@@ -18,9 +18,9 @@ from echo_jax.train.evaluation import (
     chunked_role_sums,
     evaluate_set,
     load_eval_sets,
-    read_lines,
     role_sums,
 )
+from echo_jax.util.jsonl import read_jsonl
 from tests.corpus_fixture import make_tiny_corpus, write_real_like
 
 A, E, C = roles.ACTION, roles.ENV_OUTPUT, roles.CONTEXT
@@ -140,7 +140,7 @@ def test_evaluator_schedule_and_truncate(tmp_path):
     for step in (4, 8, 10):
         append_line(ev.path, {"step": step, "x/env_ce": float("nan")})
     ev.truncate(after_step=8)
-    lines = read_lines(ev.path)
+    lines = read_jsonl(ev.path)
     assert [m["step"] for m in lines] == [4, 8] and lines[0]["x/env_ce"] is None
 
 

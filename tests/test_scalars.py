@@ -13,10 +13,11 @@ from tensorboardX.record_writer import masked_crc32c
 
 from echo_jax.config import EvalConfig
 from echo_jax.train import distributed, scalars
-from echo_jax.train.evaluation import EVAL_FILE, read_lines
+from echo_jax.train.evaluation import EVAL_FILE
 from echo_jax.train.run_dir import RunDir
 from echo_jax.train.scalars import ScalarWriter
 from echo_jax.train.trainer import run_experiment
+from echo_jax.util.jsonl import read_jsonl
 from tests.test_data import small_episode, write_jsonl
 from tests.test_train import tiny_config
 
@@ -110,7 +111,7 @@ def tiny_run(tmp_path):
 def test_a_training_run_writes_its_metrics_and_evals(tiny_run):
     got = read_scalars(tiny_run / RunDir.TENSORBOARD)
     metrics = RunDir(tiny_run).read_metrics()
-    evals = read_lines(tiny_run / EVAL_FILE)
+    evals = read_jsonl(tiny_run / EVAL_FILE)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and [e["step"] for e in evals] == [2, 4]
     want: dict[str, dict[int, float]] = {}
     for prefix, lines in (("train/", metrics), ("eval/", evals)):

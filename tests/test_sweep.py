@@ -12,6 +12,7 @@ from echo_jax.reports import ablation_report, results, sweep
 from echo_jax.reports.generated_sections import splice_section
 from echo_jax.train import evaluation
 from echo_jax.train.run_dir import RunDir
+from echo_jax.util.jsonl import read_jsonl
 from tests.cli import run_module
 from tests.corpus_fixture import make_tiny_corpus, write_real_like
 
@@ -176,7 +177,7 @@ def test_cli_tiny_sweep_end_to_end_and_resume(tmp_path):
     proc = _sweep_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("skipped") == 3 and "resuming" in proc.stdout
-    assert [m["step"] for m in evaluation.read_lines(os.path.join(wd, "eval.jsonl"))] == [1, 2]
+    assert [m["step"] for m in read_jsonl(os.path.join(wd, "eval.jsonl"))] == [1, 2]
 
     # --report_only: everything again from the CSV, without training.
     md = (tmp_path / "results" / "ABLATION.md").read_text()

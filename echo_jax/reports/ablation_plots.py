@@ -11,6 +11,7 @@ import numpy as np
 from echo_jax.reports import results
 from echo_jax.train import evaluation
 from echo_jax.train.run_dir import RunDir
+from echo_jax.util.jsonl import read_jsonl
 
 HELDOUT = ("heldout_tasks", "heldout_scenarios", "real")
 
@@ -31,7 +32,7 @@ def _curves(rows, source: str, key: str) -> dict[str, list[dict[int, float]]]:
         if source == "train":
             lines = RunDir(wd).read_metrics() if os.path.isdir(wd) else []
         else:
-            lines = evaluation.read_lines(os.path.join(wd, evaluation.EVAL_FILE))
+            lines = read_jsonl(os.path.join(wd, evaluation.EVAL_FILE))
         pts = {int(m["step"]): float(m[key]) for m in lines if m.get(key) is not None}
         if pts:
             out.setdefault(r["arm"], []).append(pts)

@@ -28,6 +28,7 @@ from echo_jax.train import evaluation
 from echo_jax.train.run_dir import RunDir, config_diff, flatten
 from echo_jax.train.trainer import TrainingDiverged, run_experiment
 from echo_jax.util.atomic import atomic_write_text
+from echo_jax.util.jsonl import read_jsonl
 from echo_jax.util.provenance import git_commit
 
 SUMMARY = "summary.json"
@@ -220,7 +221,7 @@ def collect_row(spec: RunSpec) -> dict[str, Any]:
     row["trained_steps"] = final.get("step", 0)
     for key in ("loss", "env_ce", "action_ce"):
         row[f"final_train_{key}"] = final.get(key)
-    lines = evaluation.read_lines(run.file(evaluation.EVAL_FILE))
+    lines = read_jsonl(run.file(evaluation.EVAL_FILE))
     last = lines[-1] if lines else {}
     row["eval_step"] = last.get("step")
     for split in EVAL_SPLITS:

@@ -287,9 +287,6 @@ def append_line(path: str, line: dict[str, Any]) -> None:
         f.write(_dumps(line) + "\n")
 
 
-read_lines = read_jsonl  # An eval.jsonl's complete lines, read as metrics.jsonl's are.
-
-
 def format_line(line: dict[str, Any], names: list[str]) -> str:
     def f(v):
         return "  n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"

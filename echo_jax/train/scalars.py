@@ -5,10 +5,10 @@
     scalars.close()
 
 A run's RunDir holds one (`RunDir.scalars`, in WORKDIR/tensorboard). Each writer makes its own
-events file (TFRecord framing of tensorboardX's Event protos) when it first writes. Only process
-0 writes (distributed.is_primary); on the others every call does nothing. A `write` is one
-record of values already on the host, flushed to the OS at once (no fsync, no thread): a killed
-run keeps every point it wrote, and callers need not close a writer for its points to count.
+events file (tensorboardX's synchronous EventsWriter) when it first writes. Only process 0
+writes (distributed.is_primary); on the others every call does nothing. A `write` is one record
+of values already on the host, flushed at once: a killed run keeps every point it wrote, and
+callers need not close a writer for its points to count.
 """
 
 from __future__ import annotations
@@ -16,30 +16,15 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import socket
-import struct
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import Summary
-from tensorboardX.record_writer import masked_crc32c
 
 from echo_jax.train import distributed
-
-EVENTS_PREFIX = "events.out.tfevents"  # TensorBoard reads files whose names contain tfevents.
-
-
-def tfrecord(data: bytes) -> bytes:
-    """One TFRecord: length, its masked CRC-32C, the data, the data's masked CRC-32C."""
-    header = struct.pack("<Q", len(data))
-    return (
-        header
-        + struct.pack("<I", masked_crc32c(header))
-        + data
-        + struct.pack("<I", masked_crc32c(data))
-    )
 
 
 class ScalarWriter:
@@ -52,7 +37,6 @@ class ScalarWriter:
     def __init__(self, logdir: str | os.PathLike, purge_step: int | None = None):
         self.logdir = os.fspath(logdir)
         self.purge_step = purge_step
-        self.path: str | None = None  # The events file, once the first write made it.
         self._file = None
         self._enabled = distributed.is_primary()
 
@@ -75,27 +59,17 @@ class ScalarWriter:
     def _append(self, event: Event) -> None:
         if self._file is None:
             self._open()
-        self._file.write(tfrecord(event.SerializeToString()))
+        self._file.write_event(event)
 
     def _open(self) -> None:
         os.makedirs(self.logdir, exist_ok=True)
-        now = time.time()
-        # Names sort by creation time, the order TensorBoard reads a run's files (and purges) in.
-        base = os.path.join(
-            self.logdir,
-            f"{EVENTS_PREFIX}.{int(now)}.{socket.gethostname()}.{int(now * 1e6) % 10**6:06d}",
-        )
-        self.path, n = base, 0
-        while os.path.exists(self.path):
-            n += 1
-            self.path = f"{base}.{n}"
-        self._file = open(self.path, "xb")  # noqa: SIM115 (open across writes until close)
-        self._file.write(
-            tfrecord(Event(wall_time=now, file_version="brain.Event:2").SerializeToString())
-        )
+        # The nanoseconds keep two writers of one second apart, in the order TensorBoard reads
+        # a run's files (by name) and purges.
+        suffix = f".{time.time_ns() % 10**9:09d}"
+        self._file = EventsWriter(os.path.join(self.logdir, "events"), suffix)
         if self.purge_step is not None:
             start = SessionLog(status=SessionLog.START)
-            self._append(Event(wall_time=now, step=self.purge_step, session_log=start))
+            self._append(Event(wall_time=time.time(), step=self.purge_step, session_log=start))
             self.purge_step = None  # Only the first file hides what came before.
 
     def flush(self) -> None:
