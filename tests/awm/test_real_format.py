@@ -15,6 +15,7 @@ from echo_jax.awm.harness import run_episode
 from echo_jax.awm.live_world import LiveWorld
 from echo_jax.awm.world_format import WorldFormatError, load_worlds
 from echo_jax.data.check_data import check
+from tests.awm.test_runtime import VERIFY, Scripted, call
 
 ROOT = Path(__file__).parents[2]
 REAL = Path(__file__).parent / "fixtures" / "real_world"
@@ -33,21 +34,6 @@ def live(world):
     live.open()
     yield live
     live.close()
-
-
-class Scripted:
-    def __init__(self, *actions):
-        self.actions = actions
-
-    def next_action(self, steps):
-        return self.actions[len(steps)]
-
-
-def call(tool_name, **arguments):
-    return {"tool_name": tool_name, "arguments": arguments}
-
-
-VERIFY = call("verify", verifier_mode="code")
 
 
 def test_fixture_is_real_format(world):
