@@ -86,6 +86,7 @@ def test_report_from_made_up_runs(tmp_path):
     # echo's over iterations 2-4.
     assert grpo["steps_to_threshold"] == [500, 501, 502]
     assert echo["steps_to_threshold"] == [400, 401, 402]
+    assert echo["median_steps_to_threshold"] == 401
     assert echo["ratio_to_grpo"]["median"] == pytest.approx(401 / 501)
     hi = echo["ratio_to_grpo"]["ci95"][1]
     assert hi < 1

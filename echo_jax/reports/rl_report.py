@@ -111,9 +111,10 @@ def curves(rows: Sequence[dict[str, Any]]) -> dict[str, list[rl_stats.Curve]]:
 
 def summary(rows, threshold: float, window: int) -> dict[str, dict[str, Any]]:
     """rl_summary.json: per arm, the issue's fields, and the threshold they refer to."""
-    seeds = {arm: sorted({r["seed"] for r in rows if r["arm"] == arm}) for arm in curves(rows)}
+    by_arm = curves(rows)
+    seeds = {arm: sorted({r["seed"] for r in rows if r["arm"] == arm}) for arm in by_arm}
     paired = len({tuple(v) for v in seeds.values()}) == 1  # Every arm ran the same seeds.
-    out = rl_stats.summarize(curves(rows), threshold, window, paired=paired)
+    out = rl_stats.summarize(by_arm, threshold, window, paired=paired)
     for arm, s in out.items():
         gaps = [r["logp_gap_mean"] for r in rows if r["arm"] == arm and r["logp_gap_mean"]]
         s["threshold"] = {"success": threshold, "moving_average_iterations": window}
@@ -142,8 +143,7 @@ def _ratio(r) -> str:
     return f"{mid} [{lo}, {hi}]"
 
 
-def threshold_table(rows, labels, threshold: float, window: int) -> list[str]:
-    s = summary(rows, threshold, window)
+def threshold_table(s: dict[str, dict[str, Any]], labels, threshold: float) -> list[str]:
     lines = [
         f"| arm | seeds | env steps to {threshold:g} (per seed) | median | ratio to grpo "
         "[95% CI] | verdict |",
@@ -151,8 +151,7 @@ def threshold_table(rows, labels, threshold: float, window: int) -> list[str]:
     ]
     for arm, a in s.items():
         per_seed = ", ".join(_steps(v) for v in a["steps_to_threshold"])
-        med = np.median([math.inf if v is None else v for v in a["steps_to_threshold"]])
-        med_text = _steps(None if math.isinf(med) else med)
+        med_text = _steps(a["median_steps_to_threshold"])
         r = a["ratio_to_grpo"]
         word = "baseline" if arm == rl_stats.BASELINE else (rl_stats.verdict(r) if r else "n/a")
         lines.append(f"| {labels[arm]} | {a['seeds']} | {per_seed} | {med_text} | {_ratio(r)} | "
@@ -161,9 +160,11 @@ def threshold_table(rows, labels, threshold: float, window: int) -> list[str]:
 
 
 def markdown(rows, commands: dict[str, str], setup: str, plots: Sequence[str],
-             thresholds: Sequence[float], window: int) -> str:  # fmt: skip
+             summaries: dict[float, dict[str, dict[str, Any]]], window: int) -> str:  # fmt: skip
+    """RL.md; summaries: `summary` at each threshold, the first the main one."""
     labels = {r["arm"]: arm_label(r) for r in rows}
-    main = summary(rows, thresholds[0], window)
+    first = next(iter(summaries))
+    main = summaries[first]
     lines = [
         "# Does ECHO reach a success rate in fewer environment steps than GRPO?",
         "",
@@ -194,10 +195,10 @@ def markdown(rows, commands: dict[str, str], setup: str, plots: Sequence[str],
             f"{a['success_last']:.3f} | {_ci(a['auc'])} | {_ci(a['heldout_pass@1_end'])} | "
             f"{gap} |"
         )
-    for threshold in thresholds:
+    for threshold, s in summaries.items():
         lines += ["", f"## Steps to {threshold:g} success ({window}-iteration moving average)",
-                  ""] + threshold_table(rows, labels, threshold, window)  # fmt: skip
-    lines += ["", "## Verdict", "", findings(main, labels, thresholds[0]), ""]
+                  ""] + threshold_table(s, labels, threshold)  # fmt: skip
+    lines += ["", "## Verdict", "", findings(main, labels, first), ""]
     lines += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
     lines += ["", "## Commands", "", "Each run (rerun one by deleting its workdir):", ""]
     lines += [f"- `{name}`: `{cmd}`" for name, cmd in commands.items()]
@@ -230,7 +231,8 @@ def findings(s: dict[str, dict[str, Any]], labels: dict[str, str], threshold: fl
     return "\n".join(out)
 
 
-def plot(rows, out_dir: str, threshold: float, window: int) -> list[str]:
+def plot(rows, out_dir: str, s: dict[str, dict[str, Any]], threshold: float) -> list[str]:
+    """The success band per arm, and each seed's steps to `threshold` (`s`, its summary)."""
     plt = results.pyplot()
     colors = results.arm_colors([r for r in rows if r["iteration"] == 0] or rows)
     labels = {r["arm"]: arm_label(r) for r in rows}
@@ -250,13 +252,12 @@ def plot(rows, out_dir: str, threshold: float, window: int) -> list[str]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    s = summary(rows, threshold, window)
-    budget = max(max(a["env_steps_final"]) for a in s.values())
+    never = 1.05 * max(max(a["env_steps_final"]) for a in s.values())  # Where "never" is drawn.
     for i, (arm, a) in enumerate(s.items()):
-        vals = [budget * 1.05 if v is None else v for v in a["steps_to_threshold"]]
+        vals = [never if v is None else v for v in a["steps_to_threshold"]]
         jitter = np.linspace(-0.15, 0.15, len(vals))
         ax.scatter(vals, i + jitter, color=colors[arm], s=25)
-    ax.axvline(budget * 1.05, color="grey", lw=0.8, ls=":")
+    ax.axvline(never, color="grey", lw=0.8, ls=":")
     ax.set_yticks(range(len(s)), [labels[a] for a in s])
     ax.set_xlabel(f"environment steps to {threshold:g} success (right of the line: never)")
     ax.grid(alpha=0.3, axis="x")
@@ -272,9 +273,11 @@ def write(rows, out_dir: str, commands: dict[str, str], setup: str,
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, CSV_NAME)
     results.write_csv_columns(rows, csv_path, COLUMNS)
+    summaries = {t: summary(rows, t, window) for t in thresholds}
+    main = summaries[thresholds[0]]
     json_path = os.path.join(out_dir, SUMMARY_NAME)
-    atomic_write_text(json_path, json.dumps(summary(rows, thresholds[0], window), indent=2) + "\n")
-    plots = plot(rows, out_dir, thresholds[0], window)
+    atomic_write_text(json_path, json.dumps(main, indent=2) + "\n")
+    plots = plot(rows, out_dir, main, thresholds[0])
     md_path = os.path.join(out_dir, MARKDOWN_NAME)
-    atomic_write_text(md_path, markdown(rows, commands, setup, plots, thresholds, window))
+    atomic_write_text(md_path, markdown(rows, commands, setup, plots, summaries, window))
     return [csv_path, json_path, md_path, *plots]

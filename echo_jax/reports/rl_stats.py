@@ -154,6 +154,7 @@ def summarize(
             "success_first": float(np.mean([c.success_I[0] for c in curves])),
             "success_last": float(np.mean([c.success_I[-last:].mean() for c in curves])),
             "steps_to_threshold": reach[name],
+            "median_steps_to_threshold": _finite(float(_median_steps(_as_steps(reach[name])))),
             "ratio_to_grpo": (
                 ratio_to_baseline(reach[name], reach[BASELINE], paired)
                 if BASELINE in reach

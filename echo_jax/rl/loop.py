@@ -255,10 +255,6 @@ def format_line(line: dict[str, Any]) -> str:
     )
 
 
-def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    return RunDir(workdir).read_metrics()
-
-
 def remove_unfinished(workdir: str) -> bool:
     """An RL run without summary.json was interrupted; it restarts from scratch (rollouts are
     not resumable mid-iteration). Returns whether it was removed."""
