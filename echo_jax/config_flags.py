@@ -26,7 +26,7 @@ from echo_jax.objective.objectives import OBJECTIVES, objective_spec
 _FIELD = re.compile(r"^\s+(\w+): [^=]+= .*?(?:#\s*(.*))?$")
 _COMMENT = re.compile(r"^\s+#\s?(.*)$")
 
-FlagNames = Mapping[str, str] | Sequence[str]  # {field: flag}, or flag names equal to fields.
+FlagNames = Mapping[str, str]  # {field: flag}, as define_flags returns it.
 
 
 @functools.cache
@@ -134,9 +134,8 @@ def define_flags(
 def _values(cls: type, names: FlagNames, flag_values: flags.FlagValues) -> dict[str, Any]:
     """{field: its flag's value}, list flags as tuples where the field is a tuple."""
     hints = typing.get_type_hints(cls)
-    pairs = names.items() if isinstance(names, Mapping) else ((n, n) for n in names)
     out = {}
-    for field, flag in pairs:
+    for field, flag in names.items():
         value = flag_values[flag].value
         out[field] = tuple(value) if value is not None and _kind(hints[field]) is tuple else value
     return out
