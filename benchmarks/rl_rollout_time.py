@@ -8,7 +8,7 @@ no held-out evaluations, for --iterations iterations. The two loops choose their
 differently (the baseline draws 4 tasks per iteration; this tree trains on a fixed pool, here
 4 tasks given in a pool file), so rollouts differ in length: the comparison is per iteration and
 per environment step, median over iterations, from each run's metrics.jsonl. The first
-iteration includes compilation on both sides.
+iteration includes compilation on both sides (this tree's cache starts empty).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def summarize(lines: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", default="5ffb078")
-    parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--iterations", type=int, default=6)
     args = parser.parse_args()
     info = header("rl_rollout_time", {"baseline": args.baseline, "iterations": args.iterations})
     record: dict = {"machine": info, "baseline": args.baseline, "iterations": args.iterations}
@@ -71,7 +71,16 @@ def main() -> None:
         its = f"--iterations={args.iterations}"
         sides = {
             "baseline": (worktree(args.baseline), [its, *BASELINE_FLAGS]),
-            "new": (ROOT, [its, f"--pool_file={pool}", "--eval_split=", "--slots=16"]),
+            "new": (
+                ROOT,
+                [
+                    its,
+                    f"--pool_file={pool}",
+                    "--eval_split=",
+                    "--slots=16",
+                    f"--jax_cache={os.path.join(tmp, 'jax_cache')}",
+                ],
+            ),  # fmt: skip
         }
         for side, (tree, flags) in sides.items():
             record[side] = summarize(run_side(tree, flags, os.path.join(tmp, side)))

@@ -22,11 +22,30 @@ from absl import flags
 
 from echo_jax import config as C
 from echo_jax.objective.objectives import OBJECTIVES, objective_spec
+from echo_jax.util import compilation_cache
 
 _FIELD = re.compile(r"^\s+(\w+): [^=]+= .*?(?:#\s*(.*))?$")
 _COMMENT = re.compile(r"^\s+#\s?(.*)$")
 
 FlagNames = Mapping[str, str]  # {field: flag}, as define_flags returns it.
+
+
+def define_jax_cache_flag(flag_values: flags.FlagValues = flags.FLAGS) -> flags.FlagHolder:
+    """--jax_cache, for the entry points that run a model in a fresh process (see
+    `echo_jax.util.compilation_cache`)."""
+    return flags.DEFINE_string(
+        "jax_cache",
+        compilation_cache.DEFAULT_DIR,
+        "Persistent XLA compilation cache: later runs load what earlier ones compiled "
+        "('' turns it off).",
+        flag_values=flag_values,
+    )
+
+
+def apply_jax_cache(holder: flags.FlagHolder) -> None:
+    """Turns the cache on when the flag names a folder; call before anything compiles."""
+    if holder.value:
+        compilation_cache.enable_compilation_cache(holder.value)
 
 
 @functools.cache

@@ -34,12 +34,14 @@ _POSITIONS = flags.DEFINE_integer(
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling and task-subset seed.")
 _OUT = flags.DEFINE_string("out", None, "Output folder for rollouts and metrics.")
+_JAX_CACHE = config_flags.define_jax_cache_flag()
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    config_flags.apply_jax_cache(_JAX_CACHE)
     agent = from_flags(C.AgentConfig, AGENT_FLAGS)
     metrics = evaluate_checkpoint(
         _CHECKPOINT.value,

@@ -56,6 +56,7 @@ RL_FLAGS = define_flags(  # One flag per RLConfig field, its help the field's co
         "eval_split": [*C.SPLITS, ""],
     },  # fmt: skip
 )
+JAX_CACHE = config_flags.define_jax_cache_flag()
 flags.adopt_module_key_flags(config_flags)  # So that --help lists them.
 FLAGS = flags.FLAGS
 
@@ -91,6 +92,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
+    config_flags.apply_jax_cache(JAX_CACHE)
     try:
         rl = rl_config_from_flags()
         cfg = run_config_from_flags()

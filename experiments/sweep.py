@@ -25,6 +25,7 @@ import sys
 from absl import app, flags, logging
 
 from echo_jax import config as C
+from echo_jax import config_flags
 from echo_jax.data.episodes import EpisodeError
 from echo_jax.objective.objectives import OBJECTIVES
 from echo_jax.reports import ablation_report, results, sweep
@@ -64,11 +65,7 @@ flags.DEFINE_integer(
     "closed_loop_positions", 16, "Teacher-forced positions for tool-call accuracy (0: skip)."
 )
 flags.DEFINE_string("worlds", "data/awm_worlds", "AWM-format world folder for --closed_loop.")
-flags.DEFINE_string(
-    "jax_cache",
-    "runs/.jax_cache",
-    "Persistent XLA compilation cache shared by the runs ('' turns it off).",
-)
+JAX_CACHE = config_flags.define_jax_cache_flag()
 FLAGS = flags.FLAGS
 FLAGS.set_default("data", ["data/corpus"])
 FLAGS.set_default("steps", SWEEP_STEPS)
@@ -141,8 +138,7 @@ def main(argv: list[str]) -> None:
             return
         specs = specs_from_flags()
         hook = closed_loop_from_flags()
-        if FLAGS.jax_cache:
-            sweep.enable_compilation_cache(FLAGS.jax_cache)
+        config_flags.apply_jax_cache(JAX_CACHE)
         command = command_line()
         print(f"sweep: {len(specs)} runs under {FLAGS.root}", flush=True)
         sweep.write_meta(os.path.join(out, results.META_NAME), command, specs)

@@ -1,7 +1,9 @@
 """KV-cache decoding: exact caches, greedy determinism, nucleus and temperature sampling, stops."""
 
 import functools
+import unittest.mock
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,10 +14,10 @@ from echo_jax.agent.decoding import (
     FOUND,
     Decoder,
     decode_text,
-    sample_tokens,
     stop_automaton,
     token_stop_transitions,
 )
+from echo_jax.agent.sampling import first_argmax, inverse_cdf_sample, sample_tokens
 from echo_jax.config import ModelConfig
 from echo_jax.data.episodes import parse_episode
 from echo_jax.data.render import END_CALL, render_episode
@@ -111,6 +113,65 @@ def test_cached_decoding_matches_the_full_forward_pass(decoder, vocab):
     close(jax.nn.log_softmax(first_BV, axis=-1), full_BTV[rows, lengths_B - 1])
     for i in range(steps):
         close(jax.nn.log_softmax(fed_SBV[i], axis=-1), full_BTV[rows, lengths_B + i])
+
+
+def test_a_window_reads_only_what_it_needs_and_changes_nothing(decoder, vocab):
+    """Rows that end within a window of 31 positions (prime, not a power of two) get the
+    training forward pass's next-token logits and the same cache as the whole row's extend."""
+    graphdef, params = decoder_graph(vocab), decoder.params
+    tokens_BT = np.random.default_rng(1).integers(1, vocab.size, (2, MAX_LEN)).astype(np.int32)
+    full_BTV = np.asarray(forward_fn(graphdef)(params, tokens_BT))
+    count_B = np.array([31, 17], np.int32)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def extend(params, tokens_BC, window):
+        model = nnx.merge(graphdef, params)
+        cache = model.empty_cache(2, MAX_LEN)
+        return model.extend(tokens_BC, jnp.zeros(2, jnp.int32), count_B, cache, window=window)
+
+    windowed_BV, windowed_cache = extend(params, tokens_BT[:, :31], 31)
+    whole_BV, whole_cache = extend(params, tokens_BT[:, :31], None)
+    np.testing.assert_allclose(
+        jax.nn.log_softmax(windowed_BV, axis=-1), full_BTV[[0, 1], count_B - 1], atol=1e-4
+    )
+    np.testing.assert_allclose(windowed_BV, whole_BV, atol=1e-5)
+    chex.assert_trees_all_close(windowed_cache, whole_cache, atol=1e-6)
+
+
+def test_inverse_cdf_sample_draws_each_index_in_proportion():
+    """Over 293 entries (2 blocks of 128 and a ragged third), zero weights in every block, a
+    wholly zero block, and mass on each block's last entry: the frequencies match the weights,
+    and no zero-weight index is ever drawn."""
+    rng = np.random.default_rng(0)
+    weights_V = rng.exponential(size=293) * (rng.random(293) < 0.5)
+    weights_V[128:256] = 0.0
+    weights_V[[127, 292]] = 3.0
+    n = 60_000
+    draws = np.asarray(
+        jax.jit(inverse_cdf_sample)(
+            jnp.tile(jnp.asarray(weights_V, jnp.float32), (n, 1)),
+            jax.random.split(jax.random.key(2), n),
+        )
+    )
+    p_V = weights_V / weights_V.sum()
+    freq_V = np.bincount(draws, minlength=293) / n
+    assert freq_V[p_V == 0].sum() == 0
+    np.testing.assert_allclose(freq_V, p_V, atol=5 * np.sqrt(p_V.max() / n))
+
+
+def test_inverse_cdf_sample_never_runs_past_the_last_positive_entry():
+    """A uniform of almost 1 lands on the last positive entry, not on the zeros after it."""
+    weights_1V = jnp.zeros((1, 300)).at[0, [3, 130]].set(1.0)
+    key_1 = jax.random.split(jax.random.key(0), 1)
+    with unittest.mock.patch.object(jax.random, "uniform", lambda *a, **k: jnp.float32(1.0)):
+        assert int(inverse_cdf_sample(weights_1V, key_1)[0]) == 130
+
+
+def test_first_argmax_is_argmax_ties_and_infinities_included():
+    x_BV = np.random.default_rng(0).integers(-3, 3, (13, 29)).astype(np.float32)
+    x_BV[0] = -np.inf
+    x_BV[1, [4, 9]] = np.inf
+    np.testing.assert_array_equal(first_argmax(jnp.asarray(x_BV)), np.argmax(x_BV, axis=-1))
 
 
 def test_greedy_is_deterministic_and_rows_are_independent(decoder, vocab):

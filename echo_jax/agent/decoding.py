@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 from jax import Array
 
+from echo_jax.agent.sampling import sample_tokens
 from echo_jax.data import tokenizer
 from echo_jax.data.render import END_CALL
 from echo_jax.data.vocab import PAD_ID, Vocab
@@ -87,62 +88,6 @@ def token_stop_transitions(vocab: Vocab, stop: str) -> np.ndarray:
     return state_VS
 
 
-NUCLEUS_BISECTIONS = 32  # Halvings of [0, max prob] that locate the top-p cut-off.
-
-
-def nucleus_mask(probs_BV: Array, top_p_B: Array) -> Array:
-    """bool [B, V]: per row, the smallest set of most likely tokens holding at least top_p of
-    the mass (ties at the cut-off stay in; at least the most likely token; everything when
-    top_p >= 1).
-
-    The cut-off probability is found by bisection -- {p >= c} must hold >= top_p of the mass --
-    which costs a few passes over V instead of a sort.
-    """
-    top_p_B = jnp.broadcast_to(top_p_B, probs_BV.shape[:1])
-
-    def halve(_, bounds):
-        lo_B, hi_B = bounds
-        mid_B = 0.5 * (lo_B + hi_B)
-        mass_B = jnp.sum(jnp.where(probs_BV >= mid_B[:, None], probs_BV, 0.0), axis=-1)
-        enough_B = mass_B >= top_p_B
-        return jnp.where(enough_B, mid_B, lo_B), jnp.where(enough_B, hi_B, mid_B)
-
-    def cut(_):
-        max_B = probs_BV.max(axis=-1)
-        lo_B, _ = jax.lax.fori_loop(
-            0, NUCLEUS_BISECTIONS, halve, (jnp.zeros_like(max_B), max_B * (1 + 1e-6))
-        )
-        return (probs_BV >= jnp.minimum(lo_B, max_B)[:, None]) | (top_p_B >= 1.0)[:, None]
-
-    # The bisection is most of a decoding step's work on a CPU: skipped when no row needs it.
-    everything = jnp.ones(probs_BV.shape, bool)
-    return jax.lax.cond(jnp.any(top_p_B < 1.0), cut, lambda _: everything, None)
-
-
-def sample_tokens(
-    logits_BV: Array, keys_B: Array, temperature_B: Array, top_p_B: Array
-) -> tuple[Array, Array]:
-    """(token [B], its log-prob under the distribution it was drawn from [B]), one key per row.
-
-    Greedy (log-prob 0) where temperature <= 0. Otherwise softmax(logits / temperature)
-    restricted to its top-p nucleus (`nucleus_mask`). PAD is never chosen.
-    """
-    b = logits_BV.shape[0]
-    temperature_B = jnp.broadcast_to(temperature_B, (b,))
-    logits_BV = logits_BV.astype(jnp.float32)
-    logits_BV = logits_BV.at[:, PAD_ID].set(-jnp.inf)
-    greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    scaled_BV = logits_BV / jnp.maximum(temperature_B, 1e-6)[:, None]
-    keep_BV = nucleus_mask(jax.nn.softmax(scaled_BV, axis=-1), top_p_B)
-    filtered_BV = jnp.where(keep_BV, scaled_BV, -jnp.inf)
-    sampled_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BV).astype(jnp.int32)
-    logp_B = jnp.take_along_axis(
-        jax.nn.log_softmax(filtered_BV, axis=-1), sampled_B[:, None], axis=-1
-    )[:, 0]
-    is_greedy_B = temperature_B <= 0
-    return jnp.where(is_greedy_B, greedy_B, sampled_B), jnp.where(is_greedy_B, 0.0, logp_B)
-
-
 class Rows(NamedTuple):
     """Per cache row, what `decode` carries between calls (host numpy or device arrays)."""
 
@@ -164,15 +109,16 @@ class Rows(NamedTuple):
 
 
 @functools.lru_cache(maxsize=16)
-def make_extend_fn(graphdef: nnx.GraphDef):
+def make_extend_fn(graphdef: nnx.GraphDef, window: int | None = None):
     """Jitted `(params, cache, logits_SV, tokens_RC, start_R, count_R, rows_R) -> (cache,
     logits_SV)`: appends count_R tokens to cache rows rows_R (distinct; a row with count 0 is
     left as it was, so rows_R may be padded with any row and count 0). Only those R rows are
-    computed. The cache is donated. Compiles once per (R, C)."""
+    computed, attending to the cache positions below `window` (None: all; every start + count
+    must be within it). The cache is donated. Compiles once per (R, C)."""
 
     def extend(params, cache, logits_SV, tokens_RC, start_R, count_R, rows_R):
         model = nnx.merge(graphdef, params)
-        new_RV, cache = model.extend(tokens_RC, start_R, count_R, cache, rows_R)
+        new_RV, cache = model.extend(tokens_RC, start_R, count_R, cache, rows_R, window)
         keep_R = jnp.where((count_R > 0)[:, None], new_RV.astype(jnp.float32), logits_SV[rows_R])
         return cache, logits_SV.at[rows_R].set(keep_R)
 
@@ -217,9 +163,9 @@ def make_decode_fn(graphdef: nnx.GraphDef, steps: int):
             token_S, sample_logp_S = sample_tokens(
                 c["logits_SV"], split_S2[:, 1], r.temperature, r.top_p
             )
-            logp_S = jnp.take_along_axis(
-                jax.nn.log_softmax(c["logits_SV"], axis=-1), token_S[:, None], axis=-1
-            )[:, 0]
+            logp_S = jnp.take_along_axis(c["logits_SV"], token_S[:, None], axis=-1)[
+                :, 0
+            ] - jax.nn.logsumexp(c["logits_SV"], axis=-1)  # log_softmax, at the token only.
             active_S = r.active
             token_S = jnp.where(active_S, token_S, PAD_ID)
             stop_state_S = stop_VS[token_S, r.stop_state]  # PAD (inactive) keeps it.
@@ -291,8 +237,17 @@ class Decoder:
     def __post_init__(self) -> None:
         self.stop_VS = jnp.asarray(token_stop_transitions(self.vocab, self.stop))
         self.extend_fn = make_extend_fn(self.graphdef)
+        self.windows = tuple(
+            sorted({min(w, self.max_len) for w in (self.max_len // 2, self.max_len)})
+        )
         self.decode_fn = make_decode_fn(self.graphdef, self.max_new_tokens)
         self.block_fn = make_decode_fn(self.graphdef, self.block or self.max_new_tokens)
+
+    def windowed_extend_fn(self, end: int):
+        """`extend_fn` for new tokens that all end at or before position `end`: attention reads
+        the smallest of `windows` that holds them (a row's first half costs half)."""
+        window = next(w for w in self.windows if w >= end)
+        return make_extend_fn(self.graphdef, None if window == self.max_len else window)
 
     def empty_cache(self, rows: int) -> KVCache:
         return nnx.merge(self.graphdef, self.params).empty_cache(rows, self.max_len)

@@ -47,8 +47,9 @@ from echo_jax.data.vocab import PAD_ID, Vocab
 
 log = logging.getLogger(__name__)
 
-EXTEND_CHUNKS = (32, 256)  # Widths of `extend` calls: short observations, then long ones.
-EXTEND_ROWS = (1, 4, 16)  # Rows per `extend` call: the smallest that takes the waiting ones.
+# Widths of `extend` calls: the smallest that takes a row's waiting tokens, up to the widest.
+EXTEND_CHUNKS = (32, 128, 256)
+EXTEND_ROWS = (1, 2, 4, 16)  # Rows per `extend` call: the smallest that takes the waiting ones.
 DECODE_ROWS = (4, 8, 16)  # Rows per `decode` call: the smallest that takes the active ones.
 
 
@@ -285,11 +286,12 @@ class RolloutEngine:
                     waiting = None
             lap("host_s")
 
-            while pending:  # Append the waiting rows' tokens: the longest first, wide chunks.
-                wide = [slot for slot, toks in pending.items() if len(toks) > EXTEND_CHUNKS[0]]
-                c = EXTEND_CHUNKS[-1] if wide else EXTEND_CHUNKS[0]
-                group = (wide or list(pending))[: row_buckets[-1]]
-                r = next(b for b in row_buckets if b >= len(group))
+            while pending:  # Append the waiting rows' tokens: the widest chunks first.
+                # Rows of one call share its width, since padding costs as much as tokens.
+                width = {slot: _bucket(EXTEND_CHUNKS, len(toks)) for slot, toks in pending.items()}
+                c = max(width.values())
+                group = [slot for slot in pending if width[slot] == c][: row_buckets[-1]]
+                r = _bucket(row_buckets, len(group))
                 idle = [slot for slot in range(cfg.slots) if slot not in group]
                 rows_R = np.array(group + idle[: r - len(group)], np.int32)  # Distinct rows.
                 tokens_RC = np.full((r, c), PAD_ID, np.int32)
@@ -307,8 +309,9 @@ class RolloutEngine:
                         rows.stop_state[slot] = 0
                 start_R = rows.position[rows_R].copy()
                 rows.position[rows_R] += count_R
+                extend_fn = dec.windowed_extend_fn(int(rows.position[group].max()))
                 lap("host_s")
-                self.cache, self.logits_SV = dec.extend_fn(
+                self.cache, self.logits_SV = extend_fn(
                     dec.params, self.cache, self.logits_SV, tokens_RC, start_R, count_R, rows_R
                 )
                 t.extend_calls += 1
@@ -317,7 +320,7 @@ class RolloutEngine:
 
             if rows.active.any():
                 decoding = np.flatnonzero(rows.active)
-                r = next((b for b in decode_buckets if b >= decoding.size), decode_buckets[-1])
+                r = _bucket(decode_buckets, decoding.size)
                 idle = np.flatnonzero(~rows.active)
                 rows_R = np.concatenate([decoding[:r], idle[: r - decoding[:r].size]])
                 self.cache, self.logits_SV, new_rows, out = dec.block_fn(
@@ -353,6 +356,11 @@ def _ready(tree):
     while not all(x.is_ready() for x in leaves):
         time.sleep(2e-4)
     return tree
+
+
+def _bucket(sizes: Sequence[int], n: int) -> int:
+    """The smallest of `sizes` (ascending) that holds n, else the largest."""
+    return next((size for size in sizes if size >= n), sizes[-1])
 
 
 def _interleave_scenarios(requests: Sequence[EpisodeRequest]) -> list[int]:

@@ -278,15 +278,6 @@ def agent_closed_loop(
     return hook
 
 
-def enable_compilation_cache(path: str) -> None:
-    """Persistent XLA cache: seeds of one arm (and every run's eval step) compile once."""
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def write_meta(path: str, command: str, specs: Sequence[RunSpec]) -> None:
     """The command and grid behind the results, read back by --report_only."""
     meta = {
