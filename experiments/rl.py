@@ -8,6 +8,10 @@ start checkpoint, or read from --pool_file) with the current policy, scores them
 tasks' verifiers, and updates with echo_loss (PPO-clip on the log-probs the sampler recorded)
 on exactly the tokens it sampled. Logic in echo_jax.rl.loop.run_rl; metrics per iteration in
 WORKDIR/metrics.jsonl, rollouts in WORKDIR/rollouts/ (capture format).
+
+As N processes (docs/cluster.md, "Launch on a cluster"): the same command in each, with the
+same --workdir and --coordinator_address, --num_processes and --process_id (or
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or under srun / mpirun nothing).
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from echo_jax.config_flags import define_flags, from_flags, replace_from_flags
 from echo_jax.data.episodes import EpisodeError
 from echo_jax.objective.objectives import OBJECTIVES, objective_spec
 from echo_jax.rl.loop import run_rl
+from echo_jax.train import distributed
 from echo_jax.train.run_dir import RunDir, RunDirError
+from experiments import launch  # --coordinator_address, --num_processes, --process_id
 
 LOSS_FLAGS = define_flags(  # One flag per LossConfig field, as in experiments.train.
     C.LossConfig,
@@ -58,6 +64,7 @@ RL_FLAGS = define_flags(  # One flag per RLConfig field, its help the field's co
 )
 JAX_CACHE = config_flags.define_jax_cache_flag()
 flags.adopt_module_key_flags(config_flags)  # So that --help lists them.
+flags.adopt_module_key_flags(launch)
 FLAGS = flags.FLAGS
 
 
@@ -96,6 +103,7 @@ def main(argv: list[str]) -> None:
     try:
         rl = rl_config_from_flags()
         cfg = run_config_from_flags()
+        launch.initialize(FLAGS.workdir)  # Before anything touches JAX.
         stamp = time.strftime("%Y%m%d_%H%M%S")
         workdir = FLAGS.workdir or f"runs/rl_{cfg.loss.objective}_{stamp}"
         summary = run_rl(
@@ -108,7 +116,8 @@ def main(argv: list[str]) -> None:
         )
     except (C.ConfigError, EpisodeError, RunDirError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(json.dumps({k: summary[k] for k in ("iterations", "env_steps", "wall_s", "pool")}))
+    if distributed.is_primary():
+        print(json.dumps({k: summary[k] for k in ("iterations", "env_steps", "wall_s", "pool")}))
 
 
 if __name__ == "__main__":

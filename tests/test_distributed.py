@@ -1,6 +1,7 @@
 """Training as several processes (echo_jax.train.distributed): two CPU processes of
 `experiments.train` end with the parameters, metrics and evaluation of one process training on
-the same global batches; and the launch settings' rules, checked in this (one) process.
+the same global batches, two of `experiments.rl` with those of one process running the same
+iterations; and the launch settings' rules, checked in this (one) process.
 """
 
 import json
@@ -16,6 +17,8 @@ import jax
 import numpy as np
 import pytest
 
+from echo_jax.agent.policy import load_run
+from echo_jax.awm.capture_shards import read_shard
 from echo_jax.config import Config, ConfigError
 from echo_jax.data.vocab import Vocab
 from echo_jax.train import distributed
@@ -24,7 +27,11 @@ from echo_jax.train.run_dir import RunDir
 from echo_jax.train.sharding import data_parallel
 from echo_jax.train.trainer import init_model, init_state, make_optimizer
 from echo_jax.util.jsonl import read_jsonl
+from tests.test_agent import WORLDS
+from tests.test_agent import episode as episode  # noqa: F401  (fixture)
+from tests.test_agent import vocab as vocab  # noqa: F401  (fixture)
 from tests.test_data import small_episode, write_jsonl
+from tests.test_rl import start_run as start_run  # noqa: F401  (fixture)
 from tests.test_train import assert_same_metrics
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -47,7 +54,9 @@ def _child_env(**extra: str) -> dict[str, str]:
     return dict(env, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **extra)
 
 
-def _run_all(runs: dict[str, tuple[list[str], dict[str, str]]], logs) -> dict[str, int]:
+def _run_all(
+    runs: dict[str, tuple[list[str], dict[str, str]]], logs, module: str = "experiments.train"
+) -> dict[str, int]:
     """Starts every run at once (each in its own process group), waits for all within
     TIMEOUT_S and kills what is left, so a hang fails the test instead of stalling CI."""
     procs = {}
@@ -55,7 +64,7 @@ def _run_all(runs: dict[str, tuple[list[str], dict[str, str]]], logs) -> dict[st
         for name, (args, env) in runs.items():
             with open(logs / f"{name}.out", "w") as out, open(logs / f"{name}.err", "w") as err:
                 procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "experiments.train", *args],
+                    [sys.executable, "-m", module, *args],
                     cwd=ROOT,
                     env=env,
                     stdout=out,
@@ -71,6 +80,29 @@ def _run_all(runs: dict[str, tuple[list[str], dict[str, str]]], logs) -> dict[st
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+def _two_and_one(args: list[str], one, two) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """A one-process run in `one`, and two processes in `two`: process 0 told the launch
+    settings by the environment, process 1 by the flags."""
+    address = f"localhost:{_free_port()}"
+    return {
+        "one": ([*args, f"--workdir={one}"], _child_env()),
+        "p0": (
+            [*args, f"--workdir={two}"],
+            _child_env(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0"),
+        ),
+        "p1": (
+            [
+                *args,
+                f"--workdir={two}",
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                "--process_id=1",
+            ],
+            _child_env(),
+        ),
+    }
 
 
 def _final_state(workdir, step: int):
@@ -102,25 +134,7 @@ def test_two_processes_train_as_one(tmp_path):
         "--eval_splits=train",
     ]
     one, two = tmp_path / "one", tmp_path / "two"
-    address = f"localhost:{_free_port()}"
-    runs = {
-        "one": ([*args, f"--workdir={one}"], _child_env()),
-        "p0": (
-            [*args, f"--workdir={two}"],
-            _child_env(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0"),
-        ),
-        "p1": (
-            [
-                *args,
-                f"--workdir={two}",
-                f"--coordinator_address={address}",
-                "--num_processes=2",
-                "--process_id=1",
-            ],
-            _child_env(),
-        ),
-    }
-    codes = _run_all(runs, tmp_path)
+    codes = _run_all(_two_and_one(args, one, two), tmp_path)
     for name, code in codes.items():
         assert code == 0, f"{name}: {(tmp_path / f'{name}.err').read_text()[-3000:]}"
 
@@ -144,6 +158,75 @@ def test_two_processes_train_as_one(tmp_path):
             np.testing.assert_allclose(got_eval[key], value, rtol=1e-5, err_msg=key)
     assert "done: 4 steps" in (tmp_path / "p0.out").read_text()
     assert "step" not in (tmp_path / "p1.out").read_text()  # Only process 0 logs.
+
+
+def _rollouts(workdir) -> dict[str, list[dict]]:
+    return {f.name: list(read_shard(f)) for f in sorted((workdir / "rollouts").iterdir())}
+
+
+def test_two_processes_run_rl_as_one(tmp_path, start_run):  # noqa: F811
+    """Each process runs half of every iteration's rollouts and evaluations and supplies half
+    of every minibatch; their run ends where one process's does, and only process 0 writes."""
+    start, start_params = start_run
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps({"tasks": [["tiny_shop", 0], ["tiny_shop_two", 1]]}))
+    args = [
+        f"--start={start}",
+        f"--worlds={WORLDS}",
+        "--corpus=",
+        f"--pool_file={pool}",
+        "--objective=echo",
+        "--lam=0.5",
+        "--iterations=2",
+        "--group_size=2",
+        "--max_new_tokens=12",
+        "--max_steps=1",
+        "--epochs=1",
+        "--minibatch_size=2",
+        "--learning_rate=1e-2",
+        "--slots=3",
+        "--servers_per_scenario=1",
+        "--eval_split=",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    codes = _run_all(_two_and_one(args, one, two), tmp_path, "experiments.rl")
+    for name, code in codes.items():
+        assert code == 0, f"{name}: {(tmp_path / f'{name}.err').read_text()[-3000:]}"
+
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # Not the two processes' devices.
+    *_, want, want_step = load_run(one)
+    *_, got, got_step = load_run(two, sharding=here)
+    assert got_step == want_step == 2
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), got, start_params)
+    assert max(jax.tree.leaves(moved)) > 1e-3  # It trained: equal by doing nothing can't pass.
+
+    # Every rollout, in request order, in process 0's files; one writer of every file, and
+    # nothing left of the exchange.
+    assert sorted(os.listdir(two)) == sorted(os.listdir(one))
+    assert len(os.listdir(two / RunDir.TENSORBOARD)) == 1
+    want_rollouts, got_rollouts = _rollouts(one), _rollouts(two)
+    assert list(got_rollouts) == ["iter_0001.jsonl.gz", "iter_0002.jsonl.gz"]
+    same = ("scenario", "task_idx", "agent", "reward", "step_reward_types")
+    for name, records in want_rollouts.items():
+        assert len(got_rollouts[name]) == len(records) == 4
+        for a, b in zip(records, got_rollouts[name], strict=True):
+            assert [a[k] for k in same] == [b[k] for k in same]
+            for ra, rb in zip(a["rows"], b["rows"], strict=True):
+                assert ra["tokens"] == rb["tokens"]
+                np.testing.assert_allclose(ra["logp"], rb["logp"], atol=1e-5)
+    timing = ("rollout_s", "update_s", "decode_tokens_per_s", "env_steps_per_s")
+    lines_a, lines_b = RunDir(one).read_metrics(), RunDir(two).read_metrics()
+    assert [m["iteration"] for m in lines_b] == [0, 1, 2]
+    # What trained: the env term (a random model fails every task alike, so every advantage,
+    # hence the policy term, is 0 here; the update's PPO ratios and clipping still ran).
+    assert all(m["env_loss"] > 0 and m["update_steps"] > 1 for m in lines_b[1:])
+    for la, lb in zip(lines_a, lines_b, strict=True):
+        assert la.keys() == lb.keys()
+        for key in la.keys() - set(timing):
+            np.testing.assert_allclose(lb[key], la[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert "iter   2" in (tmp_path / "p0.out").read_text()
+    assert "iter" not in (tmp_path / "p1.out").read_text()  # Only process 0 logs.
 
 
 @pytest.fixture
@@ -215,3 +298,8 @@ def test_one_process_holds_every_row_and_assembles_its_batch():
     assert float(out["lam"]) == 0.5
     with pytest.raises(ValueError, match="share of the 8 is 8"):
         distributed.global_batch(local, dp.steps, 8)
+    # Alone: every item is this process's own, and a replicated array is its own copy.
+    items = [{"logp": [-0.1, 1e-30]}, [1, "a"]]
+    assert distributed.all_gather_json(items) == items
+    state = distributed.replicate({"w": np.ones(3, np.float32)}, dp.replicated)
+    assert distributed.local_replica(state)["w"] is state["w"]

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Sharding
 
 from echo_jax.agent.decoding import Decoder
 from echo_jax.config import Config
@@ -123,10 +124,11 @@ def build_prompt(
 
 
 def load_run(
-    workdir: str | os.PathLike, step: int | None = None
+    workdir: str | os.PathLike, step: int | None = None, sharding: Sharding | None = None
 ) -> tuple[Config, Vocab, Any, Any, int]:
     """(config, vocab, graphdef, params, checkpoint step) of a training run's latest (or given)
-    checkpoint. Nothing is initialised: the restore template is shapes only."""
+    checkpoint. Nothing is initialised: the restore template is shapes only, each array laid
+    out by `sharding` if given (a run as several processes: replicated over all of them)."""
     run = RunDir(workdir)
     with open(run.file(RunDir.CONFIG)) as f:
         cfg = Config.from_dict(json.load(f))
@@ -136,7 +138,11 @@ def load_run(
         raise FileNotFoundError(f"{run.checkpoint_dir} holds no checkpoint")
     tx = make_optimizer(cfg.train)
     graphdef, template = _abstract_model(cfg, vocab.size)
-    state, _ = run.restore(jax.eval_shape(lambda p: init_state(p, tx), template), step)
+    abstract = jax.eval_shape(lambda p: init_state(p, tx), template)
+    if sharding is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                                abstract)  # fmt: skip
+    state, _ = run.restore(abstract, step)
     return cfg, vocab, graphdef, state.params, step
 
 

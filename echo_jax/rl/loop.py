@@ -20,6 +20,10 @@ Workdir: config.json and vocab.json (so `experiments.evaluate` reads an RL run l
 other), rl_config.json, pool.json, metrics.jsonl (one line per iteration; the same scalars in
 tensorboard/), rollouts/iter_NNNN.jsonl.gz (capture format with each step's policy record and
 the rows), checkpoints/<iteration>, summary.json.
+
+As N processes (`echo_jax.rl.processes`): each runs its share of every set of rollouts, all
+get every record, the update and scoring split each minibatch over all processes' devices, and
+process 0 alone writes the workdir's files (checkpoints are saved by all together).
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 import optax
 from flax import nnx
@@ -47,10 +50,12 @@ from echo_jax.config import Config, ConfigError, RLConfig, validate, validate_rl
 from echo_jax.data import roles
 from echo_jax.data.vocab import Vocab
 from echo_jax.rl.pool import choose_pool, greedy_pass, group_requests, load_pool, success_rate
+from echo_jax.rl.processes import SharedEngine
 from echo_jax.rl.rows import RolloutBatch, rollout_batch, rollout_stats
 from echo_jax.rl.update import approx_kl, logp_gap, make_score_fn, role_ce, score_rows, update
+from echo_jax.train import distributed
 from echo_jax.train.run_dir import RunDir
-from echo_jax.train.sharding import data_parallel
+from echo_jax.train.sharding import DataParallel, data_parallel
 from echo_jax.train.trainer import init_model, init_state, make_optimizer, make_train_step
 
 RL_CONFIG = "rl_config.json"
@@ -72,12 +77,13 @@ def lam_at(rl: RLConfig, lam: float, iteration: int) -> float:
 
 
 def start_run(
-    workdir: str, start: str | None, cfg: Config | None, rl: RLConfig
+    workdir: str, start: str | None, cfg: Config | None, rl: RLConfig, dp: DataParallel
 ) -> tuple[Config, Vocab, nnx.GraphDef, Any, RunDir]:
     """Claims the workdir; the model and vocabulary come from `start` (a training run's
-    workdir) or, with start=None, from `cfg` and a vocabulary built from its data."""
+    workdir; its parameters restored replicated over dp's devices) or, with start=None,
+    from `cfg` and a vocabulary built from its data."""
     if start:
-        start_cfg, vocab, graphdef, params, _ = load_run(start)
+        start_cfg, vocab, graphdef, params, _ = load_run(start, sharding=dp.replicated)
         cfg = dataclasses.replace(start_cfg, loss=cfg.loss) if cfg else start_cfg
     else:
         if cfg is None:
@@ -89,7 +95,8 @@ def start_run(
     validate(cfg)
     run = RunDir.open(workdir, cfg, resume=False)
     run.claim()
-    vocab.save(run.file(RunDir.VOCAB))
+    if distributed.is_primary():
+        vocab.save(run.file(RunDir.VOCAB))
     run.write_json(RL_CONFIG, {"rl": dataclasses.asdict(rl), "start": start})
     return cfg, vocab, graphdef, params, run
 
@@ -109,25 +116,33 @@ def run_rl(
 
     start   a training run's workdir to start from (its model, vocabulary and data settings;
             `cfg`, if given, supplies the loss), or None to start from scratch with `cfg`.
+
+    Several processes (after `distributed.initialize`) each call it alike, with one workdir;
+    only process 0 logs and writes files.
     """
     validate_rl(rl)
     if cfg is not None and cfg.loss.advantage != "group":
         raise ConfigError("on-policy updates use group advantages: set loss.advantage='group'")
     mute_fork_warning()
-    cfg, vocab, graphdef, params, run = start_run(workdir, start, cfg, rl)
+    primary = distributed.is_primary()
+    if not primary:
+        log = _silent
+    dp = data_parallel(rl.minibatch_size)  # A minibatch the devices cannot split fails here.
+    cfg, vocab, graphdef, params, run = start_run(workdir, start, cfg, rl, dp)
     loaded = load_worlds(worlds, scenarios)
     tx = make_optimizer(cfg.train, schedule=optax.constant_schedule(rl.learning_rate))
-    dp = data_parallel(rl.minibatch_size)
-    state = jax.device_put(init_state(params, tx), dp.replicated)
+    state = distributed.replicate(init_state(params, tx), dp.replicated)
     train_step = make_train_step(graphdef, tx, cfg.loss)
     score = make_score_fn(graphdef, cfg.loss.impl, cfg.loss.chunk_size)
     max_len = cfg.data.max_len
     rng = np.random.default_rng([rl.seed, 1])
     rollout_dir = Path(run.path) / ROLLOUT_DIR
-    rollout_dir.mkdir(exist_ok=True)
-    engine = RolloutEngine(graphdef, state.params, vocab, max_len, loaded, EngineConfig.of(rl),
-                           cfg.data.canonical_json)  # fmt: skip
-    with engine:
+    if primary:
+        rollout_dir.mkdir(exist_ok=True)
+    local = RolloutEngine(graphdef, distributed.local_replica(state.params), vocab, max_len,
+                          loaded, EngineConfig.of(rl), cfg.data.canonical_json)  # fmt: skip
+    with local:
+        engine = SharedEngine(local)
         pool = task_pool(engine, loaded, corpus_dir, rl)
         run.write_json(POOL, pool)
         tasks = [tuple(x) for x in pool["tasks"]]
@@ -142,15 +157,16 @@ def run_rl(
         for it in range(1, rl.iterations + 1):
             t0 = time.perf_counter()
             records = engine.run(group_requests(tasks, it, rl.seed, rl.group_size, 1.0))
-            write_shard(rollout_dir / f"iter_{it:04d}.jsonl.gz", records)
+            if primary:
+                write_shard(rollout_dir / f"iter_{it:04d}.jsonl.gz", records)
             timing = engine.timing.as_dict() | {"rollout_s": time.perf_counter() - t0}
 
             t1 = time.perf_counter()
             batch = rollout_batch(records, rl, max_len)
-            sampled = score_rows(score, state.params, batch.tokens, rl.minibatch_size)
+            sampled = score_rows(score, state.params, batch.tokens, rl.minibatch_size, dp)
             lam = lam_at(rl, cfg.loss.lam, it - 1)
             state, upd = update(train_step, state, batch, lam, rl, rng, dp)
-            updated = score_rows(score, state.params, batch.tokens, rl.minibatch_size)
+            updated = score_rows(score, state.params, batch.tokens, rl.minibatch_size, dp)
             engine.set_params(state.params)  # The update donated the sampling parameters.
             timing["update_s"] = time.perf_counter() - t1
 
@@ -179,7 +195,11 @@ def run_rl(
     return summary
 
 
-def task_pool(engine: RolloutEngine, loaded, corpus_dir: str | None, rl: RLConfig) -> dict:
+def _silent(*_args, **_kwargs) -> None:
+    pass
+
+
+def task_pool(engine: SharedEngine, loaded, corpus_dir: str | None, rl: RLConfig) -> dict:
     """The pool of rl.pool_file, or one chosen here from the start checkpoint."""
     if rl.pool_file:
         pool = {"tasks": load_pool(rl.pool_file), "from": os.path.abspath(rl.pool_file)}
@@ -199,7 +219,7 @@ def heldout_tasks(loaded, corpus_dir: str | None, rl: RLConfig) -> list[tuple[st
                         rl.seed)  # fmt: skip
 
 
-def evaluations(engine: RolloutEngine, tasks, held, iteration: int, rl: RLConfig) -> dict:
+def evaluations(engine: SharedEngine, tasks, held, iteration: int, rl: RLConfig) -> dict:
     """Greedy pass@1 on the pool and held out: at the start, the end and every eval_every."""
     due = iteration in (0, rl.iterations) or (rl.eval_every > 0 and iteration % rl.eval_every == 0)
     if not due:

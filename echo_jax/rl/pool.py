@@ -14,6 +14,7 @@ from echo_jax.agent.policy import load_run
 from echo_jax.agent.rollout import EngineConfig, EpisodeRequest, RolloutEngine
 from echo_jax.awm.world_format import load_worlds
 from echo_jax.config import RLConfig, validate_rl
+from echo_jax.rl.processes import SharedEngine
 from echo_jax.util.atomic import atomic_write_text
 
 
@@ -37,7 +38,7 @@ def success_rate(records: Sequence[dict[str, Any]]) -> float:
     return float(np.mean([r["step_reward_types"][-1] == SUCCESS for r in records]))
 
 
-def choose_pool(engine: RolloutEngine, candidates, rl: RLConfig) -> dict[str, Any]:
+def choose_pool(engine: RolloutEngine | SharedEngine, candidates, rl: RLConfig) -> dict[str, Any]:
     """Probes each candidate task with rl.pool_probe sampled rollouts and keeps those whose
     success rate lies in [pool_min_success, pool_max_success], closest to 0.5 first."""
     records = engine.run(group_requests(candidates, 0, rl.pool_seed, rl.pool_probe, 1.0))
@@ -55,7 +56,7 @@ def choose_pool(engine: RolloutEngine, candidates, rl: RLConfig) -> dict[str, An
     }  # fmt: skip
 
 
-def greedy_pass(engine: RolloutEngine, tasks, seed: int) -> float:
+def greedy_pass(engine: RolloutEngine | SharedEngine, tasks, seed: int) -> float:
     return success_rate(engine.run(group_requests(tasks, 0, seed, 1, 0.0)))
 
 

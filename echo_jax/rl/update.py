@@ -1,5 +1,10 @@
 """Scoring rows at given parameters and the PPO-clip update on them: the log-prob gap that
-checks the update sees what the sampler saw, the minibatch update, and the KL it moved."""
+checks the update sees what the sampler saw, the minibatch update, and the KL it moved.
+
+Both split every call's rows over the data-parallel devices of all processes: each process,
+holding the whole iteration's rows, supplies its block of each call (`process_slice`) and
+`global_batch` assembles the global arrays, so they are collectives every process runs alike.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from echo_jax.objective.batch import Batch, batch_rows
 from echo_jax.objective.fused_loss import chunked_label_logprobs, resolve_impl
 from echo_jax.objective.loss import label_logprobs
 from echo_jax.rl.rows import RolloutBatch
+from echo_jax.train import distributed
+from echo_jax.train.sharding import DataParallel
 
 
 @functools.lru_cache(maxsize=8)
@@ -38,13 +45,16 @@ def padded_rows(n: int, batch: int) -> int:
     return max(batch, -(-n // batch) * batch)
 
 
-def score_rows(score, params, tokens_NT: np.ndarray, batch: int) -> np.ndarray:
-    """logp [N, T-1] of every row, in fixed-size calls (the tail padded with PAD rows)."""
+def score_rows(score, params, tokens_NT: np.ndarray, batch: int, dp: DataParallel) -> np.ndarray:
+    """logp [N, T-1] of every row, on every process, in calls of `batch` rows (the tail padded
+    with PAD rows), each call's rows split over dp's devices."""
     n, t = tokens_NT.shape
     padded = np.zeros((padded_rows(n, batch), t), np.int32)
     padded[:n] = tokens_NT
-    out = [score(params, padded[i : i + batch]) for i in range(0, len(padded), batch)]
-    return np.concatenate(jax.device_get(out))[:n]  # Every call dispatched before one read.
+    share = distributed.process_slice(batch, dp.batch)
+    out = [score(params, distributed.global_batch(padded[i : i + batch][share], dp.batch, batch))
+           for i in range(0, len(padded), batch)]  # fmt: skip
+    return np.concatenate(distributed.to_host(out))[:n]  # Every call dispatched before one read.
 
 
 def role_ce(logp_NS: np.ndarray, roles_NT: np.ndarray, role: int) -> float:
@@ -67,14 +77,16 @@ def logp_gap(batch: RolloutBatch, logp_NS: np.ndarray) -> dict[str, float]:
 
 
 def update(train_step, state, batch: RolloutBatch, lam: float, rl: RLConfig,
-           rng: np.random.Generator, dp):  # fmt: skip
-    """`epochs` passes of minibatch PPO-clip updates; returns the state and mean metrics."""
+           rng: np.random.Generator, dp: DataParallel):  # fmt: skip
+    """`epochs` passes of minibatch PPO-clip updates; returns the state and mean metrics.
+    Every process draws the same order from `rng` and supplies its block of each minibatch."""
     b, n = rl.minibatch_size, batch.num_rows
+    share = distributed.process_slice(b, dp.batch)  # This process's rows of every minibatch.
     sums: dict[str, float] = {}
     steps = 0
 
     def read(metrics) -> None:  # Step N-1's metrics, read once step N is dispatched.
-        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        host = {k: float(v) for k, v in distributed.to_host(metrics).items()}
         if host["nonfinite"]:
             raise FloatingPointError(
                 f"non-finite loss or gradient in an RL update (loss={host['loss']}, "
@@ -100,7 +112,7 @@ def update(train_step, state, batch: RolloutBatch, lam: float, rl: RLConfig,
         order = rng.permutation(n)
         order = np.concatenate([order, np.full(padded_rows(n, b) - n, -1)])
         for lo in range(0, len(order), b):
-            mb = jax.device_put(rows(order[lo : lo + b]), dp.batch)
+            mb = distributed.global_batch(rows(order[lo : lo + b][share]), dp.batch, b)
             state, metrics = train_step(state, mb)
             if pending is not None:
                 read(pending)

@@ -6,13 +6,18 @@ with `global_batch` (`jax.make_array_from_process_local_data`). Jitted steps the
 devices of all processes, the gradient reduced across them by XLA's collectives (gloo on a CPU).
 
 What every process must do alike, because it is collective: the jitted steps and evaluations,
-checkpoint saves and restores (orbax), `barrier` and `to_host` of a sharded array. What only
-process 0 does (`is_primary`): write the run's files and print progress.
+checkpoint saves and restores (orbax), `barrier`, `to_host` of a sharded array and
+`all_gather_json`. What only process 0 does (`is_primary`): write the run's files and print
+progress. Work that is no collective (the RL loop's rollouts) runs on a process's own devices,
+on `local_replica` of the parameters, each process its `process_share`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -196,3 +201,50 @@ def to_host(tree: Any) -> Any:
         return np.asarray(jax.device_get(x))
 
     return jax.tree.map(one, tree)
+
+
+def replicate(tree: Any, sharding: NamedSharding) -> Any:
+    """`tree` laid out by `sharding` (replicated) on every process's devices; the same on every
+    process. Through host copies with several processes: there JAX's (0.10) device_put of an
+    array not yet committed to a device (a fresh jnp.zeros) makes one that orbax cannot save."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.device_put(jax.device_get(tree), sharding)
+
+
+def local_replica(tree: Any) -> Any:
+    """This process's own copy of replicated arrays (the one on its first device), so that a
+    computation on it runs in this process alone rather than as a collective of all; an array
+    that this process holds whole (every array of a one-process run) is returned as it is."""
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.is_fully_replicated:
+                raise ValueError(f"an array split as {x.sharding} has no copy in one process")
+            return x.addressable_data(0)
+        return x
+
+    return jax.tree.map(one, tree)
+
+
+def all_gather_json(items: Sequence[Any]) -> list[Any]:
+    """Every process's `items`, concatenated in process order, on every process: how processes
+    that each did their `process_share` of a list of work all get the whole list back.
+
+    The items must be JSON values (floats round-trip exactly); each process's list travels
+    as compressed JSON bytes through `multihost_utils.process_allgather`, JAX's public
+    collective, so no shared filesystem is needed. Collective: every process calls it alike.
+    One process: the items themselves.
+    """
+    if jax.process_count() == 1:
+        return list(items)
+    data = np.frombuffer(zlib.compress(json.dumps(list(items)).encode(), 1), np.uint8)
+    sizes_P = multihost_utils.process_allgather(np.int32(data.size))
+    padded = np.zeros(int(sizes_P.max()), np.uint8)
+    padded[: data.size] = data
+    every_PB = multihost_utils.process_allgather(padded)
+    return [
+        item
+        for p, size in enumerate(sizes_P)
+        for item in json.loads(zlib.decompress(every_PB[p, :size].tobytes()))
+    ]
