@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 # Widths of `extend` calls: the smallest that takes a row's waiting tokens, up to the widest.
 EXTEND_CHUNKS = (32, 128, 256)
 EXTEND_ROWS = (1, 2, 4, 16)  # Rows per `extend` call: the smallest that takes the waiting ones.
-DECODE_ROWS = (4, 8, 16)  # Rows per `decode` call: the smallest that takes the active ones.
+DECODE_ROWS = (1, 2, 4, 8, 16)  # Rows per `decode` call: the smallest that takes the active ones.
 
 
 @dataclasses.dataclass(frozen=True)

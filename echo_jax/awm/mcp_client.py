@@ -11,6 +11,7 @@ error: ...", "Error calling x. Status code: 404. Response: {...}").
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import time
@@ -86,6 +87,7 @@ class McpClient:
         }
         self._ids = itertools.count(1)
         self.server_info: dict[str, Any] | None = None
+        self._tools: list[dict[str, Any]] | None = None
 
     def initialize(self) -> dict[str, Any]:
         """Open an MCP session; later requests carry its id and the negotiated protocol."""
@@ -103,16 +105,21 @@ class McpClient:
         return result
 
     def list_tools(self) -> list[dict[str, Any]]:
-        """All tools with their JSON schemas, following pagination cursors."""
-        tools: list[dict[str, Any]] = []
-        params: dict[str, Any] = {}
-        while True:
-            result, _ = self._request("tools/list", params, idempotent=True)
-            tools.extend(result.get("tools", []))
-            cursor = result.get("nextCursor")
-            if not cursor:
-                return tools
-            params = {"cursor": cursor}
+        """All tools with their JSON schemas, following pagination cursors; asked once per
+        client, since a server's tools are its code's routes (resets restore data, not code)
+        and listing them costs the server more than a tool call. A copy each time."""
+        if self._tools is None:
+            tools: list[dict[str, Any]] = []
+            params: dict[str, Any] = {}
+            while True:
+                result, _ = self._request("tools/list", params, idempotent=True)
+                tools.extend(result.get("tools", []))
+                cursor = result.get("nextCursor")
+                if not cursor:
+                    break
+                params = {"cursor": cursor}
+            self._tools = tools
+        return copy.deepcopy(self._tools)
 
     def call_tool(self, name: str, arguments: dict[str, Any]) -> ToolCallResult:
         """Call a tool; a tool-level failure comes back as ToolCallResult(is_error=True)."""

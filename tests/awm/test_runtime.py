@@ -169,6 +169,16 @@ def test_tools_list_and_calls(live):
     assert classify_tool_error(bad_args.text) == "invalid_args"
 
 
+def test_tools_are_listed_once_per_client_and_handed_out_as_copies(live, monkeypatch):
+    _, client = live
+    first = client.list_tools()
+    asked = []
+    monkeypatch.setattr(client, "_request", lambda *a, **k: asked.append(a) or ({}, None))
+    first[0]["name"] = "changed by a caller"
+    assert [t["name"] for t in client.list_tools()] == ["get_item", "create_order"]
+    assert asked == []
+
+
 def test_sse_reply_is_parsed():
     response = requests.Response()
     response.status_code = 200
