@@ -25,7 +25,7 @@ import numpy as np
 
 from echo_jax.agent.decoding import Decoder
 from echo_jax.agent.policy import load_run, tool_call_accuracy
-from echo_jax.agent.rollout import EngineConfig, EpisodeRequest, RolloutEngine
+from echo_jax.agent.rollout import EngineConfig, EpisodeRequest, RolloutEngine, world_pool
 from echo_jax.awm.capture import episode_rng
 from echo_jax.awm.capture_shards import write_shard
 from echo_jax.awm.rewards import FORMAT_ERROR_TYPES
@@ -161,11 +161,18 @@ def evaluate_checkpoint(
         raise ValueError(f"bad sampling settings {agent}")
     if samples < 0 or agent.max_steps < 0:
         raise ValueError(f"samples={samples} and max_steps={agent.max_steps} must be >= 0")
-    cfg, vocab, graphdef, params, ckpt_step = load_run(workdir, step)
     loaded = load_worlds(worlds, scenarios)
     tasks = choose_tasks(split_tasks(loaded, corpus_dir, split), max_tasks, seed)
     if not tasks:
         raise ValueError(f"no tasks of split {split!r} among the worlds in {worlds}")
+    engine_config = EngineConfig.of(agent)
+    pool = world_pool(loaded, engine_config)
+    pool.prestart(scenario for scenario, _ in tasks)  # While the model loads.
+    try:
+        cfg, vocab, graphdef, params, ckpt_step = load_run(workdir, step)
+    except BaseException:
+        pool.close()
+        raise
     requests = [
         EpisodeRequest(
             scenario,
@@ -185,8 +192,8 @@ def evaluate_checkpoint(
         for scenario, task_idx in tasks
         for sample in range(GREEDY, samples)
     ]
-    engine = RolloutEngine(graphdef, params, vocab, cfg.data.max_len, loaded,
-                           EngineConfig.of(agent), cfg.data.canonical_json)  # fmt: skip
+    engine = RolloutEngine(graphdef, params, vocab, cfg.data.max_len, loaded, engine_config,
+                           cfg.data.canonical_json, pool)  # fmt: skip
     with engine:
         episodes = engine.run(requests)
     timing = engine.timing

@@ -129,6 +129,7 @@ class RolloutEngine:
         worlds: dict[str, World],
         config: EngineConfig,
         canonical_json: bool = False,
+        pool: WorldPool | None = None,
     ):
         decoder = Decoder(graphdef, params, vocab, max_len, config.max_new_tokens,
                           block=config.decode_block)  # fmt: skip
@@ -137,7 +138,10 @@ class RolloutEngine:
         self.worlds = worlds
         self.config = config
         self.canonical_json = canonical_json
-        self.pool = WorldPool(worlds, config.slots, config.servers_per_scenario)
+        # A pool made beforehand (`world_pool`) may have servers starting already; it is the
+        # engine's from here on, closed with it.
+        self.pool = pool or world_pool(worlds, config)
+        self._servers_counted = 0  # Servers started before the last `run` ended.
         self.inbox: queue.Queue[_Waiting] = queue.Queue()
         self.free_slots: queue.Queue[int] = queue.Queue()
         for slot in range(config.slots):
@@ -220,7 +224,6 @@ class RolloutEngine:
         flight spread over worlds. An episode whose world fails on every attempt raises, or
         with skip_failed stands in the list as its exception."""
         started = time.perf_counter()
-        servers = self.pool.started
         self.timing = Timing()  # This run's figures only.
         futures = {i: self.pool.threads.submit(self._episode, requests[i])
                    for i in _interleave_scenarios(requests)}  # fmt: skip
@@ -234,7 +237,8 @@ class RolloutEngine:
         t.wall_s += time.perf_counter() - started
         t.episodes += len(episodes)
         t.env_steps += sum(len(ep["steps"]) for ep in episodes if isinstance(ep, dict))
-        t.servers_started += self.pool.started - servers
+        t.servers_started += self.pool.started - self._servers_counted  # Prestarted included.
+        self._servers_counted = self.pool.started
         return episodes
 
     def _loop(self, futures: list[Future], skip_failed: bool) -> None:
@@ -356,6 +360,11 @@ def _ready(tree):
     while not all(x.is_ready() for x in leaves):
         time.sleep(2e-4)
     return tree
+
+
+def world_pool(worlds: dict[str, World], config: EngineConfig) -> WorldPool:
+    """The pool of world servers and episode threads an engine with `config` runs on."""
+    return WorldPool(worlds, config.slots, config.servers_per_scenario)
 
 
 def _bucket(sizes: Sequence[int], n: int) -> int:

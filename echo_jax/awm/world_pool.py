@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from echo_jax.awm.live_world import LiveWorld
+from echo_jax.awm.live_world import WORLD_FAILURES, LiveWorld
 from echo_jax.awm.world_format import World
+
+log = logging.getLogger(__name__)
 
 
 class WorldPool:
@@ -41,6 +44,20 @@ class WorldPool:
             raise
         self.started += 1
         return live
+
+    def prestart(self, scenarios) -> None:
+        """Starts a server for each scenario in the pool's threads, returning at once, so that
+        the starts overlap whatever the caller does next (loading a model). A start that fails
+        is left to the first episode of its scenario, which starts it again and reports."""
+
+        def start(scenario: str) -> None:
+            try:
+                self.release(self.acquire(scenario))
+            except WORLD_FAILURES as error:
+                log.warning("%s: prestart failed (%s); its first episode retries", scenario, error)
+
+        for scenario in dict.fromkeys(scenarios):
+            self.threads.submit(start, scenario)
 
     def release(self, live: LiveWorld) -> None:
         with self.cond:
