@@ -185,13 +185,18 @@ probe('kill_all', lambda: os['kill'](-1, 9))
 
 
 @pytest.mark.skipif(KEYCTL is None, reason="keyctl's system call number is not known here")
-def test_a_verifier_has_a_session_keyring_of_its_own(worker, databases):
-    """Not the host's (which a cold verifier shares: bwrap leaves it), nor the last one's."""
+def test_a_verifier_has_a_session_keyring_of_its_own(databases):
+    """Not the host's (a cold verifier shares it: bwrap leaves it), nor the last one's."""
     # keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0): the keyring's serial number.
-    body = f"found['keyring'] = B['__import__']('ctypes').CDLL(None).syscall({KEYCTL}, 0, -3, 0)"
-    seen = [found(worker.verify(verifier(body), *databases, None, VerifierLimits()))["keyring"]
-            for _ in range(2)]  # fmt: skip
+    # Asked here first, so that the host's (user-session) keyring exists before the worker.
     host = ctypes.CDLL(None).syscall(KEYCTL, 0, -3, 0)
+    body = f"found['keyring'] = B['__import__']('ctypes').CDLL(None).syscall({KEYCTL}, 0, -3, 0)"
+    worker = WarmWorker(sandbox.require_sandbox("the tests"))
+    try:
+        seen = [found(worker.verify(verifier(body), *databases, None, VerifierLimits()))["keyring"]
+                for _ in range(2)]  # fmt: skip
+    finally:
+        worker.close()
     assert len({host, *seen}) == 3 and min(seen) > 0, (host, seen)
 
 
