@@ -226,10 +226,10 @@ def test_a_worker_killed_mid_verification_costs_no_answer(databases, caplog):
     try:
         assert pool.run("tiny_shop", COMPLETE, *databases)["result"] == "complete"
         worker = pool._slots["tiny_shop"].worker
-        slow = verifier("B['__import__']('time').sleep(1.5)", "{'result': 'complete'}")
+        slow = verifier("B['__import__']('time').sleep(3)", "{'result': 'complete'}")
         with concurrent.futures.ThreadPoolExecutor(1) as threads:
             future = threads.submit(pool.run, "tiny_shop", slow, *databases)
-            time.sleep(0.5)
+            time.sleep(1.0)
             os.killpg(worker._process.pid, signal.SIGKILL)
             with caplog.at_level(logging.WARNING, logger=warm_verifier.__name__):
                 assert future.result(timeout=60) == {
@@ -315,7 +315,9 @@ def test_no_worker_or_verification_outlives_a_killed_parent(databases):
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         worker_pid = int(parent.stdout.readline())
-        inside = descendants(worker_pid)
+        deadline = time.monotonic() + 20
+        while len(inside := descendants(worker_pid)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert len(inside) >= 4  # bwrap's PID 1, the worker, the supervisor, the verifier
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=10)
