@@ -6,6 +6,7 @@ import concurrent.futures
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -304,7 +305,7 @@ worker = WarmWorker(sandbox.require_sandbox("the test"))
 threading.Thread(target=worker.verify, args=({code!r}, {initial!r}, {final!r}, None,
                                              VerifierLimits(timeout_s=600))).start()
 time.sleep(1.0)
-print(worker._process.pid, flush=True)
+print(worker._process.pid, worker.folder, flush=True)
 time.sleep(600)
 """
 
@@ -313,8 +314,10 @@ def test_no_worker_or_verification_outlives_a_killed_parent(databases):
     code = PARENT.format(root=str(ROOT), code=verifier(CLING_ON), initial=str(databases[0]),
                          final=str(databases[1]))  # fmt: skip
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    folder = "/nonexistent"
     try:
-        worker_pid = int(parent.stdout.readline())
+        pid, folder = parent.stdout.readline().split()
+        worker_pid = int(pid)
         deadline = time.monotonic() + 20
         while len(inside := descendants(worker_pid)) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -328,3 +331,5 @@ def test_no_worker_or_verification_outlives_a_killed_parent(databases):
     finally:
         if parent.poll() is None:
             parent.kill()
+        shutil.rmtree(folder, ignore_errors=True)  # What a SIGKILLed parent cannot remove.
+        Path(folder).with_suffix(".log").unlink(missing_ok=True)
