@@ -1,5 +1,5 @@
 """Per-verification time, cold (`run_verifier`: a fresh sandboxed interpreter each time) against
-warm (`warm_verifier.VerifierPool`: one sandboxed worker that forks a walled child each time).
+warm (`warm_verifier.VerifierPool`: one sandboxed worker that forks a child each time).
 
     python -m benchmarks.verifier_warm                      # clinic_101 task 0, 30 rounds
     python -m benchmarks.verifier_warm --scenario=library_102 --task=6 --rounds=50

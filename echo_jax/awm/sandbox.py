@@ -11,8 +11,8 @@ session (no controlling terminal) and a parent-death kill.
   hidden) and its two database copies. Its payload comes on stdin and its result goes to an
   inherited file descriptor, so neither is a file it can see.
 * A warm verifier worker (`worker_argv`) gets a verifier's wall, with the host's request
-  folders read-only instead of two databases and a read-only /dev; each verification it runs
-  walls itself in further (`verifier_worker`).
+  folders read-only instead of two databases and a read-only /dev; it forks a child per
+  verification (`verifier_worker`).
 * A world server (`server_argv`) gets a network namespace of its own too: it serves on a Unix
   socket in its folder, which `world_server` bridges to 127.0.0.1:PORT in the parent. It sees
   the Python install, the site-packages it imports from and the system library folders
@@ -40,7 +40,7 @@ PROCESS_ONLY = "process"
 VERIFIER_TMP_BYTES = 16 << 20
 SERVER_TMP_BYTES = 1 << 30
 VERIFIER_COMMAND_LENGTH = 5  # python -I -S runner fd, at the end of verifier_argv
-WORKER_COMMAND_LENGTH = 6  # python -I -S worker fd tmp_bytes, at the end of worker_argv
+WORKER_COMMAND_LENGTH = 5  # python -I -S worker fd, at the end of worker_argv
 SANDBOX_INITIAL_DB = "/db/initial.db"
 SANDBOX_FINAL_DB = "/db/final.db"
 # The modules a verifier process loads; their shared libraries decide which folders it needs.
@@ -48,8 +48,8 @@ _VERIFIER_IMPORTS = (
     "collections, datetime, json, math, os, re, sqlite3, resource, _strptime, encodings.ascii, "
     "encodings.latin_1"
 )
-# A warm worker also calls into libc (namespaces, mounts) through ctypes.
-_WORKER_IMPORTS = f"{_VERIFIER_IMPORTS}, ctypes, select, signal, struct"
+# A warm worker also waits on its children and frames its answers.
+_WORKER_IMPORTS = f"{_VERIFIER_IMPORTS}, select, signal, struct"
 _TOP_LEVEL_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _lock = threading.Lock()
 _log = logging.getLogger(__name__)
@@ -259,15 +259,12 @@ def worker_argv(
     binary: str, runner: str, worker: str, requests_dir: str, response_fd: int
 ) -> list[str]:
     """bwrap command line of a warm verifier worker (`verifier_worker`): a verifier's wall, with
-    the host's request folders read-only at /sandbox/requests and an empty /db, where each
-    child binds its own request's databases."""
+    the host's request folders (each request's two databases) read-only at /sandbox/requests."""
     return [
         *_verifier_wall(binary, _WORKER_IMPORTS),
         "--ro-bind",
         requests_dir,
         "/sandbox/requests",
-        "--dir",
-        "/db",
         "--ro-bind",
         runner,
         "/sandbox/verifier_runner.py",
@@ -276,7 +273,7 @@ def worker_argv(
         "/sandbox/verifier_worker.py",
         "--remount-ro",
         "/",
-        "--remount-ro",  # Not a place where one child could leave something for the next.
+        "--remount-ro",  # /tmp stays the only place a child can leave something (emptied).
         "/dev",
         *_SANDBOX_ENV,
         base_python(),
@@ -284,7 +281,6 @@ def worker_argv(
         "-S",
         "/sandbox/verifier_worker.py",
         str(response_fd),
-        str(VERIFIER_TMP_BYTES),
     ]
 
 

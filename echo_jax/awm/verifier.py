@@ -8,7 +8,7 @@ and a parent-death kill. Its outcome comes back on a file descriptor of its own,
 It only ever sees snapshot copies of the databases, so it can neither corrupt the live world
 nor the pristine initial state.
 
-`warm_verifier` gives the same answers from a long-lived worker that forks a walled child per
+`warm_verifier` gives the same answers from a long-lived sandboxed worker that forks a child per
 verification; the result checks here (`judge`) serve both.
 
 The returned dict has the shape of OpenEnv's AWM `verify_result` (the real capture's last step):

@@ -1,18 +1,19 @@
 """Warm verifier workers: a verification without a cold interpreter start.
 
-A `WarmWorker` is one long-lived `verifier_worker` process inside the verifier's bubblewrap wall
-(`sandbox.worker_argv`) that forks a freshly walled child per verification (see that module for
-the child's wall). The host writes each request's two database snapshots into a folder of its
-own under a directory the sandbox binds read-only, sends the request on the worker's stdin and
-gets the child's raw result bytes back on a pipe; `verifier.judge` checks them exactly as it
-checks a cold runner's result file, so the answers are those of `run_verifier`.
+A `WarmWorker` is one long-lived `verifier_worker` process inside a verifier's bubblewrap wall
+(`sandbox.worker_argv`) that forks a child per verification, which runs the cold runner's own
+lock-down (see that module). The host writes each request's two database snapshots into a
+folder of its own under a directory the sandbox binds read-only, sends the request on the
+worker's stdin and gets the child's raw result bytes back on a pipe; `verifier.judge` checks
+them exactly as it checks a cold runner's result file, so the answers are those of
+`run_verifier`.
 
-`VerifierPool` keeps one worker per scenario, started on first use: a child starts as a copy of
-its worker's memory, which holds the requests in flight, so a worker serves one world, whose
-verifiers are one trust domain. Whatever goes wrong with a worker (it cannot start, dies,
-breaks its protocol, stops answering), the request reruns on the cold path with a warning; a
-scenario whose workers failed `MAX_FAILURES` times stays cold. The process-only mode
-(`sandbox.process_only_opted_in`) is always cold: the worker needs the wall.
+`VerifierPool` keeps one worker per scenario, started on first use: the verifications of one
+worker share its sandbox (they can read each other's snapshots, signal the worker), so a worker
+serves one world, whose verifiers are one trust domain. Whatever goes wrong with a worker (it
+cannot start, dies, breaks its protocol, stops answering), the request reruns on the cold path
+with a warning; a scenario whose workers failed `MAX_FAILURES` times stays cold. The
+process-only mode (`sandbox.process_only_opted_in`) is always cold: the worker needs the wall.
 """
 
 from __future__ import annotations
@@ -60,10 +61,6 @@ _starter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verifier
 
 class WorkerFailed(RuntimeError):
     """The worker could not start or run a request, died, broke its protocol or hung."""
-
-
-class WorkerUnsupported(WorkerFailed):
-    """The worker started but cannot wall a child in here (e.g. no nested user namespaces)."""
 
 
 class WorkerClosed(WorkerFailed):
@@ -133,10 +130,8 @@ class WarmWorker:
         except (EOFError, OSError, ValueError) as error:
             tail = read_tail(self._log_path, 4000)
             raise WorkerFailed(f"verifier worker did not start: {error}; output: {tail}") from None
-        if not header.get("ready"):
-            raise WorkerUnsupported(
-                f"verifier worker cannot wall a child in: {header.get('error')}"
-            )
+        if header.get("ready") is not True:
+            raise WorkerFailed(f"verifier worker did not start: {header!r}")
 
     def _read_answers(self) -> None:
         """Hands each answer to its request; at the stream's end or a broken frame, fails all."""
@@ -255,7 +250,6 @@ class VerifierPool:
         self.max_workers = max_workers
         self._lock = threading.Lock()
         self._slots: dict[str, _Slot] = {}
-        self._unsupported: str | None = None
         self._closed = False
 
     def run(
@@ -284,7 +278,7 @@ class VerifierPool:
             return None  # run_verifier logs the process-only warning.
         binary = sandbox.require_sandbox("a verifier")  # SandboxUnavailable, as run_verifier.
         with self._lock:
-            if self._closed or self._unsupported:
+            if self._closed:
                 return None
             slot = self._slots.setdefault(scenario, _Slot())
         with slot.lock:
@@ -295,10 +289,6 @@ class VerifierPool:
                 return None
             try:
                 slot.worker = WarmWorker(binary)
-            except WorkerUnsupported as error:
-                self._unsupported = str(error)
-                log.warning("%s; every verification runs cold", error)
-                return None
             except Exception as error:  # noqa: BLE001 -- whatever stops it, verify cold
                 slot.failures += 1
                 log.warning("%s: %s; this verification runs cold", scenario, error)
