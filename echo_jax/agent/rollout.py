@@ -194,7 +194,7 @@ class RolloutEngine:
                     policy = RecordingPolicy(self, slot, request, tools)
                     episode = run_episode(
                         live.server, live.client, world, request.task_idx, policy, harness,
-                        timings,
+                        timings, self.pool.verifiers,
                     )  # fmt: skip
                     episode = policy.finish(episode)
                     episode["agent"] = dict(request.tag)

@@ -43,7 +43,8 @@ from typing import Any, Protocol
 
 from echo_jax.awm.mcp_client import McpClient, McpError
 from echo_jax.awm.rewards import reward_for
-from echo_jax.awm.verifier import VerifierLimits, run_verifier
+from echo_jax.awm.verifier import VerifierLimits
+from echo_jax.awm.warm_verifier import VerifierPool, default_pool
 from echo_jax.awm.world_format import World
 from echo_jax.awm.world_server import WorldServer
 
@@ -109,8 +110,16 @@ def _invalid_action_reason(action: Any) -> str | None:
 class _Episode:
     """Accumulates the steps of one episode in the capture shape."""
 
-    def __init__(self, world: World, task_idx: int, config: HarnessConfig, timings: Counter):
+    def __init__(
+        self,
+        world: World,
+        task_idx: int,
+        config: HarnessConfig,
+        timings: Counter,
+        verifiers: VerifierPool,
+    ):
         self.world = world
+        self.verifiers = verifiers
         self.task_idx = task_idx
         self.config = config
         self.timings = timings
@@ -171,7 +180,8 @@ class _Episode:
         if final_answer is not None and not isinstance(final_answer, str):
             final_answer = json.dumps(final_answer)
         started = time.perf_counter()
-        verify_result = run_verifier(
+        verify_result = self.verifiers.run(
+            self.world.name,
             self.world.verifiers[self.task_idx],
             server.initial_db_path,
             server.db_path,
@@ -202,13 +212,15 @@ def run_episode(
     policy: Policy,
     config: HarnessConfig | None = None,
     timings: Counter | None = None,
+    verifiers: VerifierPool | None = None,
 ) -> dict[str, Any]:
     """Reset the world, let `policy` act until it calls verify (or hits the step limit).
 
     Transport failures (mcp_client.WorldUnavailable) propagate: the episode is then unusable and
     the caller decides whether to restart the server and retry. `timings`, if given, gains the
     seconds spent in tool calls ("tool_s", the reset and tool listing included) and in the
-    verifier ("verify_s").
+    verifier ("verify_s"). Verifiers run in `verifiers`' warm workers (default: the process's
+    shared pool), which answer as a cold `run_verifier` would.
     """
     config = config or HarnessConfig()
     timings = Counter() if timings is None else timings
@@ -216,7 +228,7 @@ def run_episode(
     server.reset()
     tools = client.list_tools()
     timings["tool_s"] += time.perf_counter() - started
-    episode = _Episode(world, task_idx, config, timings)
+    episode = _Episode(world, task_idx, config, timings, verifiers or default_pool())
     tool_calls = 0
     while True:
         if tool_calls >= config.max_tool_calls:

@@ -10,6 +10,9 @@ session (no controlling terminal) and a parent-death kill.
   the Python interpreter loads its libraries from, the standard library (its site-packages
   hidden) and its two database copies. Its payload comes on stdin and its result goes to an
   inherited file descriptor, so neither is a file it can see.
+* A warm verifier worker (`worker_argv`) gets a verifier's wall, with the host's request
+  folders read-only instead of two databases and a read-only /dev; it forks a child per
+  verification (`verifier_worker`).
 * A world server (`server_argv`) gets a network namespace of its own too: it serves on a Unix
   socket in its folder, which `world_server` bridges to 127.0.0.1:PORT in the parent. It sees
   the Python install, the site-packages it imports from and the system library folders
@@ -37,6 +40,7 @@ PROCESS_ONLY = "process"
 VERIFIER_TMP_BYTES = 16 << 20
 SERVER_TMP_BYTES = 1 << 30
 VERIFIER_COMMAND_LENGTH = 5  # python -I -S runner fd, at the end of verifier_argv
+WORKER_COMMAND_LENGTH = 5  # python -I -S worker fd, at the end of worker_argv
 SANDBOX_INITIAL_DB = "/db/initial.db"
 SANDBOX_FINAL_DB = "/db/final.db"
 # The modules a verifier process loads; their shared libraries decide which folders it needs.
@@ -44,6 +48,8 @@ _VERIFIER_IMPORTS = (
     "collections, datetime, json, math, os, re, sqlite3, resource, _strptime, encodings.ascii, "
     "encodings.latin_1"
 )
+# A warm worker also waits on its children and frames its answers.
+_WORKER_IMPORTS = f"{_VERIFIER_IMPORTS}, select, signal, struct"
 _TOP_LEVEL_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _lock = threading.Lock()
 _log = logging.getLogger(__name__)
@@ -170,9 +176,9 @@ def _links_and_binds(dirs) -> list[str]:
 
 
 @functools.cache
-def _verifier_folders() -> tuple[str, ...]:
+def _verifier_folders(imports: str = _VERIFIER_IMPORTS) -> tuple[str, ...]:
     """Folders of every file a verifier's interpreter maps, found by asking one that loaded them."""
-    code = f"import {_VERIFIER_IMPORTS}\nprint(open('/proc/self/maps').read())"
+    code = f"import {imports}\nprint(open('/proc/self/maps').read())"
     done = subprocess.run(
         [base_python(), "-I", "-S", "-c", code],
         capture_output=True,
@@ -209,16 +215,26 @@ def _isolated(binary: str, tmp_bytes: int) -> list[str]:
             "--size", str(tmp_bytes), "--tmpfs", "/tmp"]  # fmt: skip
 
 
-def verifier_argv(
-    binary: str, runner: str, initial_db: str, final_db: str, result_fd: int
-) -> list[str]:
-    """bwrap command line running `runner` on the two databases, seen at /db/initial.db etc."""
+_SANDBOX_ENV = ("--setenv", "PATH", os.defpath, "--setenv", "LANG", "C.UTF-8",
+                "--setenv", "HOME", "/tmp", "--chdir", "/tmp")  # fmt: skip
+
+
+def _verifier_wall(binary: str, imports: str) -> list[str]:
     with _lock:
-        folders = _verifier_folders()
+        folders = _verifier_folders(imports)
     return [
         *_isolated(binary, VERIFIER_TMP_BYTES),
         *_links_and_binds(folders),
         *_hidden_site_packages(folders),
+    ]
+
+
+def verifier_argv(
+    binary: str, runner: str, initial_db: str, final_db: str, result_fd: int
+) -> list[str]:
+    """bwrap command line running `runner` on the two databases, seen at /db/initial.db etc."""
+    return [
+        *_verifier_wall(binary, _VERIFIER_IMPORTS),
         "--ro-bind",
         initial_db,
         SANDBOX_INITIAL_DB,
@@ -230,22 +246,41 @@ def verifier_argv(
         "/sandbox/verifier_runner.py",
         "--remount-ro",
         "/",
-        "--setenv",
-        "PATH",
-        os.defpath,
-        "--setenv",
-        "LANG",
-        "C.UTF-8",
-        "--setenv",
-        "HOME",
-        "/tmp",
-        "--chdir",
-        "/tmp",
+        *_SANDBOX_ENV,
         base_python(),
         "-I",
         "-S",
         "/sandbox/verifier_runner.py",
         str(result_fd),
+    ]
+
+
+def worker_argv(
+    binary: str, runner: str, worker: str, requests_dir: str, response_fd: int
+) -> list[str]:
+    """bwrap command line of a warm verifier worker (`verifier_worker`): a verifier's wall, with
+    the host's request folders (each request's two databases) read-only at /sandbox/requests."""
+    return [
+        *_verifier_wall(binary, _WORKER_IMPORTS),
+        "--ro-bind",
+        requests_dir,
+        "/sandbox/requests",
+        "--ro-bind",
+        runner,
+        "/sandbox/verifier_runner.py",
+        "--ro-bind",
+        worker,
+        "/sandbox/verifier_worker.py",
+        "--remount-ro",
+        "/",
+        "--remount-ro",  # /tmp stays the only place a child can leave something (emptied).
+        "/dev",
+        *_SANDBOX_ENV,
+        base_python(),
+        "-I",
+        "-S",
+        "/sandbox/verifier_worker.py",
+        str(response_fd),
     ]
 
 

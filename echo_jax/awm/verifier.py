@@ -8,6 +8,9 @@ and a parent-death kill. Its outcome comes back on a file descriptor of its own,
 It only ever sees snapshot copies of the databases, so it can neither corrupt the live world
 nor the pristine initial state.
 
+`warm_verifier` gives the same answers from a long-lived sandboxed worker that forks a child per
+verification; the result checks here (`judge`) serve both.
+
 The returned dict has the shape of OpenEnv's AWM `verify_result` (the real capture's last step):
     {"result": "complete" | "others", "execution_status": "success", "raw_result": <returned>}
 or, when the verifier failed, {"result": "others", "execution_status": "error" | "timeout",
@@ -41,7 +44,7 @@ from echo_jax.awm.world_server import copy_database
 VERIFIER_RESULTS = ("complete", "others")
 _TAIL_BYTES = 1 << 20
 # The runner caps its result at 1 MiB and reports a larger one as an error.
-_MAX_RESULT_FILE_BYTES = verifier_runner.MAX_RESULT_BYTES + 4096
+MAX_RESULT_FILE_BYTES = verifier_runner.MAX_RESULT_BYTES + 4096
 
 
 @dataclass(frozen=True)
@@ -98,17 +101,17 @@ def _interpret(outcome: dict[str, Any]) -> dict[str, Any]:
     return {"result": result, "execution_status": "success", "raw_result": raw}
 
 
-def _read_result(path: Path) -> dict[str, Any] | str:
-    """The runner's outcome from the result file, or a message saying what is wrong with it."""
-    size = path.stat().st_size
+def _check_result(data: bytes, size: int) -> dict[str, Any] | str:
+    """The runner's outcome from the `size` bytes it wrote (`data`: the first of them, at least
+    up to the cap), or a message saying what is wrong with it."""
     if size == 0:
         return ""
-    if size > _MAX_RESULT_FILE_BYTES:
+    if size > MAX_RESULT_FILE_BYTES:
         return (
             f"verifier result is oversized: {size:,} bytes, over the limit of "
-            f"{_MAX_RESULT_FILE_BYTES:,}"
+            f"{MAX_RESULT_FILE_BYTES:,}"
         )
-    text = path.read_bytes().decode("utf-8", errors="replace")
+    text = data.decode("utf-8", errors="replace")
     try:
         outcome, end = json.JSONDecoder().raw_decode(text)
     except (json.JSONDecodeError, RecursionError) as error:
@@ -122,6 +125,34 @@ def _read_result(path: Path) -> dict[str, Any] | str:
     if outcome["status"] == "error" and not isinstance(outcome.get("error"), str):
         return "verifier result is malformed: 'error' missing or not a string"
     return outcome
+
+
+def judge(data: bytes, size: int, exit_code: int, stderr_tail: str) -> dict[str, Any]:
+    """The verify result from what the runner wrote on its result channel, cold or warm."""
+    outcome = _check_result(data, size)
+    if isinstance(outcome, dict):
+        return _interpret(outcome)
+    if outcome:
+        return _failure("error", outcome)
+    return _failure(
+        "error",
+        f"verifier process exited with code {exit_code} without a result; "
+        f"stderr tail: {stderr_tail[-2000:]}",
+    )
+
+
+def timed_out(limits: VerifierLimits) -> dict[str, Any]:
+    return _failure("timeout", f"verifier exceeded {limits.timeout_s:g}s wall-clock")
+
+
+def read_only_snapshots(
+    initial_db_path: str | Path, final_db_path: str | Path, folder: Path
+) -> tuple[Path, Path]:
+    """initial.db and final.db in `folder`: the copies a verifier sees."""
+    initial, final = folder / "initial.db", folder / "final.db"
+    _read_only_snapshot(initial_db_path, initial)
+    _read_only_snapshot(final_db_path, final)
+    return initial, final
 
 
 def run_verifier(
@@ -142,9 +173,7 @@ def run_verifier(
     with tempfile.TemporaryDirectory(prefix="awm_verify_") as tmp:
         folder = Path(tmp)
         folder.chmod(0o711)  # The runner may drop to its own user id: it must reach the copies.
-        initial, final = folder / "initial.db", folder / "final.db"
-        _read_only_snapshot(initial_db_path, initial)
-        _read_only_snapshot(final_db_path, final)
+        initial, final = read_only_snapshots(initial_db_path, final_db_path, folder)
         if binary is None:
             seen_initial, seen_final = str(initial), str(final)
         else:
@@ -192,14 +221,7 @@ def run_verifier(
             )
             if not _exited_within(process, limits.timeout_s):
                 kill_process_group(process, grace_s=0.0)
-                return _failure("timeout", f"verifier exceeded {limits.timeout_s:g}s wall-clock")
-        outcome = _read_result(result_path)
-        if isinstance(outcome, dict):
-            return _interpret(outcome)
-        if outcome:
-            return _failure("error", outcome)
-        return _failure(
-            "error",
-            f"verifier process exited with code {process.returncode} without a result; "
-            f"stderr tail: {read_tail(stderr_path, _TAIL_BYTES)[-2000:]}",
-        )
+                return timed_out(limits)
+        size = result_path.stat().st_size
+        data = result_path.read_bytes() if size <= MAX_RESULT_FILE_BYTES else b""
+        return judge(data, size, process.returncode, read_tail(stderr_path, _TAIL_BYTES))

@@ -1,5 +1,7 @@
 """Child-process side of `verifier.run_verifier`: run one verifier's code and print its result.
 
+(A warm worker's children, `verifier_worker`, run the same steps from `finish` on.)
+
 Started as `python -I -S verifier_runner.py RESULT_FD` (no site-packages, no paths taken from
 the environment), normally inside the bubblewrap sandbox of `echo_jax.awm.sandbox` (the wall:
 namespaces, only the two databases and the interpreter's files mounted). The parent has already
@@ -291,12 +293,17 @@ def run(payload: dict) -> dict:
         return _error("Execution error", error)
 
 
-def lock_down(payload: dict) -> str:
-    """Steps 2-5 of the module docstring; returns who the verifier runs as."""
+def preload() -> None:
+    """The lazy imports of the allowed modules, done before the lock-down refuses them (once, in
+    a warm worker, before it forks)."""
     import _strptime  # noqa: F401 -- datetime.strptime imports it lazily
     import encodings.ascii  # noqa: F401
     import encodings.latin_1  # noqa: F401
 
+
+def lock_down(payload: dict) -> str:
+    """Steps 2-5 of the module docstring; returns who the verifier runs as."""
+    preload()
     sys.stdout = _CappedOutput(sys.__stdout__)
     sys.stderr = _CappedOutput(sys.__stderr__)
     who = _drop_privileges()
@@ -319,11 +326,9 @@ def _encode_outcome(outcome: dict, dumps=json.dumps) -> bytes:
     return data
 
 
-def main() -> None:
-    """argv[1]: the file descriptor the result goes to; the payload comes on stdin."""
-    result_fd = int(sys.argv[1])
-    payload = json.loads(sys.stdin.buffer.read().decode("utf-8"))
-    os.close(0)
+def finish(payload: dict, result_fd: int) -> None:
+    """Lock down, run the verifier, write its outcome to `result_fd` and exit: the rest of a run
+    once the payload is in hand, shared by the cold runner and the warm worker's children."""
     # No new processes (trusted code, before the lock-down; the parent cannot set it before
     # bubblewrap, which itself needs to fork).
     resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
@@ -341,6 +346,14 @@ def main() -> None:
     while data:
         data = data[write(result_fd, data) :]
     os._exit(0)  # No finaliser or atexit hook of the verifier's runs after the result.
+
+
+def main() -> None:
+    """argv[1]: the file descriptor the result goes to; the payload comes on stdin."""
+    result_fd = int(sys.argv[1])
+    payload = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+    os.close(0)
+    finish(payload, result_fd)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Live world servers per scenario, kept across episodes, and the threads that use them."""
+"""Live world servers per scenario, kept across episodes, their warm verifier workers, and the
+threads that use them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from echo_jax.awm.live_world import WORLD_FAILURES, LiveWorld
+from echo_jax.awm.warm_verifier import VerifierPool
 from echo_jax.awm.world_format import World
 
 log = logging.getLogger(__name__)
@@ -16,7 +18,8 @@ log = logging.getLogger(__name__)
 class WorldPool:
     """Live servers per scenario, started on first use and kept until `close`, and the threads
     that run episodes on them. The threads live as long as the pool: a server gets SIGKILL when
-    the thread that started it ends (PR_SET_PDEATHSIG follows the parent thread)."""
+    the thread that started it ends (PR_SET_PDEATHSIG follows the parent thread). `verifiers`
+    holds the scenarios' warm verifier workers, closed with the pool."""
 
     def __init__(self, worlds: dict[str, World], threads: int, per_scenario: int = 2):
         self.worlds = worlds
@@ -26,6 +29,7 @@ class WorldPool:
         self.cond = threading.Condition()
         self.threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="episode")
         self.started = 0  # Servers started (restarts included).
+        self.verifiers = VerifierPool()
 
     def acquire(self, scenario: str) -> LiveWorld:
         with self.cond:
@@ -71,3 +75,4 @@ class WorldPool:
                 live.close()
         self.idle.clear()
         self.count.clear()
+        self.verifiers.close()

@@ -14,7 +14,8 @@ import requests
 
 from echo_jax.awm.harness import HarnessConfig, classify_tool_error, run_episode
 from echo_jax.awm.mcp_client import McpClient, WorldUnavailable
-from echo_jax.awm.verifier import VerifierLimits, run_verifier
+from echo_jax.awm.verifier import VerifierLimits
+from echo_jax.awm.warm_verifier import VerifierPool, default_pool
 from echo_jax.awm.world_format import WorldFormatError, load_worlds
 from echo_jax.awm.world_server import WorldServer, WorldServerError, build_database
 from echo_jax.data.episodes import parse_episode
@@ -274,6 +275,20 @@ def test_scripted_episode_complete(live, world):
     assert parse_episode(json.loads(json.dumps(episode)), "test").reward == 1.0
 
 
+def test_episodes_verify_in_a_warm_worker(live, world):
+    server, client = live
+    actions = [call("create_order", item_id=1, quantity=2), VERIFY]
+    assert run_episode(server, client, world, 0, Scripted(*actions))["reward"] == 1.0
+    assert default_pool()._slots["tiny_shop"].worker.failure is None  # The harness's default.
+    pool = VerifierPool()
+    try:
+        episode = run_episode(server, client, world, 0, Scripted(*actions), verifiers=pool)
+        assert episode["reward"] == 1.0
+        assert pool._slots["tiny_shop"].worker.failure is None
+    finally:
+        pool.close()
+
+
 def test_episode_starts_from_reset_world(live, world):
     server, client = live
     client.call_tool("create_order", {"item_id": 1, "quantity": 2})  # left over before reset
@@ -319,20 +334,20 @@ def databases(world, tmp_path_factory):
     return initial, final
 
 
-def test_fixture_verifiers(world, databases):
-    assert run_verifier(world.verifiers[0], *databases)["result"] == "complete"
-    assert run_verifier(world.verifiers[1], *databases)["result"] == "others"
+def test_fixture_verifiers(world, databases, verify):
+    assert verify(world.verifiers[0], *databases)["result"] == "complete"
+    assert verify(world.verifiers[1], *databases)["result"] == "others"
 
 
-def test_verifier_timeout_is_quick(databases):
+def test_verifier_timeout_is_quick(databases, verify):
     started = time.monotonic()
-    result = run_verifier("while True:\n    pass\n", *databases, limits=VerifierLimits(timeout_s=1))
+    result = verify("while True:\n    pass\n", *databases, limits=VerifierLimits(timeout_s=1))
     assert result["execution_status"] == "timeout"
     assert result["result"] == "others"
     assert time.monotonic() - started < 5
 
 
-def test_verifier_stdout_does_not_confuse_result(databases):
+def test_verifier_stdout_does_not_confuse_result(databases, verify):
     code = (
         "import json\n"
         "def verify_task_completion(initial_db_path, final_db_path, final_answer=None):\n"
@@ -340,7 +355,7 @@ def test_verifier_stdout_does_not_confuse_result(databases):
         "    print(json.dumps({'status': 'success', 'raw_result': {'result': 'others'}}))\n"
         "    return {'result': 'complete', 'answer': final_answer}\n"
     )
-    result = run_verifier(code, *databases, final_answer="42")
+    result = verify(code, *databases, final_answer="42")
     assert result == {
         "result": "complete",
         "execution_status": "success",
@@ -364,14 +379,14 @@ def test_verifier_stdout_does_not_confuse_result(databases):
         ("def other(a, b):\n    return {}\n", "Function 'verify_task_completion' not found"),
     ],
 )
-def test_verifier_failures_are_clean(databases, code, message):
-    result = run_verifier(code, *databases)
+def test_verifier_failures_are_clean(databases, code, message, verify):
+    result = verify(code, *databases)
     assert result["execution_status"] == "error"
     assert result["result"] == "others"
     assert message in result["error_message"]
 
 
-def test_verifier_sees_only_copies(databases):
+def test_verifier_sees_only_copies(databases, verify):
     code = (
         "import sqlite3\n"
         "def verify_task_completion(initial_db_path, final_db_path):\n"
@@ -383,6 +398,6 @@ def test_verifier_sees_only_copies(databases):
         "        return {'result': 'others', 'blocked': str(error)}\n"
         "    return {'result': 'others'}\n"
     )
-    assert run_verifier(code, *databases)["execution_status"] == "success"
+    assert verify(code, *databases)["execution_status"] == "success"
     with sqlite3.connect(databases[1]) as connection:
         assert connection.execute("SELECT COUNT(*) FROM orders").fetchone()[0] == 1

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import requests
 
-from echo_jax.awm.verifier import run_verifier
 from echo_jax.awm.world_format import load_worlds
 from echo_jax.awm.world_server import WorldServer, build_database
 
@@ -142,18 +141,18 @@ ESCAPES = {
 
 
 @pytest.mark.parametrize("name", list(ESCAPES))
-def test_known_escape_fails(name, databases, tmp_path):
+def test_known_escape_fails(name, databases, tmp_path, verify):
     body, message = ESCAPES[name]
     marker = tmp_path / "escaped"
     os.chmod(tmp_path, 0o777)  # Were the verifier not stopped, its user id could write here.
-    result = run_verifier(verifier(body.replace("{marker}", str(marker))), *databases)
+    result = verify(verifier(body.replace("{marker}", str(marker))), *databases)
     blocked(result, message)
     assert not marker.exists()
     with sqlite3.connect(databases[1]) as connection:
         assert connection.execute("SELECT COUNT(*) FROM items").fetchone()[0] > 0
 
 
-def test_verifier_runs_unprivileged_without_secrets(databases, monkeypatch):
+def test_verifier_runs_unprivileged_without_secrets(databases, monkeypatch, verify):
     monkeypatch.setenv("SECRET_TOKEN", "hunter2")
     code = verifier(
         f"""
@@ -161,7 +160,7 @@ os = {OS}
 return {{'result': 'others', 'env': dict(os['environ']), 'uid': os['getuid']()}}
 """
     )
-    result = run_verifier(code, *databases)
+    result = verify(code, *databases)
     assert result["execution_status"] == "success", result
     raw = result["raw_result"]
     assert "SECRET_TOKEN" not in raw["env"] and "hunter2" not in json.dumps(raw)
@@ -169,7 +168,7 @@ return {{'result': 'others', 'env': dict(os['environ']), 'uid': os['getuid']()}}
     assert raw["uid"] == 65534  # nobody, in a user namespace of its own.
 
 
-def test_verifier_that_prints_megabytes_still_gives_its_result(databases):
+def test_verifier_that_prints_megabytes_still_gives_its_result(databases, verify):
     code = verifier(
         """
 for _ in range(200):
@@ -178,7 +177,7 @@ print('{"status": "success", "raw_result": {"result": "complete"}}')
 return {'result': 'others', 'printed': True}
 """
     )
-    result = run_verifier(code, *databases)
+    result = verify(code, *databases)
     assert result == {
         "result": "others",
         "execution_status": "success",
@@ -186,17 +185,17 @@ return {'result': 'others', 'printed': True}
     }
 
 
-def test_verifier_that_raises_is_an_error_not_a_crash(databases):
-    result = run_verifier(verifier("raise RuntimeError('broken verifier')"), *databases)
+def test_verifier_that_raises_is_an_error_not_a_crash(databases, verify):
+    result = verify(verifier("raise RuntimeError('broken verifier')"), *databases)
     blocked(result, "Execution error: RuntimeError: broken verifier")
 
 
-def test_verifier_that_sleeps_forever_times_out(databases):
+def test_verifier_that_sleeps_forever_times_out(databases, verify):
     from echo_jax.awm.verifier import VerifierLimits
 
     code = verifier(f"{OS}['__builtins__']['__import__']('time').sleep(3600)\nreturn {{}}")
     started = time.monotonic()
-    result = run_verifier(code, *databases, limits=VerifierLimits(timeout_s=1))
+    result = verify(code, *databases, limits=VerifierLimits(timeout_s=1))
     assert result["execution_status"] == "timeout"
     assert time.monotonic() - started < 5
 

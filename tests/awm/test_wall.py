@@ -78,39 +78,41 @@ def found(result: dict) -> dict:
     return result["raw_result"]["found"]
 
 
-def test_the_hook_really_is_off(databases):
+def test_the_hook_really_is_off(databases, verify):
     """The attack works: without the wall, these probes would succeed (they do on the host)."""
     body = "probe('gc', lambda: len(B['__import__']('gc').get_objects()) > 0)\n"
     body += "probe('listdir', lambda: isinstance(os['listdir']('/'), list))\n"
-    assert found(run_verifier(verifier(body), *databases)) == {"gc": True, "listdir": True}
+    assert found(verify(verifier(body), *databases)) == {"gc": True, "listdir": True}
 
 
-def test_verifier_without_its_hook_finds_nothing_outside_its_databases(databases, tmp_path):
+def test_verifier_without_its_hook_finds_nothing_outside_its_databases(databases, tmp_path, verify):
     readme = ROOT / "README.md"
     host_file = tmp_path / "host_secret"
     host_file.write_text("secret")
     os.chmod(tmp_path, 0o777)
     body = f"""
+D = final_db_path.rsplit('/', 1)[0]  # /db cold, its request's folder warm
 probe('root', lambda: sorted(os['listdir']('/')))
 probe('etc', lambda: os['listdir']('/etc'))
-probe('db', lambda: sorted(os['listdir']('/db')))
+probe('db', lambda: sorted(os['listdir'](D)))
 probe('tmp', lambda: os['listdir']('/tmp'))
 probe('pids', lambda: sorted(p for p in os['listdir']('/proc') if p.isdigit()))
+probe('pid', os['getpid'])
 probe('passwd', lambda: B['open']('/etc/passwd').read())
 probe('readme', lambda: B['open']({str(readme)!r}).read())
 probe('host_tmp_file', lambda: B['open']({str(host_file)!r}).read())
 probe('cmdline_1', lambda: B['open']('/proc/1/cmdline').read())
 probe('environ', lambda: sorted(os['environ']))
-probe('write_db_folder', lambda: B['open']('/db/new', 'w').write('x'))
+probe('write_db_folder', lambda: B['open'](D + '/new', 'w').write('x'))
 probe('write_root', lambda: B['open']('/escaped', 'w').write('x'))
 probe('write_host_tmp', lambda: B['open']({str(tmp_path / "escaped")!r}, 'w').write('x'))
 probe('make_dir', lambda: os['mkdir']('/usr/escaped'))
 probe('scratch', lambda: B['open']('/tmp/scratch', 'w').write('ok'))
-probe('symlink', lambda: os['symlink']('/db/final.db', '/tmp/link') or 'made')
-probe('connect_db', lambda: sqlite3.connect('/db/final.db').execute(
+probe('symlink', lambda: os['symlink'](final_db_path, '/tmp/link') or 'made')
+probe('connect_db', lambda: sqlite3.connect(final_db_path).execute(
     'SELECT COUNT(*) FROM items').fetchone()[0] > 0)
 """
-    seen = found(run_verifier(verifier(body), *databases))
+    seen = found(verify(verifier(body), *databases))
     assert set(seen["root"]) <= {
         "bin", "db", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "sandbox", "sbin",
         "tmp", "usr", "root", "opt", "home", "work",
@@ -120,12 +122,19 @@ probe('connect_db', lambda: sqlite3.connect('/db/final.db').execute(
         assert seen[gone] == "failed: FileNotFoundError", (gone, seen[gone])
     assert seen["etc"] == ["ld.so.cache"]
     assert seen["db"] == ["final.db", "initial.db"]
-    assert seen["tmp"] == []  # A private /tmp: no other verifier's or user's file.
-    assert seen["pids"] == ["1", "2"]  # Its own PID namespace: bwrap's reaper and itself.
+    # A private /tmp: no user's file, no earlier verifier's (a warm worker empties it).
+    assert seen["tmp"] == []
+    if getattr(verify, "mode", "cold") == "warm":
+        # Its worker's PID namespace: bwrap's reaper, the worker, itself.
+        assert seen["pids"] == sorted(["1", "2", str(seen["pid"])])
+        command = "/sandbox/verifier_worker.py"
+    else:
+        assert seen["pids"] == ["1", "2"]  # Its own PID namespace: bwrap's reaper and itself.
+        command = "/sandbox/verifier_runner.py"
     # PID 1 is bwrap: its command line names no host path but its own binary and Python's.
     host_paths = {a for a in seen["cmdline_1"].split("\0") if a.startswith("/")}
     binary = sandbox.require_sandbox("the test")
-    assert host_paths <= {binary, sandbox.base_python(), "/sandbox/verifier_runner.py"}
+    assert host_paths <= {binary, sandbox.base_python(), command}
     assert set(seen["environ"]) <= {"PATH", "LANG", "HOME", "PWD"}
     for refused in ("write_db_folder", "write_root", "make_dir"):
         assert seen[refused] == "failed: OSError", (refused, seen[refused])  # read-only mounts
@@ -135,7 +144,7 @@ probe('connect_db', lambda: sqlite3.connect('/db/final.db').execute(
     assert not (tmp_path / "escaped").exists() and not Path("/escaped").exists()
 
 
-def test_verifier_has_no_network(databases):
+def test_verifier_has_no_network(databases, verify):
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
@@ -146,7 +155,7 @@ S = B['__import__']('socket')
 probe('loopback', lambda: S.create_connection(('127.0.0.1', {port}), timeout=2).close())
 probe('interfaces', lambda: [name for _, name in S.if_nameindex()])
 """
-        seen = found(run_verifier(verifier(body), *databases))
+        seen = found(verify(verifier(body), *databases))
         with pytest.raises(socket.timeout):
             listener.accept()  # Nothing reached the parent's loopback port.
     assert seen["loopback"].startswith("failed: ")
@@ -155,22 +164,35 @@ probe('interfaces', lambda: [name for _, name in S.if_nameindex()])
     assert seen["interfaces"] == ["lo"]
 
 
-def test_two_verifiers_at_once_cannot_see_each_other(databases):
-    """Each leaves a file in /tmp and lists /tmp and /proc while the other runs."""
+def test_two_verifiers_at_once_cannot_see_each_other(databases, verify):
+    """Each leaves a file in /tmp and lists /tmp and /proc while the other runs. Cold, each has
+    a sandbox of its own; warm, both share their world's worker's sandbox (its /tmp, its PID
+    namespace), each with its own copies of the databases."""
     body = """
 T = B['__import__']('time')
 B['open']('/tmp/mine_' + str(os['getpid']()) + str(T.time()), 'w').write('payload')
 T.sleep(0.5)
 probe('tmp', lambda: len(os['listdir']('/tmp')))
 probe('pids', lambda: sorted(p for p in os['listdir']('/proc') if p.isdigit()))
-probe('other_db', lambda: sqlite3.connect('/db/final.db').execute(
+probe('pid', os['getpid'])
+probe('path', lambda: final_db_path)
+probe('other_db', lambda: sqlite3.connect(final_db_path).execute(
     'PRAGMA database_list').fetchall()[0][2])
 """
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(lambda _: run_verifier(verifier(body), *databases), range(2)))
-    for result in results:
-        seen = found(result)
-        assert seen == {"tmp": 1, "pids": ["1", "2"], "other_db": "/db/final.db"}, seen
+        results = list(pool.map(lambda _: verify(verifier(body), *databases), range(2)))
+    seen = [found(result) for result in results]
+    for one in seen:
+        assert one["other_db"] == one["path"], one  # Its own copy.
+    if getattr(verify, "mode", "cold") == "warm":
+        assert seen[0]["path"] != seen[1]["path"]
+        for one in seen:  # A file each (or none: the worker empties /tmp after a request).
+            assert one["tmp"] <= 2, one
+            assert {"1", "2", str(one["pid"])} <= set(one["pids"]), one
+            assert set(one["pids"]) <= {"1", "2", *(str(other["pid"]) for other in seen)}, one
+    else:
+        for one in seen:
+            assert (one["tmp"], one["pids"], one["path"]) == (1, ["1", "2"], "/db/final.db"), one
 
 
 # --- the result channel --------------------------------------------------------------------------
@@ -216,12 +238,12 @@ FORGED = {
 
 
 @pytest.mark.parametrize("name", list(FORGED))
-def test_forged_result_is_a_judge_error_not_a_crash(name, databases):
+def test_forged_result_is_a_judge_error_not_a_crash(name, databases, verify):
     body, message = FORGED[name]
-    judge_error(run_verifier(verifier(body), *databases), message)
+    judge_error(verify(verifier(body), *databases), message)
 
 
-def test_printed_lines_and_finalisers_do_not_replace_the_verdict(databases):
+def test_printed_lines_and_finalisers_do_not_replace_the_verdict(databases, verify):
     body = """
 print('[]')
 print('{oops')
@@ -231,7 +253,7 @@ class Late:
         print('{"status": "success", "raw_result": {"result": "complete"}}')
 B['__builtins_keep__'] = Late()
 """
-    result = run_verifier(verifier(body), *databases)
+    result = verify(verifier(body), *databases)
     assert result == {
         "result": "others",
         "execution_status": "success",
