@@ -259,6 +259,12 @@ def iteration_metrics(
         "rollout_s": timing["rollout_s"],
         "update_s": timing["update_s"],
         "decode_tokens_per_s": timing["generated_tokens"] / max(timing["decode_s"], 1e-9),
+        # Where the rollouts' time went (the engine's Timing; tool and verify summed over
+        # episodes, which run beside the engine's loop).
+        **{
+            f"rollout_{k}": timing[k]
+            for k in ("decode_s", "extend_s", "wait_s", "tool_s", "verify_s")
+        },  # fmt: skip
         "env_steps_per_s": steps / timing["rollout_s"],
     }
 
