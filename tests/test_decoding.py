@@ -3,7 +3,6 @@
 import functools
 import unittest.mock
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,29 +112,6 @@ def test_cached_decoding_matches_the_full_forward_pass(decoder, vocab):
     close(jax.nn.log_softmax(first_BV, axis=-1), full_BTV[rows, lengths_B - 1])
     for i in range(steps):
         close(jax.nn.log_softmax(fed_SBV[i], axis=-1), full_BTV[rows, lengths_B + i])
-
-
-def test_a_window_reads_only_what_it_needs_and_changes_nothing(decoder, vocab):
-    """Rows that end within a window of 31 positions (prime, not a power of two) get the
-    training forward pass's next-token logits and the same cache as the whole row's extend."""
-    graphdef, params = decoder_graph(vocab), decoder.params
-    tokens_BT = np.random.default_rng(1).integers(1, vocab.size, (2, MAX_LEN)).astype(np.int32)
-    full_BTV = np.asarray(forward_fn(graphdef)(params, tokens_BT))
-    count_B = np.array([31, 17], np.int32)
-
-    @functools.partial(jax.jit, static_argnums=2)
-    def extend(params, tokens_BC, window):
-        model = nnx.merge(graphdef, params)
-        cache = model.empty_cache(2, MAX_LEN)
-        return model.extend(tokens_BC, jnp.zeros(2, jnp.int32), count_B, cache, window=window)
-
-    windowed_BV, windowed_cache = extend(params, tokens_BT[:, :31], 31)
-    whole_BV, whole_cache = extend(params, tokens_BT[:, :31], None)
-    np.testing.assert_allclose(
-        jax.nn.log_softmax(windowed_BV, axis=-1), full_BTV[[0, 1], count_B - 1], atol=1e-4
-    )
-    np.testing.assert_allclose(windowed_BV, whole_BV, atol=1e-5)
-    chex.assert_trees_all_close(windowed_cache, whole_cache, atol=1e-6)
 
 
 def test_inverse_cdf_sample_draws_each_index_in_proportion():

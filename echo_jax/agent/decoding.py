@@ -109,16 +109,15 @@ class Rows(NamedTuple):
 
 
 @functools.lru_cache(maxsize=16)
-def make_extend_fn(graphdef: nnx.GraphDef, window: int | None = None):
+def make_extend_fn(graphdef: nnx.GraphDef):
     """Jitted `(params, cache, logits_SV, tokens_RC, start_R, count_R, rows_R) -> (cache,
     logits_SV)`: appends count_R tokens to cache rows rows_R (distinct; a row with count 0 is
     left as it was, so rows_R may be padded with any row and count 0). Only those R rows are
-    computed, attending to the cache positions below `window` (None: all; every start + count
-    must be within it). The cache is donated. Compiles once per (R, C)."""
+    computed. The cache is donated. Compiles once per (R, C)."""
 
     def extend(params, cache, logits_SV, tokens_RC, start_R, count_R, rows_R):
         model = nnx.merge(graphdef, params)
-        new_RV, cache = model.extend(tokens_RC, start_R, count_R, cache, rows_R, window)
+        new_RV, cache = model.extend(tokens_RC, start_R, count_R, cache, rows_R)
         keep_R = jnp.where((count_R > 0)[:, None], new_RV.astype(jnp.float32), logits_SV[rows_R])
         return cache, logits_SV.at[rows_R].set(keep_R)
 
@@ -237,17 +236,8 @@ class Decoder:
     def __post_init__(self) -> None:
         self.stop_VS = jnp.asarray(token_stop_transitions(self.vocab, self.stop))
         self.extend_fn = make_extend_fn(self.graphdef)
-        self.windows = tuple(
-            sorted({min(w, self.max_len) for w in (self.max_len // 2, self.max_len)})
-        )
         self.decode_fn = make_decode_fn(self.graphdef, self.max_new_tokens)
         self.block_fn = make_decode_fn(self.graphdef, self.block or self.max_new_tokens)
-
-    def windowed_extend_fn(self, end: int):
-        """`extend_fn` for new tokens that all end at or before position `end`: attention reads
-        the smallest of `windows` that holds them (a row's first half costs half)."""
-        window = next(w for w in self.windows if w >= end)
-        return make_extend_fn(self.graphdef, None if window == self.max_len else window)
 
     def empty_cache(self, rows: int) -> KVCache:
         return nnx.merge(self.graphdef, self.params).empty_cache(rows, self.max_len)

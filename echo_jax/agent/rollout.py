@@ -313,9 +313,8 @@ class RolloutEngine:
                         rows.stop_state[slot] = 0
                 start_R = rows.position[rows_R].copy()
                 rows.position[rows_R] += count_R
-                extend_fn = dec.windowed_extend_fn(int(rows.position[group].max()))
                 lap("host_s")
-                self.cache, self.logits_SV = extend_fn(
+                self.cache, self.logits_SV = dec.extend_fn(
                     dec.params, self.cache, self.logits_SV, tokens_RC, start_R, count_R, rows_R
                 )
                 t.extend_calls += 1

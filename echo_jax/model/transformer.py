@@ -93,13 +93,11 @@ class Attention(nnx.Module):
         positions_RC: Array,
         write_RC: Array,
         cache: tuple[Array, Array],
-        window: int | None = None,
     ) -> tuple[Array, tuple[Array, Array]]:
         """C new tokens for each of the cache rows rows_R (None: every row, in order), at
         positions_RC: writes their keys and values where write_RC (elsewhere the write is
-        dropped), then each attends to its row's cache positions at or before its own, all of
-        them below `window` (default: the whole row). Returns (output [R, C, D], (keys,
-        values) [S, N, T, H])."""
+        dropped), then each attends to its row's cache positions at or before its own.
+        Returns (output [R, C, D], (keys, values) [S, N, T, H])."""
         r, c, d = x_RCD.shape
         qkv = self.qkv(x_RCD.reshape(r * c, d)).reshape(r, c, 3, self.n_heads, self.head_dim)
         q_RCNH, k_RCNH, v_RCNH = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -111,14 +109,13 @@ class Attention(nnx.Module):
         k_RNCH, v_RNCH = k_RCNH.transpose(0, 2, 1, 3), v_RCNH.transpose(0, 2, 1, 3)
         cache_k_SNTH = _write(cache_k_SNTH, rows_R, k_RNCH, slots_RC)
         cache_v_SNTH = _write(cache_v_SNTH, rows_R, v_RNCH, slots_RC)
-        w = t if window is None else window  # Attention reads only what lies below it.
         if rows_R is None:  # Every row, in order: the cache itself, not a gathered copy.
-            keys_RNTH, values_RNTH = cache_k_SNTH[:, :, :w], cache_v_SNTH[:, :, :w]
+            keys_RNTH, values_RNTH = cache_k_SNTH, cache_v_SNTH
         else:
-            keys_RNTH, values_RNTH = cache_k_SNTH[rows_R, :, :w], cache_v_SNTH[rows_R, :, :w]
+            keys_RNTH, values_RNTH = cache_k_SNTH[rows_R], cache_v_SNTH[rows_R]
         q_RNCH = q_RCNH.transpose(0, 2, 1, 3).astype(jnp.float32) * (self.head_dim**-0.5)
         scores_RNCT = jnp.einsum("rnch,rnth->rnct", q_RNCH, keys_RNTH.astype(jnp.float32))
-        visible_RCT = jnp.arange(w)[None, None, :] <= positions_RC[:, :, None]
+        visible_RCT = jnp.arange(t)[None, None, :] <= positions_RC[:, :, None]
         scores_RNCT = jnp.where(visible_RCT[:, None], scores_RNCT, -jnp.inf)
         probs_RNCT = jax.nn.softmax(scores_RNCT, axis=-1)
         y_RNCH = jnp.einsum("rnct,rnth->rnch", probs_RNCT, values_RNTH.astype(jnp.float32))
@@ -158,10 +155,8 @@ class Block(nnx.Module):
         x_BTD = x_BTD + self.attn(self.norm1(x_BTD), positions_T)
         return x_BTD + self.mlp(self.norm2(x_BTD))
 
-    def extend(self, x_RCD, rows_R, positions_RC, write_RC, cache, window=None):
-        y_RCD, cache = self.attn.extend(
-            self.norm1(x_RCD), rows_R, positions_RC, write_RC, cache, window
-        )
+    def extend(self, x_RCD, rows_R, positions_RC, write_RC, cache):
+        y_RCD, cache = self.attn.extend(self.norm1(x_RCD), rows_R, positions_RC, write_RC, cache)
         x_RCD = x_RCD + y_RCD
         return x_RCD + self.mlp(self.norm2(x_RCD)), cache
 
@@ -223,13 +218,10 @@ class Transformer(nnx.Module):
         count_R: Array,
         cache: KVCache,
         rows_R: Array | None = None,
-        window: int | None = None,
     ) -> tuple[Array, KVCache]:
-        """Appends count_R (<= C) tokens to cache rows rows_R (default: all, in order), at
-        positions start_R onwards -> (next-token logits [R, V] after each row's last new
-        token, the cache). Every new token must lie below `window` (default: the row's
-        length): attention then reads only the cache positions below it, so a short row
-        costs what its length needs.
+        """Appends count_R (<= C) tokens to cache rows rows_R (default: all, in order, read
+        in place), at positions start_R onwards -> (next-token logits [R, V] after each row's
+        last new token, the cache).
 
         The arithmetic is __call__'s, so a row's logits equal the training forward pass's over
         the same tokens (rows with count 0 are left as they were; their logits are arbitrary).
@@ -242,9 +234,7 @@ class Transformer(nnx.Module):
         x_RCD = self.embed(tokens_RC)
         new_cache = []
         for block, layer_cache in zip(self.blocks, cache, strict=True):
-            x_RCD, layer_cache = block.extend(
-                x_RCD, rows_R, positions_RC, write_RC, layer_cache, window
-            )
+            x_RCD, layer_cache = block.extend(x_RCD, rows_R, positions_RC, write_RC, layer_cache)
             new_cache.append(layer_cache)
         last_R = jnp.clip(count_R - 1, 0, c - 1)
         h_R1D = self.final_norm(x_RCD[jnp.arange(r), last_R][:, None])
