@@ -212,7 +212,7 @@ class RLConfig:
     # steps that were format errors (AWM scores each -1.0; 0 keeps the verifier's alone).
     format_penalty: float = 0.0
     slots: int = 16  # Rollouts in flight in the rollout engine.
-    servers_per_scenario: int = 2  # World servers per scenario, kept across iterations.
+    servers_per_scenario: int = 4  # World servers per scenario, kept across iterations.
     split: str = "train"  # Corpus split whose tasks are pool candidates.
     eval_every: int = 4  # Iterations between greedy pass@1 runs on the pool and held out.
     eval_split: str = "heldout_tasks"  # Split of the held-out pass@1 runs ("": none).
