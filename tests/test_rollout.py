@@ -2,6 +2,7 @@
 batching."""
 
 import json
+import time
 import types
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from echo_jax.agent.decoding import Generation, decode_text
 from echo_jax.agent.policy import POLICY_KEY
-from echo_jax.agent.rollout import EngineConfig, EpisodeRequest, RolloutEngine
+from echo_jax.agent.rollout import EngineConfig, EpisodeRequest, RolloutEngine, world_pool
 from echo_jax.agent.rollout_rows import (
     EPISODE_ROWS,
     EpisodeTokens,
@@ -218,3 +219,27 @@ def test_a_random_model_ends_in_the_verifiers_decision(rollouts):
         assert len(ep["steps"]) <= 5
     assert timing.env_steps == sum(len(ep["steps"]) for ep in episodes)
     assert timing.decode_s > 0 and timing.generated_tokens > 0
+
+
+def test_a_prestarted_server_serves_the_run_and_counts_as_its_start(model, vocab, world):
+    """Prestarting returns at once and leaves the server up for the engine's first episodes;
+    the run that uses it counts its start, the next run none."""
+    graphdef, params = model
+    config = EngineConfig(slots=2, max_new_tokens=12, max_steps=2, decode_block=5,
+                          servers_per_scenario=1)  # fmt: skip
+    pool = world_pool({world.name: world}, config)
+    began = time.perf_counter()
+    pool.prestart([world.name, world.name])
+    assert time.perf_counter() - began < 0.5  # It does not wait for the start.
+    deadline = time.perf_counter() + 60
+    while not pool.idle[world.name] and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert pool.started == 1 and len(pool.idle[world.name]) == 1
+    engine = RolloutEngine(graphdef, params, vocab, MAX_LEN, {world.name: world}, config,
+                           pool=pool)  # fmt: skip
+    with engine:
+        engine.run(requests_for(world)[:2])
+        assert engine.timing.servers_started == 1
+        engine.run(requests_for(world)[:1])
+        assert engine.timing.servers_started == 0
+    assert pool.started == 1
