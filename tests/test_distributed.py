@@ -21,6 +21,7 @@ from echo_jax.agent.policy import load_run
 from echo_jax.awm.capture_shards import read_shard
 from echo_jax.config import Config, ConfigError
 from echo_jax.data.vocab import Vocab
+from echo_jax.rl.loop import TIMING_METRICS
 from echo_jax.train import distributed
 from echo_jax.train.evaluation import EVAL_FILE
 from echo_jax.train.run_dir import RunDir
@@ -215,7 +216,6 @@ def test_two_processes_run_rl_as_one(tmp_path, start_run):  # noqa: F811
             for ra, rb in zip(a["rows"], b["rows"], strict=True):
                 assert ra["tokens"] == rb["tokens"]
                 np.testing.assert_allclose(ra["logp"], rb["logp"], atol=1e-5)
-    timing = ("rollout_s", "update_s", "decode_tokens_per_s", "env_steps_per_s")
     lines_a, lines_b = RunDir(one).read_metrics(), RunDir(two).read_metrics()
     assert [m["iteration"] for m in lines_b] == [0, 1, 2]
     # What trained: the env term (a random model fails every task alike, so every advantage,
@@ -223,7 +223,7 @@ def test_two_processes_run_rl_as_one(tmp_path, start_run):  # noqa: F811
     assert all(m["env_loss"] > 0 and m["update_steps"] > 1 for m in lines_b[1:])
     for la, lb in zip(lines_a, lines_b, strict=True):
         assert la.keys() == lb.keys()
-        for key in la.keys() - set(timing):
+        for key in la.keys() - set(TIMING_METRICS):
             np.testing.assert_allclose(lb[key], la[key], rtol=1e-5, atol=1e-6, err_msg=key)
     assert "iter   2" in (tmp_path / "p0.out").read_text()
     assert "iter" not in (tmp_path / "p1.out").read_text()  # Only process 0 logs.

@@ -245,6 +245,8 @@ def test_two_iterations_against_a_running_world(tmp_path, start_run):
     for line in lines[1:]:
         for key in ("env_ce_fresh", "pg_loss", "clip_frac", "kl", "rollout_s", "update_s"):
             assert np.isfinite(line[key]), key
+        # The engine's loop is part of the iteration's rollout time.
+        assert 0 < line["rollout_decode_s"] + line["rollout_extend_s"] <= line["rollout_s"]
         assert line["update_steps"] == line["rows"] // 2 + line["rows"] % 2 and line["lam"] == 0.5
         # The update's forward pass reproduces every sampled token's recorded log-prob.
         assert line["logp_gap_mean"] <= 1e-4 and line["logp_gap_tokens"] > 0

@@ -58,6 +58,10 @@ from echo_jax.train.run_dir import RunDir
 from echo_jax.train.sharding import DataParallel, data_parallel
 from echo_jax.train.trainer import init_model, init_state, make_optimizer, make_train_step
 
+ROLLOUT_TIMES = ("decode_s", "extend_s", "wait_s", "tool_s", "verify_s")  # Logged as rollout_*.
+# The metrics that are wall-clock times or rates: they differ between runs of the same loop.
+TIMING_METRICS = ("rollout_s", "update_s", "decode_tokens_per_s", "env_steps_per_s",
+                  *(f"rollout_{k}" for k in ROLLOUT_TIMES))  # fmt: skip
 RL_CONFIG = "rl_config.json"
 POOL = "pool.json"
 ROLLOUT_DIR = "rollouts"
@@ -261,10 +265,7 @@ def iteration_metrics(
         "decode_tokens_per_s": timing["generated_tokens"] / max(timing["decode_s"], 1e-9),
         # Where the rollouts' time went (the engine's Timing; tool and verify summed over
         # episodes, which run beside the engine's loop).
-        **{
-            f"rollout_{k}": timing[k]
-            for k in ("decode_s", "extend_s", "wait_s", "tool_s", "verify_s")
-        },  # fmt: skip
+        **{f"rollout_{k}": timing[k] for k in ROLLOUT_TIMES},
         "env_steps_per_s": steps / timing["rollout_s"],
     }
 
