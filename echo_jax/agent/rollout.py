@@ -226,7 +226,7 @@ class RolloutEngine:
         started = time.perf_counter()
         self.timing = Timing()  # This run's figures only.
         futures = {i: self.pool.threads.submit(self._episode, requests[i])
-                   for i in _interleave_scenarios(requests)}  # fmt: skip
+                   for i in interleave_scenarios([r.scenario for r in requests])}  # fmt: skip
         try:
             self._loop(list(futures.values()), skip_failed)
         except BaseException as error:
@@ -371,11 +371,11 @@ def _bucket(sizes: Sequence[int], n: int) -> int:
     return next((size for size in sizes if size >= n), sizes[-1])
 
 
-def _interleave_scenarios(requests: Sequence[EpisodeRequest]) -> list[int]:
-    """Request indices, round-robin over scenarios in first-seen order."""
+def interleave_scenarios(scenarios: Sequence[str]) -> list[int]:
+    """Indices of episodes of these scenarios, round-robin over scenarios in first-seen order."""
     lanes: dict[str, collections.deque[int]] = {}
-    for i, r in enumerate(requests):
-        lanes.setdefault(r.scenario, collections.deque()).append(i)
+    for i, scenario in enumerate(scenarios):
+        lanes.setdefault(scenario, collections.deque()).append(i)
     order = []
     while lanes:
         for scenario in list(lanes):
