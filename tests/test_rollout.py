@@ -10,7 +10,13 @@ import pytest
 
 from echo_jax.agent.decoding import Generation, decode_text
 from echo_jax.agent.policy import POLICY_KEY
-from echo_jax.agent.rollout import EngineConfig, EpisodeRequest, RolloutEngine, world_pool
+from echo_jax.agent.rollout import (
+    EngineConfig,
+    EpisodeRequest,
+    RolloutEngine,
+    next_extend,
+    world_pool,
+)
 from echo_jax.agent.rollout_rows import (
     EPISODE_ROWS,
     EpisodeTokens,
@@ -65,6 +71,17 @@ def test_a_new_row_restarts_with_the_prefix_and_recent_whole_steps():
     trace.start_step(1)
     new = trace.append([13, 14, 15, 16, 17, 18, 19], [E] * 6 + [C], [1] * 6 + [0], budget=8)
     assert new == [1, 2, 14, 15, 16, 17, 18, 19] and trace.dropped_targets == 1
+
+
+def test_an_extend_call_takes_the_widest_rows_and_pads_no_row():
+    """A row costs an extend about what its tokens cost, so three rows of the widest chunk go
+    as two and then one, not as four with a padded row."""
+    waiting = {0: 40, 3: 200, 5: 150, 6: 250, 9: 10}  # Widths 128, 256, 256, 256, 32.
+    assert next_extend(waiting, (1, 2, 4)) == (256, [3, 5])
+    assert next_extend({6: 250, 0: 40, 9: 10}, (1, 2, 4)) == (256, [6])
+    assert next_extend({0: 40, 9: 10}, (1, 2, 4)) == (128, [0])
+    assert next_extend({s: 20 for s in range(7)}, (1, 2, 4, 8)) == (32, [0, 1, 2, 3])
+    assert next_extend({0: 900}, (1, 2)) == (256, [0])  # Longer than a chunk: 256 at a time.
 
 
 class FakeEngine:

@@ -49,7 +49,9 @@ log = logging.getLogger(__name__)
 
 # Widths of `extend` calls: the smallest that takes a row's waiting tokens, up to the widest.
 EXTEND_CHUNKS = (32, 128, 256)
-EXTEND_ROWS = (1, 2, 4, 16)  # Rows per `extend` call: the smallest that takes the waiting ones.
+# Rows per `extend` call: the most that the waiting rows of its width fill. An extend costs
+# about as much per row as the row's tokens, so a padded row would cost as much as a real one.
+EXTEND_ROWS = (1, 2, 4, 8, 16)
 DECODE_ROWS = (1, 2, 4, 8, 16)  # Rows per `decode` call: the smallest that takes the active ones.
 
 
@@ -291,13 +293,9 @@ class RolloutEngine:
             lap("host_s")
 
             while pending:  # Append the waiting rows' tokens: the widest chunks first.
-                # Rows of one call share its width, since padding costs as much as tokens.
-                width = {slot: _bucket(EXTEND_CHUNKS, len(toks)) for slot, toks in pending.items()}
-                c = max(width.values())
-                group = [slot for slot in pending if width[slot] == c][: row_buckets[-1]]
-                r = _bucket(row_buckets, len(group))
-                idle = [slot for slot in range(cfg.slots) if slot not in group]
-                rows_R = np.array(group + idle[: r - len(group)], np.int32)  # Distinct rows.
+                c, group = next_extend({slot: len(toks) for slot, toks in pending.items()},
+                                       row_buckets)  # fmt: skip
+                r, rows_R = len(group), np.array(group, np.int32)
                 tokens_RC = np.full((r, c), PAD_ID, np.int32)
                 count_R = np.zeros(r, np.int32)
                 for i, slot in enumerate(group):
@@ -364,6 +362,16 @@ def _ready(tree):
 def world_pool(worlds: dict[str, World], config: EngineConfig) -> WorldPool:
     """The pool of world servers and episode threads an engine with `config` runs on."""
     return WorldPool(worlds, config.slots, config.servers_per_scenario)
+
+
+def next_extend(waiting: dict[int, int], row_buckets: Sequence[int]) -> tuple[int, list[int]]:
+    """The next extend call's width and rows, from each waiting row's token count: the widest
+    chunks first (rows of a call share its width, since padding costs as much as tokens), as
+    many rows as fill one of row_buckets (ascending, from 1); the rest wait for later calls."""
+    width = {slot: _bucket(EXTEND_CHUNKS, n) for slot, n in waiting.items()}
+    c = max(width.values())
+    group = [slot for slot in waiting if width[slot] == c]
+    return c, group[: max(b for b in row_buckets if b <= len(group))]
 
 
 def _bucket(sizes: Sequence[int], n: int) -> int:
