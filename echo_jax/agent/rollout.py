@@ -60,7 +60,7 @@ class EngineConfig:
     """How the engine batches; none of it changes what an episode samples."""
 
     slots: int = 16  # Episodes in flight: cache rows, episode threads.
-    decode_block: int = 16  # Tokens per decode call, after which finished rows are handed back.
+    decode_block: int = 32  # Tokens per decode call, after which finished rows are handed back.
     max_new_tokens: int = 128  # Token budget of one call (an unclosed call is a format error).
     max_steps: int = 30  # Tool calls before the harness forces verify.
     servers_per_scenario: int = 2  # World servers kept per scenario (each serves one episode).
