@@ -25,8 +25,8 @@ import statistics
 import tempfile
 import time
 
-from benchmarks.common import append_result, header
-from benchmarks.rollout_throughput import PRESETS, ROOT, run_side, worktree
+from benchmarks.common import ROOT, append_result, header
+from benchmarks.rollout_throughput import PRESETS, run_side, worktree
 from echo_jax.agent.closed_loop import ROLLOUTS, mute_fork_warning
 from echo_jax.agent.rollout import EngineConfig, interleave_scenarios, world_pool
 from echo_jax.awm.capture_shards import read_shard

@@ -162,9 +162,8 @@ def make_decode_fn(graphdef: nnx.GraphDef, steps: int):
             token_S, sample_logp_S = sample_tokens(
                 c["logits_SV"], split_S2[:, 1], r.temperature, r.top_p
             )
-            logp_S = jnp.take_along_axis(c["logits_SV"], token_S[:, None], axis=-1)[
-                :, 0
-            ] - jax.nn.logsumexp(c["logits_SV"], axis=-1)  # log_softmax, at the token only.
+            picked_S = jnp.take_along_axis(c["logits_SV"], token_S[:, None], axis=-1)[:, 0]
+            logp_S = picked_S - jax.nn.logsumexp(c["logits_SV"], axis=-1)  # log_softmax there.
             active_S = r.active
             token_S = jnp.where(active_S, token_S, PAD_ID)
             stop_state_S = stop_VS[token_S, r.stop_state]  # PAD (inactive) keeps it.
