@@ -180,6 +180,12 @@ class RLConfig:
     pool_max_success: float = 0.7
     pool_seed: int = 0  # The candidates' draw and the probes' sampling (the same for all arms).
     pool_file: str = ""  # A pool.json written earlier (rl_sweep shares one); "": choose here.
+    # A task_difficulty.json (experiments.rl --probe_only): the pool is then pool_zero tasks of
+    # its "zero" band (never solved at the start, solved by a scripted policy) and pool_low of
+    # its "low" band, spread over templates and domains, instead of probing candidates.
+    pool_difficulty: str = ""
+    pool_zero: int = 4
+    pool_low: int = 2
     # Sampling of the rollouts. The PPO ratio needs the sampler's own distribution, which is the
     # model's softmax only at temperature 1 and top_p 1; other values are refused.
     temperature: float = 1.0
@@ -211,12 +217,24 @@ class RLConfig:
     # Training reward: the verifier's (AWM's table) minus this times the share of the rollout's
     # steps that were format errors (AWM scores each -1.0; 0 keeps the verifier's alone).
     format_penalty: float = 0.0
+    # A minibatch through which the loss has no gradient (every advantage 0 under grpo, no env
+    # target weighted) makes no optimiser step: AdamW's momentum and weight decay would still
+    # move the parameters on a zero gradient.
+    skip_empty_updates: bool = True
+    # Each iteration, at the sampling parameters on its rows: |∇L_pg|, |∇(λ·L_env)|, |∇L_env|
+    # and their cosine (grad_norm_pg, grad_norm_env, grad_norm_env_unscaled, grad_cos); costs
+    # about one more pass over the rows.
+    measure_gradients: bool = True
     slots: int = 16  # Rollouts in flight in the rollout engine.
     servers_per_scenario: int = 4  # World servers per scenario, kept across iterations.
     split: str = "train"  # Corpus split whose tasks are pool candidates.
     eval_every: int = 4  # Iterations between greedy pass@1 runs on the pool and held out.
     eval_split: str = "heldout_tasks"  # Split of the held-out pass@1 runs ("": none).
     eval_max_tasks: int = 8  # Fixed random subset of its tasks (0: all).
+    eval_seed: int = 0  # The subset's draw: one fixed set for every seed and arm.
+    # Rows per corpus split (heldout_tasks, heldout_scenarios) of the teacher-forced env and
+    # action CE at the start and the end (a fixed subsample; 0: none).
+    heldout_ce_rows: int = 64
     seed: int = 0  # Sampling keys and minibatch order.
 
 
@@ -338,6 +356,11 @@ def validate_rl(rl: RLConfig) -> RLConfig:
         (rl.format_penalty >= 0, "format_penalty must be >= 0"),
         (rl.slots >= 1 and rl.servers_per_scenario >= 1, "slots, servers_per_scenario >= 1"),
         (rl.eval_every >= 0 and rl.eval_max_tasks >= 0, "eval_every, eval_max_tasks >= 0"),
+        (
+            rl.pool_zero >= 0 and rl.pool_low >= 0 and rl.pool_zero + rl.pool_low >= 1,
+            "pool_zero, pool_low >= 0, and at least one task",
+        ),
+        (rl.heldout_ce_rows >= 0, "heldout_ce_rows >= 0"),
     ]
     for ok, message in checks:
         if not ok:

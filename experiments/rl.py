@@ -2,6 +2,7 @@
 
     python -m experiments.rl --objective=echo --lam=0.05   # from data/warm_start
     python -m experiments.rl --objective=grpo --start=''   # from scratch (--model_size, --data)
+    python -m experiments.rl --probe_only --pool_probe=16   # every task's difficulty at --start
 
 Each iteration samples --group_size rollouts of every task of the pool (chosen once from the
 start checkpoint, or read from --pool_file) with the current policy, scores them with the
@@ -28,6 +29,7 @@ from echo_jax import config_flags
 from echo_jax.config_flags import define_flags, from_flags, replace_from_flags
 from echo_jax.data.episodes import EpisodeError
 from echo_jax.objective.objectives import OBJECTIVES, objective_spec
+from echo_jax.rl.difficulty import write_task_difficulty
 from echo_jax.rl.loop import run_rl
 from echo_jax.train import distributed
 from echo_jax.train.run_dir import RunDir, RunDirError
@@ -62,6 +64,15 @@ RL_FLAGS = define_flags(  # One flag per RLConfig field, its help the field's co
         "eval_split": [*C.SPLITS, ""],
     },  # fmt: skip
 )
+flags.DEFINE_bool(
+    "probe_only",
+    False,
+    "Only probe every task of --split from --start (--pool_probe samples each, --pool_seed) "
+    "and write its difficulty table into --difficulty_out; no training.",
+)
+flags.DEFINE_string(
+    "difficulty_out", "results/task_difficulty.json", "--probe_only: the file of the tables."
+)
 JAX_CACHE = config_flags.define_jax_cache_flag()
 flags.adopt_module_key_flags(config_flags)  # So that --help lists them.
 flags.adopt_module_key_flags(launch)
@@ -95,6 +106,15 @@ def run_config_from_flags() -> C.Config:
     return C.validate(dataclasses.replace(base, loss=loss))
 
 
+def probe(rl: C.RLConfig) -> None:
+    if not FLAGS.start or not FLAGS.corpus:
+        raise C.ConfigError("--probe_only needs --start and --corpus (scripted successes)")
+    table = write_task_difficulty(FLAGS.difficulty_out, FLAGS.start, rl, FLAGS.worlds,
+                                  FLAGS.corpus)  # fmt: skip
+    print(json.dumps({"start": FLAGS.start, "out": FLAGS.difficulty_out,
+                      "band_counts": table["band_counts"]}))  # fmt: skip
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -103,6 +123,9 @@ def main(argv: list[str]) -> None:
     try:
         rl = rl_config_from_flags()
         cfg = run_config_from_flags()
+        if FLAGS.probe_only:
+            probe(rl)
+            return
         launch.initialize(FLAGS.workdir)  # Before anything touches JAX.
         stamp = time.strftime("%Y%m%d_%H%M%S")
         workdir = FLAGS.workdir or f"runs/rl_{cfg.loss.objective}_{stamp}"

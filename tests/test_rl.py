@@ -250,6 +250,12 @@ def test_two_iterations_against_a_running_world(tmp_path, start_run):
         assert line["update_steps"] == line["rows"] // 2 + line["rows"] % 2 and line["lam"] == 0.5
         # The update's forward pass reproduces every sampled token's recorded log-prob.
         assert line["logp_gap_mean"] <= 1e-4 and line["logp_gap_tokens"] > 0
+        # How the terms pull, at the sampling parameters; the env term times λ = 0.5.
+        assert line["grad_norm_env"] == pytest.approx(0.5 * line["grad_norm_env_unscaled"])
+        assert line["grad_norm_env"] > 0 and line["grad_norm_pg"] >= 0
+        assert "grad_cos" in line and line["skipped_steps"] == 0  # echo: the env term steps.
+        assert sum(line["task_successes"].values()) == line["success_rate"] * line["rollouts"]
+        assert 0 <= line["all_fail_groups"] + line["all_success_groups"] <= 1
 
     # The parameters moved, and the run reads back like any training run.
     _, _, _, params, step = load_run(str(workdir))
@@ -299,27 +305,3 @@ def test_rl_cli_rejects_bad_flags_before_any_work(args, message, tmp_path):
     proc = run_module("experiments.rl", *args, f"--workdir={tmp_path / 'w'}")
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "w").exists()
-
-
-def test_rl_sweep_takes_lambda_from_the_offline_ablation(tmp_path):
-    from echo_jax.reports import results, rl_sweep
-
-    rows = [
-        {
-            "arm": f"echo_lam{lam:g}",
-            "objective": "echo",
-            "lam": lam,
-            "seed": seed,
-            "heldout_tasks/action_ce": ce + 0.01 * seed,
-        }  # fmt: skip
-        for lam, ce in ((0.005, 3.0), (0.01, 2.9), (0.05, 2.5), (0.1, 2.7), (0.5, 2.8))
-        for seed in (0, 1)
-    ]
-    rows.append({"arm": "grpo", "objective": "grpo", "lam": 0.0, "seed": 0,
-                 "heldout_tasks/action_ce": 1.0})  # fmt: skip
-    path = str(tmp_path / "ablation.csv")
-    results.write_csv(rows, path)
-    assert rl_sweep.choose_lams(path) == [0.01, 0.05, 0.1]  # The best echo λ, neighbours.
-    rows[8]["heldout_tasks/action_ce"] = rows[9]["heldout_tasks/action_ce"] = 0.5  # λ=0.5 best
-    results.write_csv(rows, path)
-    assert rl_sweep.choose_lams(path) == [0.1, 0.5]  # At the grid's edge: one neighbour.

@@ -24,8 +24,12 @@ class Batch(NamedTuple):
     roles_BT: Array  # int32 role of each token (data.roles); a target's is roles_BT[:, 1:].
     advantages_B: Array  # float32 weight of each row's action targets (advantage or reward).
     old_logp_BS: Array | None = None  # float32 sampler's log-probs; given: the PPO-clip term.
-    pg_weight_B: Array | None = None  # float32 row's weight in the policy term; None: 1.
+    # float32 row's share of its episode in the sequence_mean policy term; None: 1. (token_mean
+    # counts every action token once and reads no row weight.)
+    pg_weight_B: Array | None = None
     env_weight_BS: Array | None = None  # float32 target's weight in the env term; None: 1.
+    # float32 row's share of its episode in the full_observation_tokens env term; None: 1.
+    env_row_weight_B: Array | None = None
     lam_B: Array | None = None  # float32 row's λ; None: LossConfig.lam (fixed at trace time).
 
 
@@ -38,6 +42,7 @@ def batch_rows(
     old_logp_NS: np.ndarray | None = None,
     pg_weight_N: np.ndarray | None = None,
     env_weight_NS: np.ndarray | None = None,
+    env_row_weight_N: np.ndarray | None = None,
     lam: float | None = None,
 ) -> Batch:
     """Rows `index` of N per-row host arrays as a Batch of numpy arrays in the step's dtypes.
@@ -54,6 +59,7 @@ def batch_rows(
         ("old_logp", old_logp_NS, (n, t - 1)),
         ("pg_weight", pg_weight_N, (n,)),
         ("env_weight", env_weight_NS, (n, t - 1)),
+        ("env_row_weight", env_row_weight_N, (n,)),
     ):
         if x is not None and x.shape != shape:
             raise ValueError(f"{name} has shape {x.shape}; {n} rows of {t} tokens need {shape}")
@@ -76,5 +82,6 @@ def batch_rows(
         old_logp_BS=rows(old_logp_NS, np.float32),
         pg_weight_B=rows(pg_weight_N, np.float32),
         env_weight_BS=rows(env_weight_NS, np.float32),
+        env_row_weight_B=rows(env_row_weight_N, np.float32),
         lam_B=lam_B,
     )

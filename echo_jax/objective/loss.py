@@ -111,8 +111,8 @@ def _safe_div(num: Array, den: Array) -> Array:
 
 
 def _pg_term(logp_BS: Array, action_BS: Array, batch: Batch, cfg: LossConfig):
-    """The policy-gradient loss, the share of action targets whose PPO ratio was clipped, and
-    the number of action targets."""
+    """The policy-gradient loss, its denominator, the share of action targets whose PPO ratio
+    was clipped, and the number of action targets."""
     f32 = jnp.float32
     adv_B1 = batch.advantages_B.astype(f32)[:, None]
     if batch.old_logp_BS is None:
@@ -127,12 +127,12 @@ def _pg_term(logp_BS: Array, action_BS: Array, batch: Batch, cfg: LossConfig):
     pg_B = (pg_BS * action_BS).sum(axis=1)
     w_B = jnp.ones_like(n_action_B) if batch.pg_weight_B is None else batch.pg_weight_B.astype(f32)
 
-    def sequence_mean():  # Each row's mean over its action targets, then the rows' mean.
+    def sequence_mean():  # Each episode's mean over its action targets, then their mean.
         has_action_B = (n_action_B > 0).astype(f32) * w_B
-        return _safe_div((_safe_div(pg_B, n_action_B) * has_action_B).sum(), has_action_B.sum())
+        return (_safe_div(pg_B, n_action_B) * has_action_B).sum(), has_action_B.sum()
 
-    def token_mean():  # One mean over every action target.
-        return _safe_div(pg_B @ w_B, n_action_B @ w_B)
+    def token_mean():  # One mean over every action target: each counts once, whatever its row.
+        return pg_B.sum(), n_action_B.sum()
 
     reduce = pick(
         "pg_loss_reduction",
@@ -140,7 +140,8 @@ def _pg_term(logp_BS: Array, action_BS: Array, batch: Batch, cfg: LossConfig):
         {"sequence_mean": sequence_mean, "token_mean": token_mean},
     )
     n_action = n_action_B.sum()
-    return reduce(), _safe_div((clipped_BS * action_BS).sum(), n_action), n_action
+    num, den = reduce()
+    return _safe_div(num, den), den, _safe_div((clipped_BS * action_BS).sum(), n_action), n_action
 
 
 def _env_rows(
@@ -149,12 +150,14 @@ def _env_rows(
     """The env term as per-row numerators over one denominator: L_env = sum(rows_B) / den. A
     per-row λ then weighs each row's share without moving the denominator."""
 
-    def full_observation_tokens():  # Each row's CE over all its observation tokens, + eps.
+    def full_observation_tokens():  # Each episode's CE over all its observation tokens, + eps.
         n_obs_B = observation_BS.sum(axis=1)
         has_obs_B = (n_obs_B > 0).astype(jnp.float32)
         if batch.env_weight_BS is not None:  # A row whose observations all weigh 0 is left out.
             kept_B = (batch.env_weight_BS.astype(jnp.float32) * observation_BS).sum(axis=1) > 0
             has_obs_B = has_obs_B * kept_B.astype(jnp.float32)
+        if batch.env_row_weight_B is not None:  # An episode cut into rows counts once.
+            has_obs_B = has_obs_B * batch.env_row_weight_B.astype(jnp.float32)
         return selected_ce_B / (n_obs_B + FULL_OBS_EPS) * has_obs_B, has_obs_B.sum()
 
     def token_mean():  # One mean over every selected target.
@@ -174,8 +177,11 @@ def echo_loss_from_logprobs(
     """The objective given per-target log-probs logp_BS (of batch.tokens_BT[:, 1:]); shared by
     the plain and the fused-vocab paths. Returns (loss, metrics).
 
-    `batch.pg_weight_B` weighs each row in the policy term: an episode cut into several rows
-    gives each its share of the episode's action tokens, so the episode counts once.
+    `batch.pg_weight_B` and `batch.env_row_weight_B` weigh each row in the per-episode means:
+    an episode cut into several rows gives each its share of the episode's action (observation)
+    tokens, so the episode counts once in either term. The metrics `pg_den` and `env_den` are
+    the terms' denominators, so that a term over several batches is their means weighted by
+    these (`echo_jax.rl.update.term_gradients`).
     """
     objective = objective_spec(cfg.objective)
     f32 = jnp.float32
@@ -189,7 +195,7 @@ def echo_loss_from_logprobs(
     if batch.env_weight_BS is not None:
         selected_BS = selected_BS * batch.env_weight_BS.astype(f32)
 
-    pg_loss, clip_frac, n_action = _pg_term(logp_BS, action_BS, batch, cfg)
+    pg_loss, pg_den, clip_frac, n_action = _pg_term(logp_BS, action_BS, batch, cfg)
     ce_BS = -logp_BS
     selected_ce_B = (ce_BS * selected_BS).sum(axis=1)
     n_selected = selected_BS.sum()
@@ -212,6 +218,8 @@ def echo_loss_from_logprobs(
         "clip_frac": clip_frac,
         "n_action": n_action,
         "n_env": n_selected,
+        "pg_den": pg_den,
+        "env_den": env_den,
     }
     return loss, metrics
 

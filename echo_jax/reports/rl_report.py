@@ -1,9 +1,12 @@
-"""The on-policy experiment's outputs: results/rl.csv, RL.md, rl_summary.json and PNG plots.
+"""The on-policy grids' report: results/RL.md, results/rl_summary.json and the plots, read from
+the runs' committed small files alone, so `python -m experiments.rl_sweep --report_only`
+rewrites them byte for byte in a fresh clone.
 
-Every figure is read back from the runs' metrics.jsonl (one line per iteration), so
-`python -m experiments.rl_sweep --report_only` regenerates them without running anything.
-The statistics (steps to a success threshold, their ratio to grpo with bootstrap intervals,
-area under the success curve) are in `echo_jax.reports.rl_stats`.
+A grid is a folder `results/rl/<grid>/` with `grid.json` (what ran, where, with which arms)
+and one folder per finished run, `<arm>_seed<s>/` (metrics.jsonl, pool.json, config files,
+summary.json). The sparse-reward grids come first, then the saturated one. Every endpoint is one
+number per run over the grid's common budget of iterations, compared with grpo seed by seed
+(`echo_jax.reports.rl_stats`).
 """
 
 from __future__ import annotations
@@ -17,267 +20,407 @@ from typing import Any
 import numpy as np
 
 from echo_jax.reports import results, rl_stats
-from echo_jax.train.run_dir import RunDir
 from echo_jax.util.atomic import atomic_write_text
+from echo_jax.util.jsonl import read_jsonl
 
-CSV_NAME = "rl.csv"
+GRID_FILE = "grid.json"
 MARKDOWN_NAME = "RL.md"
 SUMMARY_NAME = "rl_summary.json"
-COLUMNS = (
-    "arm",
-    "objective",
-    "lam",
-    "seed",
-    "iteration",
-    "env_steps",
-    "success_rate",
-    "mean_reward",
-    "format_error_share",
-    "parse_share",
-    "mean_steps",
-    "env_ce_fresh",
-    "action_ce_fresh",
-    "pg_loss",
-    "env_loss",
-    "clip_frac",
-    "kl",
-    "lam_used",
-    "informative_groups",
-    "logp_gap_mean",
-    "logp_gap_max",
-    "pool_pass@1",
-    "heldout_pass@1",
-    "rollout_s",
-    "update_s",
-    "workdir",
+RUN_FILES = ("config.json", "rl_config.json", "pool.json", "metrics.jsonl", "summary.json")
+REGIMES = ("sparse", "saturated")  # Report order.
+HALF = 0.5  # The success of the "rollouts to 0.5" endpoint.
+LAST = 3  # Iterations of the "last iterations" means.
+
+# Endpoints: key, label, whether higher is better. PRIMARY is the grid's fixed endpoint; the
+# secondary ones form one Holm family per arm (those a grid has values for).
+PRIMARY = ("mean_success", "mean pool success over all iterations", True)
+SECONDARY = (
+    (
+        "first_success_zero",
+        "iteration of a zero task's first success (censored: budget + 1)",
+        False,
+    ),
+    (
+        "rollouts_to_half",
+        f"rollouts to {HALF:g} pool success (censored: budget + 1 iteration)",
+        False,
+    ),
+    ("heldout_pass_end", "held-out greedy pass@1 at the end", True),
+    ("heldout_env_ce_end", "held-out-tasks env CE at the end (teacher-forced)", False),
 )
+WORLD = (
+    ("env_ce_fresh_last", f"env CE of fresh rollouts, last {LAST} iterations", False),
+    ("heldout_env_ce_end", "held-out tasks env CE, end", False),
+    ("heldout_scenarios_env_ce_end", "held-out scenarios env CE, end", False),
+)
+DESCRIBE = ("all_fail_share", "all_success_share", "grad_norm_pg", "grad_norm_env", "grad_cos")
 
 
-def collect(run_specs: Sequence[Any]) -> list[dict[str, Any]]:
-    """One row per (run, iteration) from each run's metrics.jsonl; iteration 0 is the start."""
-    rows = []
-    for spec in run_specs:
-        for line in RunDir(spec.workdir).read_metrics():
-            row = {
-                "arm": spec.arm.name,
-                "objective": spec.arm.objective,
-                "lam": spec.arm.lam,
-                "seed": spec.seed,
-                "workdir": spec.workdir,
-                **{k: line.get(k) for k in COLUMNS if k in line},
-                "lam_used": line.get("lam"),
-            }
-            rows.append({k: row.get(k) for k in COLUMNS})
-    return rows
+def read_grid(folder: str) -> dict[str, Any]:
+    """grid.json and, per run folder, its metrics lines, pool and run name parts."""
+    with open(os.path.join(folder, GRID_FILE), encoding="utf-8") as f:
+        grid = json.load(f)
+    runs = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name, "metrics.jsonl")
+        if not os.path.isfile(path):
+            continue
+        arm, _, seed = name.rpartition("_seed")
+        if arm not in grid["arms"]:
+            raise ValueError(f"{folder}/{name}: arm {arm!r} is not one of grid.json's arms")
+        pool_path = os.path.join(folder, name, "pool.json")
+        pool = grid.get("pool", {})
+        if os.path.isfile(pool_path):
+            with open(pool_path, encoding="utf-8") as f:
+                pool = json.load(f)
+        runs.append({"arm": arm, "seed": int(seed), "lines": read_jsonl(path), "pool": pool})
+    return grid | {"runs": runs, "folder": folder}
 
 
-def arm_label(row: dict[str, Any]) -> str:
-    return f"echo λ={row['lam']:g}" if row["objective"] == "echo" else row["objective"]
+def budget(runs: Sequence[dict[str, Any]]) -> int:
+    """The iterations every run finished: the common budget the arms are compared at."""
+    return min(max(m["iteration"] for m in r["lines"]) for r in runs)
 
 
-def budget(rows: Sequence[dict[str, Any]]) -> int:
-    """The iterations every run finished: the common budget the arms are compared at (a run
-    cut there is the same as a run of that many iterations, its rollouts being seeded by
-    iteration)."""
-    last: dict[tuple[str, int], int] = {}
-    for r in rows:
-        key = (r["arm"], r["seed"])
-        last[key] = max(last.get(key, 0), r["iteration"])
-    return min(last.values())
+def _at(lines, iteration: int, key: str):
+    for m in lines:
+        if m["iteration"] == iteration and m.get(key) is not None:
+            return m[key]
+    return None
 
 
-def curves(rows: Sequence[dict[str, Any]]) -> dict[str, list[rl_stats.Curve]]:
-    """arm -> one Curve per seed over the common budget, in the report's arm and seed order."""
-    runs: dict[str, dict[int, list[dict[str, Any]]]] = {}
-    for r in rows:
-        runs.setdefault(r["arm"], {}).setdefault(r["seed"], []).append(r)
-    n = budget(rows)
-    out = {}
-    for arm in results.arm_order(rows):
-        out[arm] = []
-        for seed in sorted(runs[arm]):
-            its = sorted((r for r in runs[arm][seed] if 0 < r["iteration"] <= n),
-                         key=lambda r: r["iteration"])  # fmt: skip
-            if not its:
-                continue
-            held = [r["heldout_pass@1"] for r in its if r["heldout_pass@1"] is not None]
-            out[arm].append(rl_stats.Curve(
-                np.array([r["env_steps"] for r in its], float),
-                np.array([r["success_rate"] for r in its], float),
-                held[-1] if held else None,
-            ))  # fmt: skip
-    return {arm: c for arm, c in out.items() if c}
-
-
-def summary(rows, threshold: float, window: int) -> dict[str, dict[str, Any]]:
-    """rl_summary.json: per arm, the issue's fields, and the threshold they refer to."""
-    by_arm = curves(rows)
-    seeds = {arm: sorted({r["seed"] for r in rows if r["arm"] == arm}) for arm in by_arm}
-    paired = len({tuple(v) for v in seeds.values()}) == 1  # Every arm ran the same seeds.
-    out = rl_stats.summarize(by_arm, threshold, window, paired=paired)
-    for arm, s in out.items():
-        gaps = [r["logp_gap_mean"] for r in rows if r["arm"] == arm and r["logp_gap_mean"]]
-        s["threshold"] = {"success": threshold, "moving_average_iterations": window}
-        s["seed_ids"] = seeds[arm]
-        s["bootstrap"] = "paired over seeds" if paired else "each arm resampled apart"
-        s["logp_gap_mean_max"] = max(gaps) if gaps else None
+def run_endpoints(run: dict[str, Any], n: int) -> dict[str, float | None]:
+    """Every endpoint of one run over iterations 1..n (None where the run has no value)."""
+    its = sorted((m for m in run["lines"] if 0 < m["iteration"] <= n), key=lambda m: m["iteration"])
+    success = np.array([m["success_rate"] for m in its], float)
+    rollouts = np.cumsum([m["rollouts"] for m in its])
+    half = rl_stats.first_hit(success, HALF, censored=n + 1)
+    out: dict[str, float | None] = {
+        "mean_success": float(success.mean()),
+        "success_first": float(success[0]),
+        "success_last": float(success[-LAST:].mean()),
+        "rollouts_to_half": float(
+            rollouts[int(half) - 1] if half <= n else rollouts[-1] + rollouts[-1] / n
+        ),
+        "env_ce_fresh_last": _mean(m.get("env_ce_fresh") for m in its[-LAST:]),
+        "heldout_pass_start": _at(run["lines"], 0, "heldout_pass@1"),
+        "heldout_pass_end": _at(run["lines"], n, "heldout_pass@1"),
+        "heldout_env_ce_start": _at(run["lines"], 0, "tf_heldout_tasks/env_ce"),
+        "heldout_env_ce_end": _at(run["lines"], n, "tf_heldout_tasks/env_ce"),
+        "heldout_scenarios_env_ce_end": _at(run["lines"], n, "tf_heldout_scenarios/env_ce"),
+        "heldout_action_ce_end": _at(run["lines"], n, "tf_heldout_tasks/action_ce"),
+        "all_fail_share": _mean(m.get("all_fail_groups") for m in its),
+        "all_success_share": _mean(m.get("all_success_groups") for m in its),
+        "grad_norm_pg": _mean(m.get("grad_norm_pg") for m in its),
+        "grad_norm_env": _mean(m.get("grad_norm_env") for m in its),
+        "grad_cos": _mean(m.get("grad_cos") for m in its),
+        "logp_gap_mean_max": max(
+            (m["logp_gap_mean"] for m in its if _finite(m.get("logp_gap_mean"))), default=None
+        ),
+    }
+    zero = [k for k, b in run["pool"].get("bands", {}).items() if b == "zero"]
+    if zero and all("task_successes" in m for m in its):
+        firsts = [
+            rl_stats.first_hit([m["task_successes"].get(k, 0) for m in its], 1, n + 1) for k in zero
+        ]
+        out["first_success_zero"] = float(np.mean(firsts))
+        out["zero_tasks_solved"] = float(np.mean([f <= n for f in firsts]))
+    else:
+        out["first_success_zero"] = out["zero_tasks_solved"] = None
     return out
 
 
-def _ci(stat) -> str:
-    if stat is None or math.isnan(stat[0]):
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def _mean(values) -> float | None:
+    vals = [v for v in values if _finite(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def arm_order(grid: dict[str, Any]) -> list[str]:
+    """The arms with runs: grpo, then the primary arms, then the secondary ones, by name."""
+    ran = {r["arm"] for r in grid["runs"]}
+    rank = {"primary": 1, "secondary": 2}
+    arms = grid["arms"]
+    return sorted(ran, key=lambda a: (a != rl_stats.BASELINE, rank.get(arms[a].get("role"), 3), a))
+
+
+def grid_summary(grid: dict[str, Any]) -> dict[str, Any]:
+    """rl_summary.json's entry of one grid: per arm its seeds, endpoints with intervals, and the
+    paired comparisons with grpo (primary; secondary Holm-corrected; the world model)."""
+    runs, n = grid["runs"], budget(grid["runs"])
+    per_run = {(r["arm"], r["seed"]): run_endpoints(r, n) for r in runs}
+    arms = arm_order(grid)
+
+    def values(arm: str, key: str) -> dict[int, float]:
+        return {s: v[key] for (a, s), v in per_run.items() if a == arm and v[key] is not None}
+
+    out_arms = {}
+    for arm in arms:
+        seeds = sorted(s for a, s in per_run if a == arm)
+        entry: dict[str, Any] = {
+            "label": grid["arms"][arm]["label"],
+            "role": grid["arms"][arm].get("role", ""),
+            "seeds": seeds,
+        }
+        keys = {k for (_, s), v in per_run.items() for k in v}
+        entry["endpoints"] = {k: _interval(list(values(arm, k).values())) for k in sorted(keys)}
+        entry["per_seed"] = {k: values(arm, k) for k in (PRIMARY[0], "heldout_env_ce_end")}
+        if arm != rl_stats.BASELINE and rl_stats.BASELINE in arms:
+            base = rl_stats.BASELINE
+            primary = rl_stats.endpoint(values(arm, PRIMARY[0]), values(base, PRIMARY[0]))
+            primary["verdict"] = rl_stats.verdict(primary, PRIMARY[2])
+            secondary = {
+                k: rl_stats.endpoint(values(arm, k), values(base, k))
+                for k, _, _ in SECONDARY
+                if values(arm, k)
+            }
+            adjusted = rl_stats.holm({k: v["p_value"] for k, v in secondary.items()})
+            for k, _, better in SECONDARY:
+                if k in secondary:
+                    secondary[k]["p_holm"] = adjusted[k]
+                    secondary[k]["verdict"] = rl_stats.verdict(secondary[k], better, "p_holm")
+            world = {
+                k: rl_stats.endpoint(values(arm, k), values(base, k))
+                for k, _, _ in WORLD
+                if values(arm, k)
+            }
+            for k, _, better in WORLD:
+                if k in world:
+                    world[k]["verdict"] = rl_stats.verdict(world[k], better)
+            entry |= {
+                "primary_vs_grpo": primary,
+                "secondary_vs_grpo": secondary,
+                "world_model_vs_grpo": world,
+            }
+        out_arms[arm] = entry
+    heldout = {json.dumps(r["pool"].get("heldout")) for r in runs if "heldout" in r["pool"]}
+    return {
+        "regime": grid["regime"],
+        "title": grid["title"],
+        "budget_iterations": n,
+        "pool": grid.get("pool", {}).get("tasks"),
+        "pool_bands": grid.get("pool", {}).get("bands"),
+        "heldout_tasks": json.loads(heldout.pop()) if len(heldout) == 1 else None,
+        "heldout_tasks_identical_across_runs": len(heldout) <= 1,
+        "arms": out_arms,
+    }
+
+
+def _interval(vals: Sequence[float]) -> dict[str, Any] | None:
+    if not vals:
+        return None
+    mean, lo, hi = rl_stats.mean_ci(vals)
+    return {"mean": mean, "ci95": [lo, hi], "n": len(vals)}
+
+
+def _num(x, fmt: str = ".3f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _ci(e: dict | None, fmt: str = ".3f") -> str:
+    if not e:
         return "n/a"
-    mean, lo, hi = stat
-    return f"{mean:.3f} [{lo:.3f}, {hi:.3f}]"
+    return f"{_num(e['mean'], fmt)} [{_num(e['ci95'][0], fmt)}, {_num(e['ci95'][1], fmt)}]"
 
 
-def _steps(v) -> str:
-    return "never" if v is None else f"{v:.0f}"
-
-
-def _ratio(r) -> str:
-    if r is None:
+def _diff(c: dict | None, fmt: str = "+.3f", p_key: str = "p_value") -> str:
+    if not c or not c["seeds"]:
         return "n/a"
-    lo, hi = (("∞" if x is None else f"{x:.2f}") for x in r["ci95"])
-    mid = "∞" if r["median"] is None else f"{r['median']:.2f}"
-    return f"{mid} [{lo}, {hi}]"
+    lo, hi = c["ci95"]
+    return (
+        f"{_num(c['mean_diff'], fmt)} [{_num(lo, fmt)}, {_num(hi, fmt)}], "
+        f"p = {_num(c[p_key], '.3f')} ({c['seeds']} pairs)"
+    )
 
 
-def threshold_table(s: dict[str, dict[str, Any]], labels, threshold: float) -> list[str]:
+def grid_markdown(s: dict[str, Any], grid: dict[str, Any], plot: str) -> list[str]:
+    arms = s["arms"]
     lines = [
-        f"| arm | seeds | env steps to {threshold:g} (per seed) | median | ratio to grpo "
-        "[95% CI] | verdict |",
+        f"## {s['title']}",
+        "",
+        grid["setup"],
+        "",
+        f"Compared over the first {s['budget_iterations']} iterations of every run.",
+        "",
+    ]
+    if grid.get("notes"):
+        lines += [grid["notes"], ""]
+    lines += [
+        "### Primary endpoint: mean pool success over all iterations, arm − grpo per seed",
+        "",
+        "| arm | seeds | success first → last 3 | mean success [95% CI] | arm − grpo [95% CI], "
+        "exact p | verdict |",
         "|---|---|---|---|---|---|",
     ]
-    for arm, a in s.items():
-        per_seed = ", ".join(_steps(v) for v in a["steps_to_threshold"])
-        med_text = _steps(a["median_steps_to_threshold"])
-        r = a["ratio_to_grpo"]
-        word = "baseline" if arm == rl_stats.BASELINE else (rl_stats.verdict(r) if r else "n/a")
-        lines.append(f"| {labels[arm]} | {a['seeds']} | {per_seed} | {med_text} | {_ratio(r)} | "
-                     f"{word} |")  # fmt: skip
+    for a in arms.values():
+        e, c = a["endpoints"], a.get("primary_vs_grpo")
+        lines.append(
+            f"| {a['label']} | {len(a['seeds'])} | {_num(e['success_first']['mean'])} → "
+            f"{_num(e['success_last']['mean'])} | {_ci(e['mean_success'])} | "
+            f"{_diff(c) if c else 'baseline'} | {c['verdict'] if c else ''} |"
+        )
+    lines += [
+        "",
+        "### The world model",
+        "",
+        "| arm | " + " | ".join(label for _, label, _ in WORLD) + " | env CE of fresh "
+        "rollouts, arm − grpo |",
+        "|---|" + "---|" * (len(WORLD) + 1),
+    ]
+    for a in arms.values():
+        e, w = a["endpoints"], a.get("world_model_vs_grpo", {})
+        cells = [_ci(e.get(k)) for k, _, _ in WORLD]
+        lines.append(
+            f"| {a['label']} | " + " | ".join(cells) + " | "
+            f"{_diff(w.get('env_ce_fresh_last')) if w else 'baseline'} |"
+        )
+    keys = [
+        k
+        for k, _, _ in SECONDARY
+        if any(k in a.get("secondary_vs_grpo", {}) for a in arms.values())
+    ]
+    if keys:
+        lines += [
+            "",
+            "### Secondary endpoints, arm − grpo (Holm-corrected within each arm)",
+            "",
+            "| arm | endpoint | arm mean [95% CI] | arm − grpo [95% CI], Holm p | verdict |",
+            "|---|---|---|---|---|",
+        ]
+        labels = {k: label for k, label, _ in SECONDARY}
+        for arm, a in arms.items():
+            for k in keys:
+                c = a.get("secondary_vs_grpo", {}).get(k)
+                if c is None and arm != rl_stats.BASELINE:
+                    continue
+                lines.append(
+                    f"| {a['label']} | {labels[k]} | {_ci(a['endpoints'].get(k))} | "
+                    f"{_diff(c, p_key='p_holm') if c else 'baseline'} | "
+                    f"{c['verdict'] if c else ''} |"
+                )
+    lines += [
+        "",
+        "### How the terms pull, and how much signal the groups carry",
+        "",
+        "| arm | all-fail groups | all-success groups | \\|∇L_pg\\| | \\|∇(λ·L_env)\\| | "
+        "cos(∇L_pg, ∇L_env) | max logp_gap_mean |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for a in arms.values():
+        e = a["endpoints"]
+        cells = [_ci(e.get(k), ".3g") for k in DESCRIBE]
+        gap = e.get("logp_gap_mean_max")
+        lines.append(
+            f"| {a['label']} | " + " | ".join(cells) + " | "
+            f"{_num(gap['ci95'][1] if gap else None, '.1e')} |"
+        )
+    lines += ["", f"![{os.path.basename(plot)}]({os.path.basename(plot)})", ""]
+    lines += [
+        "Runs (`" + grid["folder_name"] + "/<run>/` holds each one's config, pool and metrics):",
+        "",
+        f"    {grid['command']}",
+        "",
+    ]
     return lines
 
 
-def markdown(rows, commands: dict[str, str], setup: str, plots: Sequence[str],
-             summaries: dict[float, dict[str, dict[str, Any]]], window: int) -> str:  # fmt: skip
-    """RL.md; summaries: `summary` at each threshold, the first the main one."""
-    labels = {r["arm"]: arm_label(r) for r in rows}
-    first = next(iter(summaries))
-    main = summaries[first]
-    lines = [
-        "# Does ECHO reach a success rate in fewer environment steps than GRPO?",
-        "",
-        setup,
-        "",
-        f"Every arm is compared over the first {budget(rows)} iterations of its runs.",
-        "",
-        "*Environment steps*: tool calls made in rollouts, cumulated over iterations. *Success*: "
-        "the share of an iteration's rollouts on the pool that the verifier passed. A run "
-        f"*reaches* a threshold at the end of the first iteration whose success, averaged over "
-        f"it and the {window - 1} before it, is at least the threshold. *Ratio to grpo*: the "
-        "arm's median steps-to-threshold over grpo's (below 1: fewer steps); a seed that never "
-        "reaches it counts as infinitely many steps. Intervals: 95% percentile bootstrap over "
-        "seeds; where every arm ran the same seeds they are resampled jointly (seed s of every "
-        "arm draws the same sampling keys, so its first rollouts are the same in every arm), "
-        "otherwise each arm on its own. *Verdict*: faster or slower when the whole interval "
-        "lies below or above 1, otherwise not separable. In rl_summary.json a null step count "
-        "means never, and a null ratio or bound means infinite.",
-        "",
-        "| arm | seeds | success first → last 3 | area under success [95% CI] | held-out "
-        "pass@1 at the end [95% CI] | max logp_gap_mean |",
-        "|---|---|---|---|---|---|",
-    ]
-    for arm, a in main.items():
-        gap = "n/a" if a["logp_gap_mean_max"] is None else f"{a['logp_gap_mean_max']:.1e}"
-        lines.append(
-            f"| {labels[arm]} | {a['seeds']} | {a['success_first']:.3f} → "
-            f"{a['success_last']:.3f} | {_ci(a['auc'])} | {_ci(a['heldout_pass@1_end'])} | "
-            f"{gap} |"
-        )
-    for threshold, s in summaries.items():
-        lines += ["", f"## Steps to {threshold:g} success ({window}-iteration moving average)",
-                  ""] + threshold_table(s, labels, threshold)  # fmt: skip
-    lines += ["", "## Verdict", "", findings(main, labels, first), ""]
-    lines += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots]
-    lines += ["", "## Commands", "", "Each run (rerun one by deleting its workdir):", ""]
-    lines += [f"- `{name}`: `{cmd}`" for name, cmd in commands.items()]
-    return "\n".join(lines) + "\n"
+def verdict_line(s: dict[str, Any]) -> str:
+    """The opening of a grid: the primary endpoint of each arm against grpo, then the world
+    model (env CE of fresh rollouts)."""
+    parts, world = [], []
+    for a in s["arms"].values():
+        c = a.get("primary_vs_grpo")
+        if c:
+            parts.append(f"{a['label']} {c['verdict']} on mean pool success ({_diff(c)})")
+        w = a.get("world_model_vs_grpo", {}).get("env_ce_fresh_last")
+        if w:
+            world.append(f"{a['label']} {_diff(w)}")
+    if not parts:
+        return "no arm has runs to compare with grpo yet."
+    out = "; ".join(parts) + "."
+    if world:
+        out += " World model, env CE of fresh rollouts over the last iterations, arm − grpo: "
+        out += "; ".join(world) + "."
+    return out
 
 
-def findings(s: dict[str, dict[str, Any]], labels: dict[str, str], threshold: float) -> str:
-    """One plain sentence per arm against grpo at the main threshold."""
-    base = s.get(rl_stats.BASELINE)
-    if base is None:
-        return "No grpo arm to compare against."
-    reached = sum(v is not None for v in base["steps_to_threshold"])
-    out = [f"- grpo: success {base['success_first']:.3f} → {base['success_last']:.3f}; "
-           f"{reached} of {base['seeds']} seeds reach {threshold:g}."]  # fmt: skip
-    for arm, a in s.items():
-        if arm == rl_stats.BASELINE or a["ratio_to_grpo"] is None:
-            continue
-        word = rl_stats.verdict(a["ratio_to_grpo"])
-        against = "from" if word.startswith("not separable") else "than"
-        out.append(f"- {labels[arm]}: {word} {against} grpo at this budget (ratio of median "
-                   f"steps to {threshold:g}: {_ratio(a['ratio_to_grpo'])}).")  # fmt: skip
-    ratios = {arm: a["ratio_to_grpo"] for arm, a in s.items() if a["ratio_to_grpo"]}
-    faster = [labels[arm] for arm, r in ratios.items() if rl_stats.verdict(r) == "faster"]
-    out.append(
-        f"- In short: {', '.join(faster)} reached {threshold:g} in fewer environment steps than "
-        "grpo, beyond the seeds' spread." if faster else
-        f"- In short: no arm reached {threshold:g} in fewer environment steps than grpo beyond "
-        "the seeds' spread at this budget."
-    )  # fmt: skip
-    return "\n".join(out)
-
-
-def plot(rows, out_dir: str, s: dict[str, dict[str, Any]], threshold: float) -> list[str]:
-    """The success band per arm, and each seed's steps to `threshold` (`s`, its summary)."""
+def plot_grid(grid: dict[str, Any], out_path: str) -> str:
+    """Pool success against rollouts, mean and 95% band over seeds, per arm."""
     plt = results.pyplot()
-    colors = results.arm_colors([r for r in rows if r["iteration"] == 0] or rows)
-    labels = {r["arm"]: arm_label(r) for r in rows}
-    by_arm = curves(rows)
+    n = budget(grid["runs"])
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for arm, cs in by_arm.items():
-        x, mean, lo, hi = rl_stats.band(cs)
-        ax.plot(x, mean, color=colors[arm], label=f"{labels[arm]} ({len(cs)} seeds)")
-        ax.fill_between(x, lo, hi, color=colors[arm], alpha=0.15)
-    ax.axhline(threshold, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("environment steps (tool calls in rollouts)")
+    cmap = plt.get_cmap("tab10")
+    for i, arm in enumerate(arm_order(grid)):
+        curves = []
+        for r in sorted((r for r in grid["runs"] if r["arm"] == arm), key=lambda r: r["seed"]):
+            its = sorted(
+                (m for m in r["lines"] if 0 < m["iteration"] <= n), key=lambda m: m["iteration"]
+            )
+            curves.append(
+                rl_stats.Curve(
+                    np.cumsum([m["rollouts"] for m in its]).astype(float),
+                    np.array([m["success_rate"] for m in its], float),
+                )
+            )
+        x, mean, lo, hi = rl_stats.band(curves)
+        color = "black" if arm == rl_stats.BASELINE else cmap(i % 10)
+        ax.plot(x, mean, color=color, label=f"{grid['arms'][arm]['label']} ({len(curves)} seeds)")
+        ax.fill_between(x, lo, hi, color=color, alpha=0.15)
+    ax.set_xlabel("rollouts")
     ax.set_ylabel("pool success rate (mean, 95% band over seeds)")
+    ax.set_title(grid["title"], fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    paths = [results.save_png(fig, os.path.join(out_dir, "rl_success.png"))]
+    path = results.save_png(fig, out_path)
     plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    never = 1.05 * max(max(a["env_steps_final"]) for a in s.values())  # Where "never" is drawn.
-    for i, (arm, a) in enumerate(s.items()):
-        vals = [never if v is None else v for v in a["steps_to_threshold"]]
-        jitter = np.linspace(-0.15, 0.15, len(vals))
-        ax.scatter(vals, i + jitter, color=colors[arm], s=25)
-    ax.axvline(never, color="grey", lw=0.8, ls=":")
-    ax.set_yticks(range(len(s)), [labels[a] for a in s])
-    ax.set_xlabel(f"environment steps to {threshold:g} success (right of the line: never)")
-    ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    paths.append(results.save_png(fig, os.path.join(out_dir, "rl_steps_to_threshold.png")))
-    plt.close(fig)
-    return paths
+    return path
 
 
-def write(rows, out_dir: str, commands: dict[str, str], setup: str,
-          thresholds: Sequence[float] = (0.8, 0.6), window: int = 3) -> list[str]:  # fmt: skip
-    """rl.csv, rl_summary.json (at thresholds[0]), RL.md and the plots."""
+def protocol() -> list[str]:
+    return [
+        "## Protocol",
+        "",
+        "Every endpoint is one number per run over the grid's common budget of iterations; "
+        "seed s of every arm draws the same sampling keys, so each arm is compared with grpo "
+        "seed by seed. The primary endpoint, fixed before the sparse grid ran, is the mean over "
+        "iterations of pool success; its effect is the mean over seeds of (arm − grpo), with an "
+        "exact sign-flip permutation test (all 2^n sign patterns of the n paired differences) "
+        "and a 95% percentile-bootstrap interval of the mean difference. A verdict says *helps* "
+        f"or *hurts* when p < {rl_stats.ALPHA:g} and the interval excludes 0, otherwise *not "
+        "separable*. The secondary endpoints are tested the same way and Holm-corrected "
+        "together within each arm. Censored values (a zero task never solved, 0.5 never "
+        "reached) count as one past the budget, which the permutation test allows. The world "
+        "model is read on the env tokens of the iteration's own fresh rollouts (before the "
+        "update) and, teacher-forced, on fixed subsamples of the corpus's held-out splits. "
+        "With n pairs the smallest exact two-sided p is 2/2^n: 0.0625 at 5 seeds, which is "
+        "why no 5-seed comparison can pass 0.05 and the sparse grid's primary pair runs 8.",
+        "",
+    ]
+
+
+def write(grid_folders: Sequence[str], out_dir: str) -> list[str]:
+    """RL.md, rl_summary.json and one plot per grid with runs, from the grids' files alone."""
+    grids = [read_grid(f) | {"folder_name": os.path.relpath(f, out_dir)} for f in grid_folders]
+    grids.sort(key=lambda g: (REGIMES.index(g["regime"]), g["name"]))
+    summaries, body, paths = {}, [], []
+    opening = ["# ECHO against GRPO in on-policy RL", ""]
+    for g in grids:
+        if not g["runs"]:
+            opening.append(f"- **{g['title']}**: no finished runs yet.")
+            continue
+        s = grid_summary(g)
+        summaries[g["name"]] = s
+        plot = plot_grid(g, os.path.join(out_dir, f"rl_{g['name']}_success.png"))
+        paths.append(plot)
+        opening.append(f"- **{g['title']}**: {verdict_line(s)}")
+        body += grid_markdown(s, g, plot)
+    md = "\n".join([*opening, "", *body, *protocol()]) + "\n"
     os.makedirs(out_dir, exist_ok=True)
-    csv_path = os.path.join(out_dir, CSV_NAME)
-    results.write_csv_columns(rows, csv_path, COLUMNS)
-    summaries = {t: summary(rows, t, window) for t in thresholds}
-    main = summaries[thresholds[0]]
-    json_path = os.path.join(out_dir, SUMMARY_NAME)
-    atomic_write_text(json_path, json.dumps(main, indent=2) + "\n")
-    plots = plot(rows, out_dir, main, thresholds[0])
-    md_path = os.path.join(out_dir, MARKDOWN_NAME)
-    atomic_write_text(md_path, markdown(rows, commands, setup, plots, summaries, window))
-    return [csv_path, json_path, md_path, *plots]
+    md_path, json_path = (os.path.join(out_dir, n) for n in (MARKDOWN_NAME, SUMMARY_NAME))
+    atomic_write_text(json_path, json.dumps(summaries, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(md_path, md)
+    return [md_path, json_path, *paths]

@@ -29,6 +29,8 @@ process 0 alone writes the workdir's files (checkpoints are saved by all togethe
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import shutil
 import time
@@ -40,7 +42,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from echo_jax.agent.closed_loop import choose_tasks, mute_fork_warning, split_tasks
+from echo_jax.agent.closed_loop import SUCCESS, choose_tasks, mute_fork_warning, split_tasks
 from echo_jax.agent.policy import load_run
 from echo_jax.agent.rollout import EngineConfig, RolloutEngine
 from echo_jax.awm.capture_shards import write_shard
@@ -49,11 +51,28 @@ from echo_jax.awm.world_format import load_worlds
 from echo_jax.config import Config, ConfigError, RLConfig, validate, validate_rl
 from echo_jax.data import roles
 from echo_jax.data.vocab import Vocab
-from echo_jax.rl.pool import choose_pool, greedy_pass, group_requests, load_pool, success_rate
+from echo_jax.rl.pool import (
+    choose_pool,
+    greedy_pass,
+    group_requests,
+    load_pool,
+    pool_by_band,
+    success_rate,
+)
 from echo_jax.rl.processes import SharedEngine
 from echo_jax.rl.rows import RolloutBatch, rollout_batch, rollout_stats
-from echo_jax.rl.update import approx_kl, logp_gap, make_score_fn, role_ce, score_rows, update
+from echo_jax.rl.update import (
+    approx_kl,
+    logp_gap,
+    make_score_fn,
+    make_term_gradients_fn,
+    role_ce,
+    score_rows,
+    term_gradients,
+    update,
+)
 from echo_jax.train import distributed
+from echo_jax.train.evaluation import Evaluator
 from echo_jax.train.run_dir import RunDir
 from echo_jax.train.sharding import DataParallel, data_parallel
 from echo_jax.train.trainer import init_model, init_state, make_optimizer, make_train_step
@@ -138,6 +157,7 @@ def run_rl(
     state = distributed.replicate(init_state(params, tx), dp.replicated)
     train_step = make_train_step(graphdef, tx, cfg.loss)
     score = make_score_fn(graphdef, cfg.loss.impl, cfg.loss.chunk_size)
+    grad_fns = make_term_gradients_fn(graphdef, cfg.loss)
     max_len = cfg.data.max_len
     rng = np.random.default_rng([rl.seed, 1])
     rollout_dir = Path(run.path) / ROLLOUT_DIR
@@ -147,15 +167,18 @@ def run_rl(
                           loaded, EngineConfig.of(rl), cfg.data.canonical_json)  # fmt: skip
     with local:
         engine = SharedEngine(local)
-        pool = task_pool(engine, loaded, corpus_dir, rl)
-        run.write_json(POOL, pool)
-        tasks = [tuple(x) for x in pool["tasks"]]
+        pool = task_pool(engine, loaded, corpus_dir, rl, start)
         held = heldout_tasks(loaded, corpus_dir, rl)
+        run.write_json(POOL, pool | {"heldout": [list(t) for t in held]})
+        tasks = [tuple(x) for x in pool["tasks"]]
+        bands = pool.get("bands", {})
+        teacher = heldout_ce(cfg, vocab, corpus_dir, rl, log)
         env_steps = 0
         started = time.perf_counter()
         run.save(state, 0, {"iteration": 0, "env_steps": 0})
         lines = [{"iteration": 0, "env_steps": 0, "pool_tasks": len(tasks),
-                  **evaluations(engine, tasks, held, 0, rl)}]  # fmt: skip
+                  **evaluations(engine, tasks, held, 0, rl),
+                  **teacher(graphdef, state.params)}]  # fmt: skip
         run.append_metrics(lines[0])
         run.scalars.write(0, lines[0])
         for it in range(1, rl.iterations + 1):
@@ -169,7 +192,10 @@ def run_rl(
             batch = rollout_batch(records, rl, max_len)
             sampled = score_rows(score, state.params, batch.tokens, rl.minibatch_size, dp)
             lam = lam_at(rl, cfg.loss.lam, it - 1)
-            state, upd = update(train_step, state, batch, lam, rl, rng, dp)
+            grads = (term_gradients(grad_fns, state.params, batch, lam, cfg.loss,
+                                    rl.minibatch_size, dp)
+                     if rl.measure_gradients else {})  # fmt: skip
+            state, upd = update(train_step, state, batch, lam, rl, cfg.loss, rng, dp)
             updated = score_rows(score, state.params, batch.tokens, rl.minibatch_size, dp)
             engine.set_params(state.params)  # The update donated the sampling parameters.
             timing["update_s"] = time.perf_counter() - t1
@@ -178,7 +204,9 @@ def run_rl(
             run.save(state, it, {"iteration": it, "env_steps": env_steps})
             line = {"iteration": it, "env_steps": env_steps, "lam": lam,
                     **iteration_metrics(records, batch, sampled, updated, timing), **upd,
-                    **evaluations(engine, tasks, held, it, rl)}  # fmt: skip
+                    **grads, **task_metrics(records, bands),
+                    **evaluations(engine, tasks, held, it, rl),
+                    **(teacher(graphdef, state.params) if it == rl.iterations else {})}  # fmt: skip
             run.append_metrics(line)
             run.scalars.write(it, line)
             lines.append(line)
@@ -203,10 +231,20 @@ def _silent(*_args, **_kwargs) -> None:
     pass
 
 
-def task_pool(engine: SharedEngine, loaded, corpus_dir: str | None, rl: RLConfig) -> dict:
-    """The pool of rl.pool_file, or one chosen here from the start checkpoint."""
+def task_pool(
+    engine: SharedEngine, loaded, corpus_dir: str | None, rl: RLConfig, start: str | None
+) -> dict:
+    """The pool of rl.pool_file, one drawn by band from rl.pool_difficulty, or one chosen here
+    by probing candidates from the start checkpoint."""
     if rl.pool_file:
+        with open(rl.pool_file, encoding="utf-8") as f:
+            bands = json.load(f).get("bands", {})
         pool = {"tasks": load_pool(rl.pool_file), "from": os.path.abspath(rl.pool_file)}
+        pool |= {"bands": bands} if bands else {}
+    elif rl.pool_difficulty:
+        if not start:
+            raise ConfigError("pool_difficulty reads the start checkpoint's table: give a start")
+        pool = pool_by_band(rl, start)
     else:
         train_tasks = split_tasks(loaded, corpus_dir, rl.split)
         pool = choose_pool(engine, choose_tasks(train_tasks, rl.pool_candidates, rl.pool_seed), rl)
@@ -220,7 +258,51 @@ def heldout_tasks(loaded, corpus_dir: str | None, rl: RLConfig) -> list[tuple[st
     if not rl.eval_split:
         return []
     return choose_tasks(split_tasks(loaded, corpus_dir, rl.eval_split), rl.eval_max_tasks or None,
-                        rl.seed)  # fmt: skip
+                        rl.eval_seed)  # fmt: skip
+
+
+HELDOUT_CE_SPLITS = ("heldout_tasks", "heldout_scenarios")
+HELDOUT_CE_METRICS = ("env_ce", "action_ce")
+
+
+def heldout_ce(cfg: Config, vocab: Vocab, corpus_dir: str | None, rl: RLConfig, log):
+    """`(graphdef, params) -> metrics`: teacher-forced env and action CE on fixed subsamples of
+    the corpus's held-out splits (the world model's and the policy's held-out fit), or nothing
+    without a corpus or with rl.heldout_ce_rows 0."""
+    if not corpus_dir or not rl.heldout_ce_rows:
+        return lambda graphdef, params: {}
+    ecfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, paths=(corpus_dir,)),
+        eval=dataclasses.replace(cfg.eval, splits=HELDOUT_CE_SPLITS, max_rows=rl.heldout_ce_rows),
+    )
+    evaluator = Evaluator.for_run(ecfg, vocab, None, None, log=_silent)
+
+    def evaluate(graphdef, params) -> dict[str, float]:
+        line = evaluator(0, graphdef, params)
+        keys = [f"{s}/{m}" for s in HELDOUT_CE_SPLITS for m in HELDOUT_CE_METRICS]
+        return {f"tf_{k}": line[k] for k in keys if k in line}
+
+    return evaluate
+
+
+def task_metrics(records: Sequence[dict[str, Any]], bands: dict[str, str]) -> dict[str, Any]:
+    """Per task its successes in the iteration's group; the share of groups that all failed
+    and that all succeeded (neither carries a policy gradient); success per difficulty band."""
+    wins: dict[str, list[bool]] = {}
+    for r in records:
+        wins.setdefault(f"{r['scenario']}/{r['task_idx']}", []).append(
+            r["step_reward_types"][-1] == SUCCESS
+        )
+    out: dict[str, Any] = {
+        "task_successes": {k: int(sum(v)) for k, v in sorted(wins.items())},
+        "all_fail_groups": float(np.mean([not any(v) for v in wins.values()])),
+        "all_success_groups": float(np.mean([all(v) for v in wins.values()])),
+    }
+    for band in sorted(set(bands.values())):
+        won = [w for k, v in wins.items() if bands.get(k) == band for w in v]
+        out[f"success_{band}"] = float(np.mean(won)) if won else math.nan
+    return out
 
 
 def evaluations(engine: SharedEngine, tasks, held, iteration: int, rl: RLConfig) -> dict:

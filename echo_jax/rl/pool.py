@@ -1,9 +1,13 @@
-"""The task pool every iteration revisits, chosen once by probing candidate tasks from the
-start checkpoint, and the sampling requests and greedy evaluations on it."""
+"""The task pool every iteration revisits, chosen once from the start checkpoint: by probing
+candidate tasks (a success-rate band), or by difficulty band from a table of every task
+(`echo_jax.rl.difficulty`); and the sampling requests and greedy evaluations on it."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -76,13 +80,75 @@ def make_pool(
     """Chooses the pool from the `start` run's checkpoint (`choose_pool`) and writes it to
     out_path, so that every arm and seed of a sweep trains on the same tasks."""
     validate_rl(rl)
+    if rl.pool_difficulty:
+        pool = pool_by_band(rl, start)
+    else:
+        with start_engine(start, rl, worlds, scenarios) as (engine, loaded):
+            candidates = choose_tasks(split_tasks(loaded, corpus_dir, rl.split),
+                                      rl.pool_candidates, rl.pool_seed)  # fmt: skip
+            pool = choose_pool(engine, candidates, rl)
+    atomic_write_text(out_path, json.dumps(pool, indent=2, sort_keys=True))
+    return pool
+
+
+def pool_by_band(rl: RLConfig, start: str) -> dict[str, Any]:
+    """The pool drawn by band from `start`'s table in rl.pool_difficulty (rl.difficulty)."""
+    with open(rl.pool_difficulty, encoding="utf-8") as f:
+        tables = json.load(f)["starts"]
+    key = start_key(start)
+    if key not in tables:
+        raise ValueError(
+            f"{rl.pool_difficulty} has no table for start {key!r} (it has {sorted(tables)}); "
+            "make one with experiments.rl --probe_only"
+        )
+    counts = {"zero": rl.pool_zero, "low": rl.pool_low}
+    pool = band_pool(tables[key], counts, rl.pool_seed)
+    return pool | {"from": rl.pool_difficulty, "start": key, "settings": {"counts": counts,
+                   "pool_seed": rl.pool_seed}}  # fmt: skip
+
+
+def start_key(start: str) -> str:
+    """How a start is named in task_difficulty.json (a normalised relative path)."""
+    return os.path.normpath(start)
+
+
+def band_pool(table: dict[str, Any], counts: dict[str, int], seed: int) -> dict[str, Any]:
+    """`counts[band]` tasks of each band, spread over templates and domains: each pick takes a
+    task of the band whose template, then domain, the pool holds least (ties by a seeded
+    shuffle), so a few templates never fill the pool."""
+    rng = np.random.default_rng(seed)
+    chosen: list[dict] = []
+    for band, n in counts.items():
+        candidates = [r for r in table["tasks"] if r["band"] == band]
+        if len(candidates) < n:
+            raise ValueError(f"the pool wants {n} '{band}' tasks; the table has "
+                             f"{len(candidates)}: {table['band_counts']}")  # fmt: skip
+        rank = {id(candidates[j]): i for i, j in enumerate(rng.permutation(len(candidates)))}
+        for _ in range(n):
+            templates = collections.Counter(r["template"] for r in chosen)
+            domains = collections.Counter(r["domain"] for r in chosen)
+            taken = {id(r) for r in chosen}
+            pick = min(
+                (r for r in candidates if id(r) not in taken),
+                key=lambda r: (templates[r["template"]], domains[r["domain"]], rank[id(r)]),
+            )
+            chosen.append(pick)
+    tasks = sorted([r["scenario"], r["task_idx"]] for r in chosen)
+    return {
+        "tasks": tasks,
+        "bands": {f"{r['scenario']}/{r['task_idx']}": r["band"] for r in chosen},
+        "templates": sorted({r["template"] for r in chosen}),
+        "domains": sorted({r["domain"] for r in chosen}),
+        "start_pass": {f"{r['scenario']}/{r['task_idx']}": r["sampled_pass"] for r in chosen},
+    }
+
+
+@contextlib.contextmanager
+def start_engine(start: str, rl: RLConfig, worlds: str, scenarios: Sequence[str] | None = None):
+    """A rollout engine with the `start` run's model and rl's settings, and the loaded worlds."""
     mute_fork_warning()
     cfg, vocab, graphdef, params, _ = load_run(start)
     loaded = load_worlds(worlds, scenarios)
-    candidates = choose_tasks(split_tasks(loaded, corpus_dir, rl.split), rl.pool_candidates,
-                              rl.pool_seed)  # fmt: skip
     with RolloutEngine(graphdef, params, vocab, cfg.data.max_len, loaded, EngineConfig.of(rl),
                        cfg.data.canonical_json) as engine:  # fmt: skip
-        pool = choose_pool(engine, candidates, rl)
-    atomic_write_text(out_path, json.dumps(pool, indent=2, sort_keys=True))
-    return pool
+        yield engine, loaded

@@ -1,6 +1,7 @@
 """An iteration's rollouts as training rows: the recorded token-exact rows as fixed [N, T]
-arrays, with group-relative advantages, each row's weight in the policy term (an episode counts
-once however many rows it spans) and each target's weight in the env term."""
+arrays, with group-relative advantages, each row's weight in the policy and env terms (an
+episode counts once in each however many rows it spans) and each target's weight in the env
+term."""
 
 from __future__ import annotations
 
@@ -65,6 +66,7 @@ class RolloutBatch:
     advantage: np.ndarray  # float32 [N]: the episode's group-relative advantage
     pg_weight: np.ndarray  # float32 [N]: row's share of its episode's action tokens
     env_weight: np.ndarray  # float32 [N, T-1]: env-term weight of each target
+    env_row_weight: np.ndarray  # float32 [N]: row's share of its episode's observation tokens
     episode: np.ndarray  # int32 [N]: index of the rollout
     rewards: np.ndarray  # float32 [E]: training reward per rollout
     informative: np.ndarray  # bool [E]: the rollout's group has more than one reward
@@ -104,6 +106,9 @@ def rollout_batch(records: Sequence[dict[str, Any]], rl: RLConfig, max_len: int)
     episode = np.array([e for e, _ in rows], np.int32)
     actions_N = (roles_NT == roles.ACTION).sum(axis=1).astype(np.float32)
     actions_E = np.bincount(episode, actions_N, minlength=len(records))
+    target_roles = roles_NT[:, 1:]
+    obs_N = ((target_roles == roles.ENV_OUTPUT) | (target_roles == roles.WARNING)).sum(axis=1)
+    obs_E = np.bincount(episode, obs_N.astype(np.float32), minlength=len(records))
     kept_E = np.array([env_term_kept(r, rl) for r in records], np.float32)
     if rl.drop_equal_reward_groups:
         kept_E = kept_E * informative_E
@@ -115,6 +120,7 @@ def rollout_batch(records: Sequence[dict[str, Any]], rl: RLConfig, max_len: int)
         advantage=adv_E[episode].astype(np.float32),
         pg_weight=(actions_N / np.maximum(actions_E[episode], 1.0)).astype(np.float32),
         env_weight=env_weight.astype(np.float32),
+        env_row_weight=(obs_N / np.maximum(obs_E[episode], 1.0)).astype(np.float32),
         episode=episode,
         rewards=rewards_E,
         informative=informative_E,
