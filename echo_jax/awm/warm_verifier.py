@@ -214,8 +214,8 @@ class WarmWorker:
             raise WorkerFailed(f"verifier worker could not run the request: {answer.get('error')}")
         try:
             return judge(body, int(answer["size"]), int(answer["exit"]), str(answer["stderr"]))
-        except (KeyError, TypeError, ValueError) as error:
-            self._fail(f"verifier worker sent a malformed answer: {error!r}")
+        except Exception as error:  # noqa: BLE001 -- the frame is the sandbox's to forge
+            self._fail(f"verifier worker sent a malformed answer: {error!r:.500}")
             raise WorkerFailed(self.failure) from None
 
     def close(self) -> None:

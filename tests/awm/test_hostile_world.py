@@ -1,0 +1,241 @@
+"""A hostile world folder gets nothing (issue 25): its replies, files and processes, as an
+attacker who controls a world's server code and verifiers would use them.
+
+After each attack: this process is alive (the test returns), no process started for the world
+or the verifier remains, the canary file and folder outside the run's folders are unchanged,
+and the next honest request gives its normal result."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from echo_jax.awm.mcp_client import McpClient, WorldUnavailable
+from echo_jax.awm.warm_verifier import VerifierPool
+from echo_jax.awm.world_format import WorldFormatError, load_worlds
+from tests.awm.hostile import ScriptedServer, descendants, marked_processes, settle, snapshot
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TINY = FIXTURES / "tiny_world"
+HONEST_VERIFIER = (
+    "def verify_task_completion(initial_db_path, final_db_path, final_answer=None):\n"
+    "    return {'result': 'complete'}\n"
+)
+
+
+@pytest.fixture(scope="module")
+def canary(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("canary")
+    (folder / "secret.txt").write_text("the host's own file\n")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "notes.db").write_bytes(b"not for the world")
+    return folder
+
+
+@pytest.fixture
+def guard(canary):
+    """The checks after every attack."""
+    before_files, before_children = snapshot(canary), descendants()
+    yield canary
+    assert snapshot(canary) == before_files
+    assert settle(lambda: not marked_processes()), marked_processes()
+    assert settle(lambda: descendants() <= before_children), descendants() - before_children
+
+
+# --- replies that would crash or hang the parent --------------------------------------------
+
+
+def _reply(connection, body: bytes, content_type="application/json", extra=b"") -> None:
+    head = (
+        f"HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {len(body)}\r\n"
+    ).encode()
+    connection.sendall(head + extra + b"\r\n" + body)
+
+
+def _result(request: bytes, result) -> bytes:
+    return json.dumps(
+        {"jsonrpc": "2.0", "id": json.loads(request)["id"], "result": result}
+    ).encode()
+
+
+def honest(request, connection):
+    method = json.loads(request)["method"]
+    if method == "tools/list":
+        _reply(connection, _result(request, {"tools": [{"name": "get_item"}]}))
+    elif method == "tools/call":
+        _reply(connection, _result(request, {"content": [{"type": "text", "text": "ok"}]}))
+    else:
+        _reply(connection, _result(request, {"protocolVersion": "2025-06-18"}))
+
+
+def trickle_headers(request, connection):
+    connection.sendall(b"HTTP/1.1 200 OK\r\n")
+    while True:
+        connection.sendall(b"x")
+        time.sleep(0.05)
+
+
+def trickle_body(request, connection):
+    connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n")
+    while True:
+        connection.sendall(b" ")
+        time.sleep(0.05)
+
+
+def huge_announced(request, connection):
+    connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000000\r\n\r\n")
+    connection.sendall(b" " * (1 << 16))
+
+
+def huge_chunked(request, connection):
+    connection.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    chunk = b"%x\r\n%s\r\n" % (1 << 16, b" " * (1 << 16))
+    for _ in range(64):  # 4 MiB, past the test client's cap
+        connection.sendall(chunk)
+
+
+def cut_chunked(request, connection):
+    connection.sendall(
+        b'HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n10\r\n{"jsonrpc": "2.'
+    )
+    connection.shutdown(2)
+
+
+def nesting_bomb(request, connection):
+    _reply(connection, b"[" * 200_000 + b"]" * 200_000)
+
+
+def not_json(request, connection):
+    _reply(connection, b"\xff\xfe not json")
+
+
+def result_is_a_list(request, connection):
+    _reply(connection, _result(request, [1, 2]))
+
+
+def content_is_a_string(request, connection):
+    _reply(connection, _result(request, {"content": "x", "tools": "x"}))
+
+
+def text_is_a_number(request, connection):
+    _reply(connection, _result(request, {"content": [{"type": "text", "text": 7}], "tools": [7]}))
+
+
+def error_is_a_string(request, connection):
+    _reply(
+        connection,
+        json.dumps({"jsonrpc": "2.0", "id": json.loads(request)["id"], "error": "x"}).encode(),
+    )
+
+
+def endless_cursor(request, connection):
+    cursor = json.loads(request)["params"].get("cursor", 0) + 1
+    _reply(connection, _result(request, {"tools": [], "nextCursor": cursor}))
+
+
+@pytest.fixture(scope="module")
+def scripted():
+    server = ScriptedServer()
+    yield server
+    server.close()
+
+
+ATTACKS = [trickle_headers, trickle_body, huge_announced, huge_chunked, cut_chunked,
+           nesting_bomb, not_json, result_is_a_list, content_is_a_string, text_is_a_number,
+           error_is_a_string, endless_cursor]  # fmt: skip
+
+
+REASONS = {
+    "trickle_headers": "no whole reply within",
+    "trickle_body": "no whole reply within",
+    "huge_announced": "over the cap",
+    "huge_chunked": "over the cap",
+    "cut_chunked": "broken reply",
+    "nesting_bomb": "RecursionError",
+    "not_json": "unparsable body",
+    "result_is_a_list": "result is no JSON object",
+    "content_is_a_string": "malformed",
+    "text_is_a_number": "malformed tools|no string",
+    "error_is_a_string": "malformed error",
+    "endless_cursor": "still paginating",
+}
+
+
+@pytest.mark.parametrize("attack", ATTACKS, ids=[a.__name__ for a in ATTACKS])
+@pytest.mark.parametrize("method", ["tools/list", "tools/call"])
+def test_a_hostile_reply_is_world_unavailable_within_its_deadline(scripted, guard, attack, method):
+    if attack is endless_cursor and method == "tools/call":
+        pytest.skip("pagination is tools/list's only")
+    scripted.script = attack
+    client = McpClient(scripted.url, timeout_s=0.5, retries=1, backoff_s=0.01,
+                       max_reply_bytes=1 << 20)  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(WorldUnavailable, match=REASONS[attack.__name__]):
+        if method == "tools/list":
+            client.list_tools()
+        else:
+            client.call_tool("get_item", {"item_id": 1})
+    assert time.monotonic() - started < 3.0
+    scripted.script = honest
+    assert client.call_tool("get_item", {"item_id": 1}).text == "ok"
+    client.close()
+
+
+def test_a_forged_answer_frame_is_a_cold_rerun_not_an_exception(guard, tmp_path, monkeypatch):
+    from echo_jax.awm import warm_verifier
+    from echo_jax.awm.world_server import build_database
+
+    world = load_worlds(TINY)["tiny_shop"]
+    db = tmp_path / "w.db"
+    build_database(world, db)
+    pool = VerifierPool()
+    try:
+        assert pool.run("tiny_shop", HONEST_VERIFIER, db, db)["result"] == "complete"
+        worker = pool._slots["tiny_shop"].worker
+        real_judge = warm_verifier.WarmWorker._judge
+
+        def forged(self, answer, body, limits):  # What a child could put on the answer pipe.
+            answer = {"id": answer["id"], "status": "done", "size": float("inf"), "exit": [],
+                      "stderr": {}}  # fmt: skip
+            return real_judge(self, answer, body, limits)
+
+        monkeypatch.setattr(warm_verifier.WarmWorker, "_judge", forged)
+        outcome = pool.run("tiny_shop", HONEST_VERIFIER, db, db)
+        assert outcome["result"] == "complete"  # Rerun cold, with its real verdict.
+        assert worker.failure is not None
+        monkeypatch.setattr(warm_verifier.WarmWorker, "_judge", real_judge)
+        assert pool.run("tiny_shop", HONEST_VERIFIER, db, db)["result"] == "complete"
+    finally:
+        pool.close()
+
+
+# --- world files that would crash the loader ------------------------------------------------
+
+
+def _copy_world(tmp_path):
+    folder = tmp_path / "world"
+    folder.mkdir()
+    for file in TINY.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    return folder
+
+
+def test_non_utf8_world_file_is_a_format_error_naming_it(guard, tmp_path):
+    folder = _copy_world(tmp_path)
+    (folder / "gen_tasks.jsonl").write_bytes(b'{"scenario": "tiny_shop", "tasks": ["\xff"]}\n')
+    with pytest.raises(WorldFormatError, match=r"gen_tasks.jsonl:1: not UTF-8"):
+        load_worlds(folder)
+    assert set(load_worlds(TINY)) == {"tiny_shop", "tiny_shop_two"}
+
+
+def test_huge_single_line_world_file_is_a_format_error_naming_it(guard, tmp_path, monkeypatch):
+    from echo_jax.awm import world_format
+
+    monkeypatch.setattr(world_format, "MAX_RECORD_BYTES", 1 << 20)  # The cap, made small.
+    folder = _copy_world(tmp_path)
+    (folder / "gen_spec.jsonl").write_bytes(b'{"x": "' + b"a" * (4 << 20))  # no newline
+    with pytest.raises(WorldFormatError, match=r"gen_spec.jsonl:1: line is over"):
+        load_worlds(folder)
