@@ -16,6 +16,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -42,6 +43,7 @@ from echo_jax.awm.loopback import (
     LoopbackBridge,
     free_loopback_port,
 )
+from echo_jax.awm.world_agent import AGENT_PRELUDE, AgentChannel, AgentError
 from echo_jax.awm.world_format import World
 
 _ESSENTIAL_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
@@ -60,6 +62,7 @@ class ServerLimits(ChildLimits):
     file_size_bytes: int = 1 << 30
     startup_timeout_s: float = 30.0
     start_attempts: int = 3
+    agent_timeout_s: float = 30.0  # A reset or a snapshot of the live database.
 
 
 def build_database(world: World, path: str | Path) -> None:
@@ -110,6 +113,7 @@ class WorldServer:
         self._process: subprocess.Popen | None = None
         self._port: int | None = None
         self._bridge: LoopbackBridge | None = None
+        self._agent: AgentChannel | None = None
 
     @property
     def base_url(self) -> str:
@@ -126,8 +130,16 @@ class WorldServer:
         return None if self._process is None else self._process.pid
 
     @property
+    def folder(self) -> Path:
+        """The one folder the server can write (its database, scratch, HOME): nothing in it is
+        opened by the host, which only removes it at the end."""
+        return self._require_dir() / "world"
+
+    @property
     def db_path(self) -> Path:
-        return self._require_dir() / "world.db"
+        """The live database, in the server's folder; the host reads it only through
+        `snapshot`."""
+        return self.folder / "world.db"
 
     @property
     def initial_db_path(self) -> Path:
@@ -154,6 +166,7 @@ class WorldServer:
         self._dir = Path(tempfile.mkdtemp(prefix=f"awm_{safe}_"))
         atexit.register(self.stop)
         try:
+            self.folder.mkdir(mode=0o700)
             build_database(self.world, self.initial_db_path)
             copy_database(self.initial_db_path, self.db_path)
             server_path = self._dir / "server.py"
@@ -185,12 +198,22 @@ class WorldServer:
                     raise
 
     def _launch(self, server_path: Path) -> None:
-        home = self._require_dir()
+        home = self.folder
         binary = sandbox.require_sandbox(f"world server {self.world.name!r}")
         self._close_bridge()
+        listener = None
         if binary is not None:  # No network of its own: the parent bridges its port.
-            self._bridge = LoopbackBridge(home / SOCKET_NAME)
+            # The socket is the host's, in its own folder; the server inherits it listening.
+            socket_path = self._require_dir() / SOCKET_NAME
+            socket_path.unlink(missing_ok=True)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(socket_path))
+            listener.listen(64)
+            self._bridge = LoopbackBridge(socket_path)
             self._port = self._bridge.port
+        if self._agent is not None:
+            self._agent.close()
+        self._agent = AgentChannel(self.limits.agent_timeout_s, self.limits.file_size_bytes)
         env = {key: os.environ[key] for key in _ESSENTIAL_ENV if key in os.environ}
         env.update(
             HOME=str(home),
@@ -201,12 +224,27 @@ class WorldServer:
             HOST=LOOPBACK,
             PORT=str(self._port),
         )
-        command = [sys.executable, "-c", LOOPBACK_LAUNCHER, str(server_path)]
-        if binary is not None:
-            env["ECHO_JAX_SERVER_SOCKET"] = str(home / SOCKET_NAME)
-            command[2] = UNIX_SOCKET_PRELUDE + LOOPBACK_LAUNCHER
-            command = sandbox.server_argv(binary, str(home), env, command)
+        env.update(self._agent.child_env(self.initial_db_path, self.db_path))
+        command = [sys.executable, "-c", AGENT_PRELUDE + LOOPBACK_LAUNCHER, str(server_path)]
+        pass_fds = list(self._agent.child_fds)
+        if listener is not None:
+            env["ECHO_JAX_SERVER_FD"] = str(listener.fileno())
+            pass_fds.append(listener.fileno())
+            command[2] = AGENT_PRELUDE + UNIX_SOCKET_PRELUDE + LOOPBACK_LAUNCHER
+            # The host's folder read-only (initial database, server code), the server's own
+            # writable inside it.
+            command = sandbox.server_argv(
+                binary, str(home), env, command, extra_ro=[str(self._require_dir())]
+            )
             env = {"PATH": os.defpath}  # bwrap clears it and sets the server's own.
+        try:
+            self._start_process(command, home, env, pass_fds)
+        finally:
+            if listener is not None:
+                listener.close()
+            self._agent.started()
+
+    def _start_process(self, command, home, env, pass_fds) -> None:
         with self._log_path.open("wb") as log:
             self._process = subprocess.Popen(
                 command,
@@ -215,6 +253,7 @@ class WorldServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                pass_fds=pass_fds,
                 start_new_session=True,
                 preexec_fn=limiting_preexec(self.limits),
             )
@@ -254,7 +293,23 @@ class WorldServer:
         """Restore the initial database in place; call only while no request is running."""
         if not self.is_running():
             raise WorldServerError(f"{self.world.name}: cannot reset, server is not running")
-        copy_database(self.initial_db_path, self.db_path)
+        try:
+            self._agent.reset()
+        except AgentError as error:
+            raise WorldServerError(f"{self.world.name}: {error}") from None
+
+    def snapshot(self, name: str = "final.db") -> Path:
+        """A copy of the live database in the host's own folder (what a verifier sees)."""
+        if not self.is_running():
+            raise WorldServerError(f"{self.world.name}: cannot snapshot, server is not running")
+        target = self._require_dir() / name
+        target.unlink(missing_ok=True)
+        try:
+            self._agent.snapshot(target)
+        except AgentError as error:
+            target.unlink(missing_ok=True)
+            raise WorldServerError(f"{self.world.name}: {error}") from None
+        return target
 
     def _close_bridge(self) -> None:
         if self._bridge is not None:
@@ -268,6 +323,9 @@ class WorldServer:
             kill_process_group(self._process)
             self._process = None
         self._close_bridge()
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
