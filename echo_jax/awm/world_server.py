@@ -27,7 +27,8 @@ from pathlib import Path
 
 import requests
 
-from echo_jax.awm import sandbox
+from echo_jax.awm import sandbox, seccomp_filter
+from echo_jax.awm.cgroup import SandboxCgroup
 from echo_jax.awm.child_process import (
     ChildLimits,
     kill_process_group,
@@ -63,6 +64,10 @@ class ServerLimits(ChildLimits):
     startup_timeout_s: float = 30.0
     start_attempts: int = 3
     agent_timeout_s: float = 30.0  # A reset or a snapshot of the live database.
+    # The sandbox as a whole (`cgroup`): uvicorn's threads count as processes; the memory of
+    # all of them, with the private /tmp's pages.
+    max_processes: int = 512
+    memory_bytes: int = 6 << 30
 
 
 def build_database(world: World, path: str | Path) -> None:
@@ -114,6 +119,7 @@ class WorldServer:
         self._port: int | None = None
         self._bridge: LoopbackBridge | None = None
         self._agent: AgentChannel | None = None
+        self._group: SandboxCgroup | None = None
 
     @property
     def base_url(self) -> str:
@@ -190,8 +196,7 @@ class WorldServer:
                 self._wait_until_ready()
                 return
             except WorldServerError:
-                kill_process_group(self._process)
-                self._process = None
+                self._kill()
                 # Another process may have grabbed the port between probe and bind: retry.
                 port_taken = "address already in use" in self.stderr_tail().lower()
                 if not port_taken or attempt == self.limits.start_attempts:
@@ -227,21 +232,29 @@ class WorldServer:
         env.update(self._agent.child_env(self.initial_db_path, self.db_path))
         command = [sys.executable, "-c", AGENT_PRELUDE + LOOPBACK_LAUNCHER, str(server_path)]
         pass_fds = list(self._agent.child_fds)
+        seccomp_fd = -1
         if listener is not None:
+            seccomp_fd = seccomp_filter.bpf_fd()
+            pass_fds.append(seccomp_fd)
             env["ECHO_JAX_SERVER_FD"] = str(listener.fileno())
             pass_fds.append(listener.fileno())
             command[2] = AGENT_PRELUDE + UNIX_SOCKET_PRELUDE + LOOPBACK_LAUNCHER
             # The host's folder read-only (initial database, server code), the server's own
             # writable inside it.
             command = sandbox.server_argv(
-                binary, str(home), env, command, extra_ro=[str(self._require_dir())]
+                binary, str(home), env, command, seccomp_fd, extra_ro=[str(self._require_dir())]
             )
             env = {"PATH": os.defpath}  # bwrap clears it and sets the server's own.
+        what = f"world server {self.world.name!r}"
+        self._group = SandboxCgroup.create(
+            what, self.limits.max_processes, self.limits.memory_bytes
+        )
         try:
             self._start_process(command, home, env, pass_fds)
         finally:
             if listener is not None:
                 listener.close()
+                os.close(seccomp_fd)
             self._agent.started()
 
     def _start_process(self, command, home, env, pass_fds) -> None:
@@ -255,7 +268,7 @@ class WorldServer:
                 stderr=subprocess.STDOUT,
                 pass_fds=pass_fds,
                 start_new_session=True,
-                preexec_fn=limiting_preexec(self.limits),
+                preexec_fn=limiting_preexec(self.limits, self._group),
             )
 
     def _wait_until_ready(self) -> None:
@@ -311,6 +324,15 @@ class WorldServer:
             raise WorldServerError(f"{self.world.name}: {error}") from None
         return target
 
+    def _kill(self) -> None:
+        """The server's process group, then whatever else is left in its cgroup."""
+        if self._process is not None:
+            kill_process_group(self._process)
+            self._process = None
+        if self._group is not None:
+            self._group.kill()
+            self._group = None
+
     def _close_bridge(self) -> None:
         if self._bridge is not None:
             self._bridge.close()
@@ -319,9 +341,7 @@ class WorldServer:
     def stop(self) -> None:
         """Kill the server's process group and delete the temp dir; safe to call twice."""
         atexit.unregister(self.stop)
-        if self._process is not None:
-            kill_process_group(self._process)
-            self._process = None
+        self._kill()
         self._close_bridge()
         if self._agent is not None:
             self._agent.close()

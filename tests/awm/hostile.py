@@ -62,13 +62,16 @@ def snapshot(path: Path) -> dict[str, str]:
 
 
 def marked_processes() -> list[int]:
-    """Processes hostile code started and named MARKER, anywhere on the machine."""
+    """Live threads hostile code started and named MARKER, anywhere on the machine."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             with contextlib.suppress(OSError):
-                if Path(f"/proc/{entry}/comm").read_text().strip() == MARKER:
-                    found.append(int(entry))
+                for task in os.listdir(f"/proc/{entry}/task"):
+                    stat = Path(f"/proc/{entry}/task/{task}/stat").read_text()
+                    name, state = stat.split("(", 1)[1].rsplit(")", 1)
+                    if name == MARKER and state.split()[0] != "Z":
+                        found.append(int(task))
     return found
 
 

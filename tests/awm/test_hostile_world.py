@@ -17,7 +17,14 @@ import pytest
 from echo_jax.awm.mcp_client import McpClient, WorldUnavailable
 from echo_jax.awm.warm_verifier import VerifierPool
 from echo_jax.awm.world_format import WorldFormatError, load_worlds
-from tests.awm.hostile import ScriptedServer, descendants, marked_processes, settle, snapshot
+from tests.awm.hostile import (
+    MARKER,
+    ScriptedServer,
+    descendants,
+    marked_processes,
+    settle,
+    snapshot,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "tiny_world"
@@ -322,3 +329,139 @@ def test_links_and_fifos_a_server_leaves_are_never_followed_by_the_host(guard, t
         server.reset()
         with sqlite3.connect(server.snapshot()) as connection:
             assert connection.execute("SELECT COUNT(*) FROM orders").fetchone() == (0,)
+
+
+# --- processes that would outlive their sandbox, resources without a cap --------------------
+
+SYSCALL_ATTACK = r"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+def tried(name, call):
+    result = call()
+    print(name, result, ctypes.get_errno() if result == -1 else 0, flush=True)
+tried('ptrace', lambda: libc.ptrace(16, 1, 0, 0))  # PTRACE_ATTACH to the sandbox's PID 1
+tried('process_vm_readv', lambda: libc.process_vm_readv(1, 0, 0, 0, 0, 0))
+tried('shmget', lambda: libc.shmget(0, 4096, 0o1000 | 0o600))
+tried('keyctl', lambda: libc.syscall(250, 0, -3, 0, 0))  # the session keyring
+tried('unshare', lambda: libc.unshare(0x10000000))
+raise SystemExit('attack done')
+"""
+
+
+def test_ptrace_shared_memory_keyrings_and_namespaces_are_refused_inside(guard):
+    import dataclasses
+
+    from echo_jax.awm.world_server import WorldServer, WorldServerError
+
+    world = load_worlds(TINY)["tiny_shop"]
+    hostile = dataclasses.replace(world, full_code=SYSCALL_ATTACK + world.full_code)
+    with pytest.raises(WorldServerError, match="attack done") as raised:
+        WorldServer(hostile).start()
+    lines = dict(line.split(" ", 1) for line in str(raised.value).splitlines() if " -1 " in line)
+    eperm = "-1 1"
+    assert lines == dict.fromkeys(
+        ["ptrace", "process_vm_readv", "shmget", "keyctl", "unshare"], eperm
+    )
+
+
+def _hostile_verifier(body: str) -> str:
+    from tests.awm.test_wall import verifier
+
+    return verifier(body)
+
+
+def _found(result: dict) -> dict:
+    assert result["execution_status"] == "success", result
+    return result["raw_result"]["found"]
+
+
+@pytest.fixture(scope="module")
+def dbs(tmp_path_factory):
+    from echo_jax.awm.world_server import build_database
+
+    folder = tmp_path_factory.mktemp("dbs")
+    world = load_worlds(TINY)["tiny_shop"]
+    build_database(world, folder / "initial.db")
+    build_database(world, folder / "final.db")
+    return folder / "initial.db", folder / "final.db"
+
+
+REACH_THE_WORKER = """
+P = os['getppid']()
+probe('mem', lambda: B['open'](f'/proc/{P}/mem', 'r+b') and 'opened')
+probe('stdin', lambda: B['open'](f'/proc/{P}/fd/0', 'wb') and 'opened')
+"""
+
+# A thread of its own behind a zombie leader: its grandchild's main thread exits alone.
+THREAD_BEHIND_A_ZOMBIE = f"""
+C = B['__import__']('ctypes')
+T = B['__import__']('_thread')
+Time = B['__import__']('time')
+if os['fork']() == 0:
+    def linger():
+        B['open']('/proc/thread-self/comm', 'w').write('{MARKER}')
+        Time.sleep(3600)
+    T.start_new_thread(linger, ())
+    Time.sleep(0.2)
+    C.CDLL(None).syscall(60, 0)  # exit(2): this thread only
+Time.sleep(0.5)
+"""
+
+LOCKED_FOLDER = """
+os['makedirs']('/tmp/locked/inner')
+B['open']('/tmp/locked/inner/left', 'w').write('x')
+os['chmod']('/tmp/locked', 0)
+probe('made', lambda: 'yes')
+"""
+
+
+def test_a_warm_verification_cannot_reach_its_worker_or_outlive_itself(guard, warm_worker, dbs):
+    from echo_jax.awm.verifier import VerifierLimits
+
+    limits = VerifierLimits()
+    reached = _found(warm_worker.verify(_hostile_verifier(REACH_THE_WORKER), *dbs, None, limits))
+    assert reached == {"mem": "failed: PermissionError", "stdin": "failed: PermissionError"}
+    warm_worker.verify(_hostile_verifier(THREAD_BEHIND_A_ZOMBIE), *dbs, None, limits)
+    assert not marked_processes()  # Killed before the answer came.
+    warm_worker.verify(_hostile_verifier(LOCKED_FOLDER), *dbs, None, limits)
+    listing = _found(
+        warm_worker.verify(
+            _hostile_verifier("probe('tmp', lambda: os['listdir']('/tmp'))"), *dbs, None, limits
+        )
+    )
+    assert listing == {"tmp": []}
+    assert warm_worker.verify(HONEST_VERIFIER, *dbs, None, limits)["result"] == "complete"
+
+
+PROCESS_FLOOD = f"""
+Time = B['__import__']('time')
+started = 0
+for _ in range(48):
+    try:
+        if os['fork']() == 0:
+            B['open']('/proc/self/comm', 'w').write('{MARKER}')
+            Time.sleep(30)
+            os['_exit'](0)
+        started += 1
+    except OSError:
+        break
+probe('started', lambda: started)
+"""
+
+MEMORY_FLOOD = """
+held = B['bytearray'](160 << 20)
+for i in B['range'](0, len(held), 4096):
+    held[i] = 1
+probe('held', lambda: len(held))
+"""
+
+
+def test_a_verifiers_processes_and_memory_are_capped_as_a_whole(guard, dbs):
+    from echo_jax.awm.verifier import VerifierLimits, run_verifier
+
+    limits = VerifierLimits(max_processes=16, memory_bytes=64 << 20)
+    flood = _found(run_verifier(_hostile_verifier(PROCESS_FLOOD), *dbs, None, limits))
+    assert flood["started"] < 16
+    swollen = run_verifier(_hostile_verifier(MEMORY_FLOOD), *dbs, None, limits)
+    assert swollen["execution_status"] == "error", swollen
+    assert run_verifier(HONEST_VERIFIER, *dbs, None, limits)["result"] == "complete"
