@@ -303,16 +303,24 @@ def _server_folders() -> list[str]:
 
 
 def server_argv(
-    binary: str, folder: str, env: dict[str, str], command: list[str], seccomp_fd: int, extra_ro=()
+    binary: str,
+    folder: str,
+    env: dict[str, str],
+    command: list[str],
+    seccomp_fd: int,
+    folder_bytes: int,
+    extra_ro=(),
 ) -> list[str]:
-    """bwrap command line running a world server: `folder` writable, no network of its own."""
+    """bwrap command line running a world server: `folder` a writable tmpfs (empty at start),
+    no network of its own."""
     setenv = [arg for key, value in env.items() for arg in ("--setenv", key, value)]
     binds = _links_and_binds([*_server_folders(), *extra_ro])
     return [
         *_isolated(binary, SERVER_TMP_BYTES, seccomp_fd),
         *binds,
-        "--bind",
-        folder,
+        "--size",  # Its folder: a tmpfs of its own, so the disk it can fill is capped.
+        str(folder_bytes),
+        "--tmpfs",
         folder,
         "--remount-ro",
         "/",

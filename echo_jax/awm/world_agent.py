@@ -9,6 +9,9 @@ which the host writes to a file of its own. The server's code can stop or fool t
 then it only breaks or fakes its own world: a reset or a snapshot that does not come back
 in time, or comes back malformed, is an `AgentError` (a world failure for the caller).
 
+The agent also creates the live database (a copy of the initial one) before the server's code
+runs: under the sandbox the server's folder is a tmpfs of its own, empty at start.
+
 Protocol: the host writes one line, `reset` or `snapshot`; the agent answers one line, `ok`,
 `error MESSAGE` or `bytes N`, followed by N bytes for a snapshot.
 """
@@ -56,6 +59,7 @@ _echo_jax_args = [_os.environ.pop(name) for name in (
     'ECHO_JAX_AGENT_COMMANDS_FD', 'ECHO_JAX_AGENT_ANSWERS_FD', 'ECHO_JAX_INITIAL_DB',
     'ECHO_JAX_LIVE_DB')]
 _echo_jax_args[:2] = map(int, _echo_jax_args[:2])
+_echo_jax_answer(b'reset\\n', *_echo_jax_args[2:])  # The live database, before the server runs.
 _threading.Thread(target=_echo_jax_agent, args=_echo_jax_args, daemon=True).start()
 """
 

@@ -68,6 +68,7 @@ class ServerLimits(ChildLimits):
     # all of them, with the private /tmp's pages.
     max_processes: int = 512
     memory_bytes: int = 6 << 30
+    folder_bytes: int = 1 << 30  # Its writable folder, a tmpfs (in memory: within memory_bytes).
 
 
 def build_database(world: World, path: str | Path) -> None:
@@ -137,8 +138,9 @@ class WorldServer:
 
     @property
     def folder(self) -> Path:
-        """The one folder the server can write (its database, scratch, HOME): nothing in it is
-        opened by the host, which only removes it at the end."""
+        """The one folder the server can write (its database, scratch, HOME). Under the sandbox
+        it is a tmpfs of the sandbox's own mounted at this path (the host's folder stays empty);
+        the host opens nothing in it either way."""
         return self._require_dir() / "world"
 
     @property
@@ -174,7 +176,6 @@ class WorldServer:
         try:
             self.folder.mkdir(mode=0o700)
             build_database(self.world, self.initial_db_path)
-            copy_database(self.initial_db_path, self.db_path)
             server_path = self._dir / "server.py"
             code = prepare_server_code(
                 self.world.full_code,
@@ -242,7 +243,13 @@ class WorldServer:
             # The host's folder read-only (initial database, server code), the server's own
             # writable inside it.
             command = sandbox.server_argv(
-                binary, str(home), env, command, seccomp_fd, extra_ro=[str(self._require_dir())]
+                binary,
+                str(home),
+                env,
+                command,
+                seccomp_fd,
+                self.limits.folder_bytes,
+                extra_ro=[str(self._require_dir())],
             )
             env = {"PATH": os.defpath}  # bwrap clears it and sets the server's own.
         what = f"world server {self.world.name!r}"

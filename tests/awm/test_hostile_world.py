@@ -465,3 +465,32 @@ def test_a_verifiers_processes_and_memory_are_capped_as_a_whole(guard, dbs):
     swollen = run_verifier(_hostile_verifier(MEMORY_FLOOD), *dbs, None, limits)
     assert swollen["execution_status"] == "error", swollen
     assert run_verifier(HONEST_VERIFIER, *dbs, None, limits)["result"] == "complete"
+
+
+DISK_FLOOD = r"""
+import os
+here = os.path.dirname(os.environ["DATABASE_PATH"].removeprefix("sqlite:///"))
+written = 0
+try:
+    for i in range(32):
+        with open(os.path.join(here, f"flood{i}"), "wb") as out:
+            out.write(b"x" * (1 << 20))
+        written += 1 << 20
+except OSError as error:
+    print("stopped:", type(error).__name__, flush=True)
+print("written", written, flush=True)
+raise SystemExit('attack done')
+"""
+
+
+def test_a_server_fills_only_its_own_capped_folder(guard):
+    import dataclasses
+
+    from echo_jax.awm.world_server import ServerLimits, WorldServer, WorldServerError
+
+    world = load_worlds(TINY)["tiny_shop"]
+    hostile = dataclasses.replace(world, full_code=DISK_FLOOD + world.full_code)
+    with pytest.raises(WorldServerError, match="attack done") as raised:
+        WorldServer(hostile, ServerLimits(folder_bytes=8 << 20)).start()
+    written = [line for line in str(raised.value).splitlines() if line.startswith("written")]
+    assert written and int(written[0].split()[1]) <= 8 << 20

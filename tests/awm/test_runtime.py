@@ -194,7 +194,7 @@ def test_reset_restores_database_seen_by_server(live):
     assert json.loads(client.call_tool("get_item", {"item_id": 1}).text)["stock"] == 2
     server.reset()
     assert json.loads(client.call_tool("get_item", {"item_id": 1}).text)["stock"] == 5
-    with sqlite3.connect(server.db_path) as connection:
+    with sqlite3.connect(server.snapshot()) as connection:
         assert connection.execute("SELECT COUNT(*) FROM orders").fetchone()[0] == 0
 
 
