@@ -2,8 +2,8 @@
 
 `LOOPBACK_LAUNCHER` runs the server's code with uvicorn.run pinned to 127.0.0.1:$PORT. Under the
 sandbox the server has no network at all: `UNIX_SOCKET_PRELUDE` turns that uvicorn.run into one
-on a Unix socket in the server's folder, and a `LoopbackBridge` in the parent forwards
-127.0.0.1:PORT to it.
+on a listening Unix socket it inherits from the host (whose path is in the host's folder, out of
+the server's reach), and a `LoopbackBridge` in the parent forwards 127.0.0.1:PORT to it.
 """
 
 from __future__ import annotations

@@ -209,16 +209,7 @@ class WorldServer:
         home = self.folder
         binary = sandbox.require_sandbox(f"world server {self.world.name!r}")
         self._close_bridge()
-        listener = None
-        if binary is not None:  # No network of its own: the parent bridges its port.
-            # The socket is the host's, in its own folder; the server inherits it listening.
-            socket_path = self._require_dir() / SOCKET_NAME
-            socket_path.unlink(missing_ok=True)
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            listener.bind(str(socket_path))
-            listener.listen(64)
-            self._bridge = LoopbackBridge(socket_path)
-            self._port = self._bridge.port
+        listener = self._listen() if binary is not None else None
         if self._agent is not None:
             self._agent.close()
         self._agent = AgentChannel(self.limits.agent_timeout_s, self.limits.file_size_bytes)
@@ -254,9 +245,8 @@ class WorldServer:
                 extra_ro=[str(self._require_dir())],
             )
             env = {"PATH": os.defpath}  # bwrap clears it and sets the server's own.
-        what = f"world server {self.world.name!r}"
         self._group = SandboxCgroup.create(
-            what, self.limits.max_processes, self.limits.memory_bytes
+            f"world server {self.world.name!r}", self.limits.max_processes, self.limits.memory_bytes
         )
         try:
             self._start_process(command, home, env, pass_fds)
@@ -265,6 +255,18 @@ class WorldServer:
                 listener.close()
                 os.close(seccomp_fd)
             self._agent.started()
+
+    def _listen(self) -> socket.socket:
+        """The server's listening socket, made by the host in its own folder (the server, with
+        no network of its own, inherits it), and the bridge from 127.0.0.1:PORT to it."""
+        socket_path = self._require_dir() / SOCKET_NAME
+        socket_path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(socket_path))
+        listener.listen(64)
+        self._bridge = LoopbackBridge(socket_path)
+        self._port = self._bridge.port
+        return listener
 
     def _start_process(self, command, home, env, pass_fds) -> None:
         with self._log_path.open("wb") as log:
