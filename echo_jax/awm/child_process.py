@@ -51,8 +51,9 @@ class ChildLimits:
     open_files: int | None = None
 
 
-def limiting_preexec(limits: ChildLimits) -> Callable[[], None]:
-    """A preexec hook that applies `limits` and then arms the parent-death signal."""
+def limiting_preexec(limits: ChildLimits, group=None) -> Callable[[], None]:
+    """A preexec hook that joins `group` (a `cgroup.SandboxCgroup`, if any), applies `limits`
+    and then arms the parent-death signal."""
     named = {
         resource.RLIMIT_AS: limits.address_space_bytes,
         resource.RLIMIT_CPU: limits.cpu_seconds,
@@ -61,8 +62,10 @@ def limiting_preexec(limits: ChildLimits) -> Callable[[], None]:
     }
     rlimits = {which: limit for which, limit in named.items() if limit is not None}
     set_death_signal = parent_death_hook()
+    join = group.join_hook() if group is not None else (lambda: None)
 
     def apply() -> None:
+        join()
         for which, limit in rlimits.items():
             resource.setrlimit(which, (limit, limit))
         set_death_signal()

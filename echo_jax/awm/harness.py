@@ -184,7 +184,7 @@ class _Episode:
             self.world.name,
             self.world.verifiers[self.task_idx],
             server.initial_db_path,
-            server.db_path,
+            server.snapshot(),
             final_answer=final_answer,
             limits=self.config.verifier_limits,
         )

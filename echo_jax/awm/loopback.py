@@ -2,8 +2,8 @@
 
 `LOOPBACK_LAUNCHER` runs the server's code with uvicorn.run pinned to 127.0.0.1:$PORT. Under the
 sandbox the server has no network at all: `UNIX_SOCKET_PRELUDE` turns that uvicorn.run into one
-on a Unix socket in the server's folder, and a `LoopbackBridge` in the parent forwards
-127.0.0.1:PORT to it.
+on a listening Unix socket it inherits from the host (whose path is in the host's folder, out of
+the server's reach), and a `LoopbackBridge` in the parent forwards 127.0.0.1:PORT to it.
 """
 
 from __future__ import annotations
@@ -32,15 +32,18 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 # Runs before the launcher (under the sandbox only) and turns its uvicorn.run into one on the
-# Unix socket named by $ECHO_JAX_SERVER_SOCKET.
+# listening Unix socket the host passed as descriptor $ECHO_JAX_SERVER_FD: the socket's path is
+# in the host's folder, so the server can neither replace it nor point the bridge elsewhere.
 UNIX_SOCKET_PRELUDE = """
 import os
 import uvicorn
 _unix_run = uvicorn.run
+_server_fd = int(os.environ.pop("ECHO_JAX_SERVER_FD"))
 def _unix_socket_run(app, *args, **kwargs):
     kwargs.pop("host", None)
     kwargs.pop("port", None)
-    kwargs["uds"] = os.environ["ECHO_JAX_SERVER_SOCKET"]
+    kwargs.pop("uds", None)
+    kwargs["fd"] = _server_fd
     return _unix_run(app, **kwargs)
 uvicorn.run = _unix_socket_run
 """

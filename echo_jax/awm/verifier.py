@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from echo_jax.awm import sandbox, verifier_runner
+from echo_jax.awm import sandbox, seccomp_filter, verifier_runner
+from echo_jax.awm.cgroup import SandboxCgroup
 from echo_jax.awm.child_process import (
     ChildLimits,
     kill_process_group,
@@ -56,6 +57,10 @@ class VerifierLimits(ChildLimits):
     address_space_bytes: int = 1 << 30
     file_size_bytes: int = 16 << 20
     open_files: int = 64
+    # The sandbox as a whole (`cgroup`): its processes (bwrap's two, the runner and its
+    # threads) and their memory, its private /tmp included.
+    max_processes: int = 16
+    memory_bytes: int = 1 << 30
     # RLIMIT_NPROC=0 is set by the runner itself: bubblewrap has to fork first.
 
 
@@ -198,8 +203,10 @@ def run_verifier(
             if binary is None:
                 argv = [sys.executable, "-I", "-S", verifier_runner.__file__, str(fd)]
             else:
+                seccomp_fd = files.enter_context(open(seccomp_filter.bpf_fd(), "rb")).fileno()
+                pass_fds.append(seccomp_fd)
                 inner = sandbox.verifier_argv(
-                    binary, verifier_runner.__file__, str(initial), str(final), fd
+                    binary, verifier_runner.__file__, str(initial), str(final), fd, seccomp_fd
                 )
                 # The options go through a file (--args), so the sandbox's PID 1 (bwrap) shows
                 # no host path in /proc/1/cmdline.
@@ -208,6 +215,8 @@ def run_verifier(
                 args_fd = files.enter_context(args_path.open("rb")).fileno()
                 pass_fds.append(args_fd)
                 argv = [binary, "--args", str(args_fd), *inner[split:]]
+            group = SandboxCgroup.create("a verifier", limits.max_processes, limits.memory_bytes)
+            files.callback(lambda: group and group.kill())
             process = subprocess.Popen(
                 argv,
                 cwd=folder,
@@ -217,7 +226,7 @@ def run_verifier(
                 stderr=stderr,
                 pass_fds=tuple(pass_fds),
                 start_new_session=True,
-                preexec_fn=limiting_preexec(limits),
+                preexec_fn=limiting_preexec(limits, group),
             )
             if not _exited_within(process, limits.timeout_s):
                 kill_process_group(process, grace_s=0.0)

@@ -46,6 +46,7 @@ STDERR_TAIL_BYTES = 8192
 _FRAME = struct.Struct(">II")  # header length, body length
 _FOLDER = re.compile(r"r[0-9]+")
 _TIDY_PASSES = 200
+_PR_SET_DUMPABLE = 4
 _LIMITS = {
     "address_space_bytes": resource.RLIMIT_AS,
     "cpu_seconds": resource.RLIMIT_CPU,
@@ -194,19 +195,29 @@ def _start(request: dict, code: str) -> _Job:
     return _Job(request, pid, {name: r for name, (r, _) in ends.items()})
 
 
+def _alive(pid: str) -> bool:
+    """Whether any thread of `pid` runs: a zombie leader may hide live threads behind it."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat", "rb") as stat:
+                if stat.read().rsplit(b")", 1)[1].split()[0] != b"Z":
+                    return True
+        except (OSError, IndexError):
+            continue
+    return False
+
+
 def _strays(keep: set) -> list[int]:
     """The live processes of the sandbox not in `keep` (zombies are bubblewrap's to reap)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) not in keep:
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as stat:
-                    state = stat.read().rsplit(b")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                continue
-            if state != b"Z":
-                found.append(int(entry))
-    return found
+    return [
+        int(entry)
+        for entry in os.listdir("/proc")
+        if entry.isdigit() and int(entry) not in keep and _alive(entry)
+    ]
 
 
 def _tidy(jobs) -> None:
@@ -224,6 +235,10 @@ def _tidy(jobs) -> None:
         time.sleep(0.005)
     else:  # Ending the worker ends its sandbox, and the host reruns what was in flight cold.
         raise RuntimeError(f"processes left by a verifier outlive SIGKILL: {strays[:10]}")
+    for folder, dirs, _ in os.walk(SCRATCH_DIR):  # A folder a child made unreadable, opened.
+        for name in dirs:
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(folder, name), 0o700, follow_symlinks=False)
     try:
         for folder, dirs, files in os.walk(SCRATCH_DIR, topdown=False):
             for name in dirs + files:
@@ -244,8 +259,25 @@ def _send(fd: int, data: bytes) -> None:
         data = data[os.write(fd, data) :]
 
 
+def _undumpable() -> None:
+    """No process of the worker's user id may open its /proc/<pid>/mem or /proc/<pid>/fd (a
+    verification's child shares that id): it would write the worker's memory or inject a
+    request on its stdin. Children inherit this (they fork, never exec)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    failed = libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0
+    errno = ctypes.get_errno()
+    del libc, ctypes
+    for name in [name for name in sys.modules if name.split(".")[0] in ("ctypes", "_ctypes")]:
+        del sys.modules[name]  # A child's `import ctypes` must reach its audit hook afresh.
+    if failed:
+        raise OSError(errno, "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
 def serve(response_fd: int) -> None:
     """Answer requests until stdin ends and every job in flight is done."""
+    _undumpable()
     verifier_runner.preload()
     _send(response_fd, encode_frame({"ready": True}))
     jobs: dict[int, _Job] = {}  # pidfd -> its job

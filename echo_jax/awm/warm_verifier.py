@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from echo_jax.awm import sandbox, verifier_runner, verifier_worker
+from echo_jax.awm import sandbox, seccomp_filter, verifier_runner, verifier_worker
+from echo_jax.awm.cgroup import SandboxCgroup
 from echo_jax.awm.child_process import ChildLimits, kill_process_group, limiting_preexec, read_tail
 from echo_jax.awm.verifier import (
     MAX_RESULT_FILE_BYTES,
@@ -52,6 +53,10 @@ _START_TIMEOUT_S = 60.0
 _ANSWER_GRACE_S = 30.0  # Past a request's own timeout, a worker that has not answered is hung.
 _CLOSE_GRACE_S = 2.0
 _WORKER_LIMITS = ChildLimits(open_files=1024)  # Per request in flight: three pipes and a pidfd.
+# The worker's sandbox as a whole (`cgroup`): the worker, the verifications in flight, and what
+# they started, with their memory and the shared /tmp.
+_WORKER_PROCESSES = 256
+_WORKER_MEMORY_BYTES = 4 << 30
 _RLIMITS = ("address_space_bytes", "cpu_seconds", "file_size_bytes", "open_files")
 
 # A worker dies with the thread that started it (bwrap's parent-death signal follows the
@@ -82,6 +87,8 @@ class WarmWorker:
         self._process: subprocess.Popen | None = None
         self._answers = -1
         self._reader: threading.Thread | None = None
+        self._group = SandboxCgroup.create("a warm verifier worker", _WORKER_PROCESSES,
+                                           _WORKER_MEMORY_BYTES)  # fmt: skip
         try:
             self._process, self._answers = _starter.submit(self._spawn, binary).result()
             self._await_ready()
@@ -97,8 +104,10 @@ class WarmWorker:
             read_end, write_end = os.pipe()
             on_failure.callback(os.close, read_end)
             on_failure.callback(os.close, write_end)
+            seccomp_fd = seccomp_filter.bpf_fd()
+            on_failure.callback(os.close, seccomp_fd)
             inner = sandbox.worker_argv(binary, verifier_runner.__file__, verifier_worker.__file__,
-                                        str(self.folder), write_end)  # fmt: skip
+                                        str(self.folder), write_end, seccomp_fd)  # fmt: skip
             # bwrap's options through a file (--args), as for a cold verifier.
             split = len(inner) - sandbox.WORKER_COMMAND_LENGTH
             with tempfile.TemporaryFile() as args, self._log_path.open("wb") as output:
@@ -111,12 +120,13 @@ class WarmWorker:
                     stdin=subprocess.PIPE,
                     stdout=output,
                     stderr=output,
-                    pass_fds=(write_end, args.fileno()),
+                    pass_fds=(write_end, args.fileno(), seccomp_fd),
                     start_new_session=True,
-                    preexec_fn=limiting_preexec(_WORKER_LIMITS),
+                    preexec_fn=limiting_preexec(_WORKER_LIMITS, self._group),
                 )
             on_failure.pop_all()
         os.close(write_end)
+        os.close(seccomp_fd)
         return process, read_end
 
     def _await_ready(self) -> None:
@@ -162,6 +172,8 @@ class WarmWorker:
                 future.set_exception(error)
         if first and not closed and self._process is not None:
             kill_process_group(self._process, grace_s=0.0)
+            if self._group is not None:
+                self._group.kill()
 
     def busy(self) -> bool:
         return bool(self._pending)
@@ -214,8 +226,8 @@ class WarmWorker:
             raise WorkerFailed(f"verifier worker could not run the request: {answer.get('error')}")
         try:
             return judge(body, int(answer["size"]), int(answer["exit"]), str(answer["stderr"]))
-        except (KeyError, TypeError, ValueError) as error:
-            self._fail(f"verifier worker sent a malformed answer: {error!r}")
+        except Exception as error:  # noqa: BLE001 -- the frame is the sandbox's to forge
+            self._fail(f"verifier worker sent a malformed answer: {error!r:.500}")
             raise WorkerFailed(self.failure) from None
 
     def close(self) -> None:
@@ -228,6 +240,8 @@ class WarmWorker:
                 self._process.wait(_CLOSE_GRACE_S)
             except subprocess.TimeoutExpired:
                 kill_process_group(self._process, grace_s=0.0)
+        if self._group is not None:
+            self._group.kill()
         if self._reader is None and self._answers >= 0:
             os.close(self._answers)  # Else the reader closes it, at the stream's end.
         shutil.rmtree(self.folder, ignore_errors=True)

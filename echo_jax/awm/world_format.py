@@ -37,6 +37,7 @@ WORLD_FILES = (
     VERIFIER_FILE,
 )
 
+MAX_RECORD_BYTES = 64 << 20  # One scenario's record; AWM-1K's largest are full server sources.
 _NORMALISED_NAME = re.compile(r"[a-z0-9_]+")
 _TRAVERSAL_CHARS = ("/", "\\", "..", "\x00")
 
@@ -71,12 +72,23 @@ class _Where:
 
 
 def _iter_records(path: Path) -> Iterator[tuple[_Where, dict[str, Any]]]:
-    """Yield (location, record) for each non-blank line, streaming the file."""
-    with path.open("r", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    """Yield (location, record) for each non-blank line, streaming the file; a line is read
+    whole only up to MAX_RECORD_BYTES, so a huge one fails here, not as a memory error."""
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(
+            iter(lambda: handle.readline(MAX_RECORD_BYTES + 1), b""), 1
+        ):
+            where = _Where(path.name, line_number)
+            if len(raw) > MAX_RECORD_BYTES:
+                raise where.error(f"line is over {MAX_RECORD_BYTES:,} bytes; refused")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise where.error(
+                    f"not UTF-8 text ({error.reason} at byte {error.start})"
+                ) from None
             if not line.strip():
                 continue
-            where = _Where(path.name, line_number)
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:

@@ -5,8 +5,10 @@ The world's generated `full_code` is untrusted-ish model output, so it runs unde
 a Unix socket that `echo_jax.awm.loopback` bridges to 127.0.0.1:PORT), in its own process group,
 from a private temp dir, with a clean environment, resource limits and a parent-death signal
 (`echo_jax.awm.child_process`); `stop()` (also called at exit) kills the whole group. The
-database is built once from the world's DDL and sample inserts; a pristine copy is kept so
-`reset()` can restore the initial state between episodes without paying for a server restart.
+database is built once from the world's DDL and sample inserts into the host's folder; the
+live copy, in the server's own folder, is made, reset between episodes (without paying for a
+server restart) and snapshotted for the verifier from inside the server's sandbox
+(`echo_jax.awm.world_agent`), so the host never opens a path the server can replace.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -26,7 +29,8 @@ from pathlib import Path
 
 import requests
 
-from echo_jax.awm import sandbox
+from echo_jax.awm import sandbox, seccomp_filter
+from echo_jax.awm.cgroup import SandboxCgroup
 from echo_jax.awm.child_process import (
     ChildLimits,
     kill_process_group,
@@ -42,6 +46,7 @@ from echo_jax.awm.loopback import (
     LoopbackBridge,
     free_loopback_port,
 )
+from echo_jax.awm.world_agent import AGENT_PRELUDE, AgentChannel, AgentError
 from echo_jax.awm.world_format import World
 
 _ESSENTIAL_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
@@ -60,6 +65,12 @@ class ServerLimits(ChildLimits):
     file_size_bytes: int = 1 << 30
     startup_timeout_s: float = 30.0
     start_attempts: int = 3
+    agent_timeout_s: float = 30.0  # A reset or a snapshot of the live database.
+    # The sandbox as a whole (`cgroup`): uvicorn's threads count as processes; the memory of
+    # all of them, with the private /tmp's pages.
+    max_processes: int = 512
+    memory_bytes: int = 6 << 30
+    folder_bytes: int = 1 << 30  # Its writable folder, a tmpfs (in memory: within memory_bytes).
 
 
 def build_database(world: World, path: str | Path) -> None:
@@ -110,6 +121,8 @@ class WorldServer:
         self._process: subprocess.Popen | None = None
         self._port: int | None = None
         self._bridge: LoopbackBridge | None = None
+        self._agent: AgentChannel | None = None
+        self._group: SandboxCgroup | None = None
 
     @property
     def base_url(self) -> str:
@@ -126,8 +139,17 @@ class WorldServer:
         return None if self._process is None else self._process.pid
 
     @property
+    def folder(self) -> Path:
+        """The one folder the server can write (its database, scratch, HOME). Under the sandbox
+        it is a tmpfs of the sandbox's own mounted at this path (the host's folder stays empty);
+        the host opens nothing in it either way."""
+        return self._require_dir() / "world"
+
+    @property
     def db_path(self) -> Path:
-        return self._require_dir() / "world.db"
+        """The live database, in the server's folder; the host reads it only through
+        `snapshot`."""
+        return self.folder / "world.db"
 
     @property
     def initial_db_path(self) -> Path:
@@ -154,8 +176,8 @@ class WorldServer:
         self._dir = Path(tempfile.mkdtemp(prefix=f"awm_{safe}_"))
         atexit.register(self.stop)
         try:
+            self.folder.mkdir(mode=0o700)
             build_database(self.world, self.initial_db_path)
-            copy_database(self.initial_db_path, self.db_path)
             server_path = self._dir / "server.py"
             code = prepare_server_code(
                 self.world.full_code,
@@ -177,20 +199,20 @@ class WorldServer:
                 self._wait_until_ready()
                 return
             except WorldServerError:
-                kill_process_group(self._process)
-                self._process = None
+                self._kill()
                 # Another process may have grabbed the port between probe and bind: retry.
                 port_taken = "address already in use" in self.stderr_tail().lower()
                 if not port_taken or attempt == self.limits.start_attempts:
                     raise
 
     def _launch(self, server_path: Path) -> None:
-        home = self._require_dir()
+        home = self.folder
         binary = sandbox.require_sandbox(f"world server {self.world.name!r}")
         self._close_bridge()
-        if binary is not None:  # No network of its own: the parent bridges its port.
-            self._bridge = LoopbackBridge(home / SOCKET_NAME)
-            self._port = self._bridge.port
+        listener = self._listen() if binary is not None else None
+        if self._agent is not None:
+            self._agent.close()
+        self._agent = AgentChannel(self.limits.agent_timeout_s, self.limits.file_size_bytes)
         env = {key: os.environ[key] for key in _ESSENTIAL_ENV if key in os.environ}
         env.update(
             HOME=str(home),
@@ -201,12 +223,52 @@ class WorldServer:
             HOST=LOOPBACK,
             PORT=str(self._port),
         )
-        command = [sys.executable, "-c", LOOPBACK_LAUNCHER, str(server_path)]
-        if binary is not None:
-            env["ECHO_JAX_SERVER_SOCKET"] = str(home / SOCKET_NAME)
-            command[2] = UNIX_SOCKET_PRELUDE + LOOPBACK_LAUNCHER
-            command = sandbox.server_argv(binary, str(home), env, command)
+        env.update(self._agent.child_env(self.initial_db_path, self.db_path))
+        command = [sys.executable, "-c", AGENT_PRELUDE + LOOPBACK_LAUNCHER, str(server_path)]
+        pass_fds = list(self._agent.child_fds)
+        seccomp_fd = -1
+        if listener is not None:
+            seccomp_fd = seccomp_filter.bpf_fd()
+            pass_fds.append(seccomp_fd)
+            env["ECHO_JAX_SERVER_FD"] = str(listener.fileno())
+            pass_fds.append(listener.fileno())
+            command[2] = AGENT_PRELUDE + UNIX_SOCKET_PRELUDE + LOOPBACK_LAUNCHER
+            # The host's folder read-only (initial database, server code), the server's own
+            # writable inside it.
+            command = sandbox.server_argv(
+                binary,
+                str(home),
+                env,
+                command,
+                seccomp_fd,
+                self.limits.folder_bytes,
+                extra_ro=[str(self._require_dir())],
+            )
             env = {"PATH": os.defpath}  # bwrap clears it and sets the server's own.
+        self._group = SandboxCgroup.create(
+            f"world server {self.world.name!r}", self.limits.max_processes, self.limits.memory_bytes
+        )
+        try:
+            self._start_process(command, home, env, pass_fds)
+        finally:
+            if listener is not None:
+                listener.close()
+                os.close(seccomp_fd)
+            self._agent.started()
+
+    def _listen(self) -> socket.socket:
+        """The server's listening socket, made by the host in its own folder (the server, with
+        no network of its own, inherits it), and the bridge from 127.0.0.1:PORT to it."""
+        socket_path = self._require_dir() / SOCKET_NAME
+        socket_path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(socket_path))
+        listener.listen(64)
+        self._bridge = LoopbackBridge(socket_path)
+        self._port = self._bridge.port
+        return listener
+
+    def _start_process(self, command, home, env, pass_fds) -> None:
         with self._log_path.open("wb") as log:
             self._process = subprocess.Popen(
                 command,
@@ -215,8 +277,9 @@ class WorldServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                pass_fds=pass_fds,
                 start_new_session=True,
-                preexec_fn=limiting_preexec(self.limits),
+                preexec_fn=limiting_preexec(self.limits, self._group),
             )
 
     def _wait_until_ready(self) -> None:
@@ -254,7 +317,32 @@ class WorldServer:
         """Restore the initial database in place; call only while no request is running."""
         if not self.is_running():
             raise WorldServerError(f"{self.world.name}: cannot reset, server is not running")
-        copy_database(self.initial_db_path, self.db_path)
+        try:
+            self._agent.reset()
+        except AgentError as error:
+            raise WorldServerError(f"{self.world.name}: {error}") from None
+
+    def snapshot(self, name: str = "final.db") -> Path:
+        """A copy of the live database in the host's own folder (what a verifier sees)."""
+        if not self.is_running():
+            raise WorldServerError(f"{self.world.name}: cannot snapshot, server is not running")
+        target = self._require_dir() / name
+        target.unlink(missing_ok=True)
+        try:
+            self._agent.snapshot(target)
+        except AgentError as error:
+            target.unlink(missing_ok=True)
+            raise WorldServerError(f"{self.world.name}: {error}") from None
+        return target
+
+    def _kill(self) -> None:
+        """The server's process group, then whatever else is left in its cgroup."""
+        if self._process is not None:
+            kill_process_group(self._process)
+            self._process = None
+        if self._group is not None:
+            self._group.kill()
+            self._group = None
 
     def _close_bridge(self) -> None:
         if self._bridge is not None:
@@ -264,10 +352,11 @@ class WorldServer:
     def stop(self) -> None:
         """Kill the server's process group and delete the temp dir; safe to call twice."""
         atexit.unregister(self.stop)
-        if self._process is not None:
-            kill_process_group(self._process)
-            self._process = None
+        self._kill()
         self._close_bridge()
+        if self._agent is not None:
+            self._agent.close()
+            self._agent = None
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

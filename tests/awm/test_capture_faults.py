@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from echo_jax.awm import capture
+from echo_jax.awm.bounded_http import Reply
 from echo_jax.awm.capture import CaptureConfig, run_capture
 from echo_jax.awm.capture_shards import read_shard, shard_is_complete, shard_path
 from echo_jax.awm.mcp_client import WorldUnavailable
@@ -56,15 +56,13 @@ def _inject(kind, server, client):
     elif kind == "hang":
         os.killpg(server.pid, signal.SIGSTOP)  # Alive, holding its socket, answering nothing.
     elif kind == "5xx":
-        real_post = client._http.post
+        real_send = client._send
 
-        def post_503_once(*args, **kwargs):
-            client._http.post = real_post
-            response = requests.Response()
-            response.status_code, response._content = 503, b"Service Unavailable"
-            return response
+        def send_503_once(message):
+            client._send = real_send
+            return Reply(503, {}, b"Service Unavailable")
 
-        client._http.post = post_503_once
+        client._send = send_503_once
 
 
 def test_world_killed_hung_or_5xx_mid_episode_costs_one_retry(reference, tmp_path, monkeypatch):

@@ -74,10 +74,10 @@ def test_starts_lists_tools_and_answers_on_the_episode_database(live, world):
     assert '"name": "Probe"' in created.text
     import sqlite3
 
-    with sqlite3.connect(live.server.db_path) as db:  # The engine used the episode's file...
+    # The engine used the episode's file, not the code's default path (./outputs/...): the
+    # snapshot, taken from the episode's file, holds the new row.
+    with sqlite3.connect(live.server.snapshot()) as db:
         assert db.execute("SELECT COUNT(*) FROM collections WHERE name = 'Probe'").fetchone()[0]
-    server_dir = live.server.db_path.parent
-    assert not (server_dir / "outputs").exists()  # ...not the code's default path.
     log = live.server.stderr_tail()
     assert "Warning" not in log and "deprecated" not in log.lower(), log  # Starts cleanly.
     live.server.reset()

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-import requests
 
+from echo_jax.awm.bounded_http import Reply
 from echo_jax.awm.harness import HarnessConfig, classify_tool_error, run_episode
 from echo_jax.awm.mcp_client import McpClient, WorldUnavailable
 from echo_jax.awm.verifier import VerifierLimits
@@ -181,11 +181,9 @@ def test_tools_are_listed_once_per_client_and_handed_out_as_copies(live, monkeyp
 
 
 def test_sse_reply_is_parsed():
-    response = requests.Response()
-    response.status_code = 200
-    response.headers["content-type"] = "text/event-stream"
     reply = {"jsonrpc": "2.0", "id": 3, "result": {"tools": []}}
-    response._content = f"event: message\ndata: {json.dumps(reply)}\n\n".encode()
+    body = f"event: message\ndata: {json.dumps(reply)}\n\n".encode()
+    response = Reply(200, {"content-type": "text/event-stream"}, body)
     assert McpClient._find_reply(response, 3, "tools/list") == reply
 
 
@@ -196,7 +194,7 @@ def test_reset_restores_database_seen_by_server(live):
     assert json.loads(client.call_tool("get_item", {"item_id": 1}).text)["stock"] == 2
     server.reset()
     assert json.loads(client.call_tool("get_item", {"item_id": 1}).text)["stock"] == 5
-    with sqlite3.connect(server.db_path) as connection:
+    with sqlite3.connect(server.snapshot()) as connection:
         assert connection.execute("SELECT COUNT(*) FROM orders").fetchone()[0] == 0
 
 
