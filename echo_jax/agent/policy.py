@@ -31,7 +31,7 @@ from echo_jax.model.transformer import Transformer
 from echo_jax.train.run_dir import RunDir
 from echo_jax.train.trainer import init_state, make_optimizer
 
-CALL_KEYS = ("tool_name", "arguments")
+CHAT_END_TAG = "</tool_call>"  # data.chat.END_CALL without its newline.
 POLICY_KEY = "policy"  # Step key under which the rollout engine stores a generated call's record.
 
 
@@ -45,9 +45,19 @@ def parse_action(text: str) -> dict[str, Any]:
     The format is `render.render_action`'s: one JSON object with a non-empty string tool_name
     and an object of arguments, then END_CALL. Raises ActionParseError otherwise.
     """
-    end = text.find(END_CALL)
+    return _parse_call(text, END_CALL, "<|end_call|>", "tool_name")
+
+
+def parse_chat_action(text: str) -> dict[str, Any]:
+    """`parse_action` for the chat layout (`data.chat.render_action`, Qwen3's tool calls): the
+    JSON {"name", "arguments"} the model writes after `<tool_call>\n`, up to `</tool_call>`."""
+    return _parse_call(text, CHAT_END_TAG, CHAT_END_TAG, "name")
+
+
+def _parse_call(text: str, end_mark: str, end_name: str, name_key: str) -> dict[str, Any]:
+    end = text.find(end_mark)
     if end < 0:
-        raise ActionParseError("the call was not closed with <|end_call|>")
+        raise ActionParseError(f"the call was not closed with {end_name}")
     body = text[:end]
     try:
         call = json.loads(body)
@@ -56,12 +66,12 @@ def parse_action(text: str) -> dict[str, Any]:
         raise ActionParseError(why) from None
     if not isinstance(call, dict):
         raise ActionParseError(f"the call must be a JSON object, got {type(call).__name__}")
-    extra = sorted(set(call) - set(CALL_KEYS))
+    extra = sorted(set(call) - {name_key, "arguments"})
     if extra:
         raise ActionParseError(f"the call has unexpected keys {extra}")
-    name, arguments = call.get("tool_name"), call.get("arguments", {})
+    name, arguments = call.get(name_key), call.get("arguments", {})
     if not isinstance(name, str) or not name:
-        raise ActionParseError("the call needs a non-empty string 'tool_name'")
+        raise ActionParseError(f"the call needs a non-empty string {name_key!r}")
     if not isinstance(arguments, dict):
         raise ActionParseError("the call's 'arguments' must be a JSON object")
     return {"tool_name": name, "arguments": arguments}
