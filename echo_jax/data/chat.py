@@ -39,6 +39,8 @@ END_TURN = "<|im_end|>\n"
 TOOL_TURN = "<|im_start|>user"
 RESPONSE_OPEN = "\n<tool_response>\n"
 RESPONSE_CLOSE = "</tool_response>"
+NAME_KEY = "name"  # agent.policy.parse_action reads {"name", "arguments"} ...
+PARSE_END = "</tool_call>"  # ... up to the closing tag.
 
 
 def render_tool(name: str) -> str:
@@ -49,6 +51,11 @@ def render_action(tool_name: str, arguments: dict[str, Any]) -> str:
     """The text the policy emits for a call, closing tag included (ACTION)."""
     call = {"name": tool_name, "arguments": arguments}
     return json.dumps(call, ensure_ascii=False) + END_CALL
+
+
+def after_call(text: str) -> str:
+    """CONTEXT text between a call's generated text and its observation: the turn's end."""
+    return END_TURN
 
 
 def render_prefix(task: str, tools: Sequence[str]) -> list[tuple[str, int]]:
@@ -101,3 +108,6 @@ def render_chat(
         segments.append((END_TURN, roles.CONTEXT))
         segments.extend(render_observation(step.observation, canonical_json))
     return Rendered(tuple(segments), prefix_segments, tuple(step_starts))
+
+
+render_episode = render_chat  # The name both layouts give it (data.render is the other).

@@ -10,13 +10,18 @@ as `data.tokenizer` does for cl100k. The offsets fields of the result hold chara
 from __future__ import annotations
 
 import functools
+import json
 import os
+from types import ModuleType
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from echo_jax.data import chat
 from echo_jax.data.render import Rendered
 from echo_jax.data.tokenizer import TokenizedEpisode
+from echo_jax.util.atomic import atomic_write_text
+from echo_jax.util.choices import ConfigError
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -50,3 +55,87 @@ def tokenize_chat(rendered: Rendered, tok: Tokenizer) -> TokenizedEpisode:
         step_start_bytes=seg_offsets[list(rendered.step_starts)].astype(np.int64),
         straddles=int(straddle.sum()),
     )
+
+
+def _byte_decoder() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's bytes_to_unicode) back to bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+class HFVocab:
+    """A checkpoint's tokenizer as the vocabulary the data pipeline, agent and decoder use (the
+    interface of data.vocab.Vocab): ids are the model's own (no compaction), episodes render in
+    the chat layout (data.chat), and `size` is the model's vocabulary (config.json's
+    vocab_size, which may exceed the tokenizer's: those ids decode to nothing)."""
+
+    def __init__(self, folder: str | os.PathLike, size: int | None = None):
+        self.folder = os.path.abspath(folder)
+        self.tok = load_tokenizer(self.folder)
+        if size is None:
+            with open(os.path.join(self.folder, "config.json")) as f:
+                size = int(json.load(f)["vocab_size"])
+        self.size = size
+        decoder = json.loads(self.tok.to_str()).get("decoder") or {}
+        if decoder.get("type") != "ByteLevel":
+            raise ConfigError(
+                f"{self.folder}: tokenizer decoder type {decoder.get('type')!r} is not "
+                "supported (only byte-level BPE, as Qwen3 and Llama 3 use)"
+            )
+
+    @property
+    def layout(self) -> ModuleType:
+        return chat
+
+    def tokenize(self, rendered: Rendered) -> TokenizedEpisode:
+        return tokenize_chat(rendered, self.tok)
+
+    def expand(self, ids_N: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The identity: (ids, source token of each, byte within it = 0)."""
+        ids_N = np.asarray(ids_N, np.int32)
+        return ids_N, np.arange(ids_N.size), np.zeros(ids_N.size, np.int64)
+
+    def encode_text(self, text: str) -> np.ndarray:
+        return np.asarray(self.tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+    @functools.cached_property
+    def _table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        byte_of = _byte_decoder()
+        added = {i: t.content for i, t in self.tok.get_added_tokens_decoder().items()}
+        pieces = []
+        for i in range(self.size):
+            token = self.tok.id_to_token(i)
+            if i in added:
+                pieces.append(added[i].encode())
+            elif token is None:
+                pieces.append(b"")
+            else:
+                pieces.append(bytes(byte_of[c] for c in token))
+        length = np.fromiter((len(p) for p in pieces), np.int64, len(pieces))
+        start = np.concatenate([[0], np.cumsum(length)[:-1]]).astype(np.int64)
+        return np.frombuffer(b"".join(pieces), np.uint8), start, length
+
+    def token_byte_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(flat bytes, start [V], length [V]) of every id's bytes (special tokens: their text)."""
+        return self._table
+
+    def decode_bytes(self, ids: np.ndarray) -> bytes:
+        flat, start, length = self._table
+        ids = np.asarray(ids, np.int64)
+        return b"".join(flat[start[i] : start[i] + length[i]].tobytes() for i in ids)
+
+    def decode(self, ids: np.ndarray) -> str:
+        return self.decode_bytes(ids).decode("utf-8")
+
+    def to_json(self) -> str:
+        return json.dumps({"hf_path": self.folder, "size": self.size})
+
+    def save(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, self.to_json())

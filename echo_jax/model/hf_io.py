@@ -39,6 +39,15 @@ TOKENIZER_FILES = (
 )
 
 
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a checkpoint folder (its config.json names a model_type), not a run."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return "model_type" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
 def _path_name(path: tuple[Any, ...]) -> tuple[str, bool]:
     """A parameter's pure-dict path -> (its checkpoint tensor name, whether it is transposed:
     nnx.Linear's kernel is [in, out], a torch Linear's weight [out, in])."""
