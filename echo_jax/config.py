@@ -42,6 +42,11 @@ class ModelConfig:
     # skip the masked half; fastest on CPU), or "auto" (cudnn on a GPU in bfloat16, blocked on
     # a CPU, else xla).
     attention: str = "auto"
+    # A Hugging Face checkpoint folder (config.json, safetensors, tokenizer.json; Qwen3 or
+    # Llama, echo_jax.model.hf) to start from, with its own tokenizer and the chat layout
+    # (echo_jax.data.chat); the width, depth and vocabulary fields above are then the
+    # checkpoint's. "": the tiny model above, trained from scratch.
+    hf_path: str = ""
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {

@@ -189,7 +189,11 @@ class Section:
 # Sections not listed get their bare field names. Names that two fields would share stop
 # define_run_flags; the renames keep flag names that scripts and docs already use.
 RUN_SECTIONS: dict[str, Section] = {
-    "model": Section(optional=True, note="Unset: the --model_size preset's value."),
+    "model": Section(
+        optional=True,
+        rename={"hf_path": "model"},
+        note="Unset: the --model_size preset's value.",
+    ),
     "loss": Section(rename={"impl": "loss_impl"}),
     "data": Section(rename={"paths": "data"}, defaults={"cache_dir": "~/.cache/echo_jax"}),
     # eval_*: EvalConfig.batch_size would clash with TrainConfig.batch_size.

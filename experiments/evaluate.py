@@ -19,7 +19,9 @@ from echo_jax import config_flags
 from echo_jax.agent.closed_loop import evaluate_checkpoint
 from echo_jax.config_flags import define_flags, from_flags
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training run workdir.", required=True)
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Training run workdir, or a Hugging Face checkpoint folder.", required=True
+)
 _SPLIT = flags.DEFINE_enum("split", "heldout_tasks", C.SPLITS, "Corpus split whose tasks to run.")
 _SAMPLES = flags.DEFINE_integer("samples", 4, "Sampled episodes per task (K), besides greedy.")
 AGENT_FLAGS = define_flags(C.AgentConfig)  # One flag per AgentConfig field.
@@ -32,6 +34,9 @@ _POSITIONS = flags.DEFINE_integer(
     "tool_call_positions", 64, "Teacher-forced positions for tool-call accuracy (0: skip)."
 )
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
+_MAX_LEN = flags.DEFINE_integer(
+    "max_len", None, "Tokens per cache row (default: the run's); longer holds long tool lists."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling and task-subset seed.")
 _OUT = flags.DEFINE_string("out", None, "Output folder for rollouts and metrics.")
 _JAX_CACHE = config_flags.define_jax_cache_flag()
@@ -56,6 +61,7 @@ def main(argv: list[str]) -> None:
         seed=_SEED.value,
         out=_OUT.value,
         step=_STEP.value,
+        max_len=_MAX_LEN.value,
     )
     print(json.dumps(metrics, indent=2, sort_keys=True))
 

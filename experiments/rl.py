@@ -28,6 +28,7 @@ from echo_jax import config as C
 from echo_jax import config_flags
 from echo_jax.config_flags import define_flags, from_flags, replace_from_flags
 from echo_jax.data.episodes import EpisodeError
+from echo_jax.model.hf_io import is_hf_folder
 from echo_jax.objective.objectives import OBJECTIVES, objective_spec
 from echo_jax.rl.difficulty import write_task_difficulty
 from echo_jax.rl.loop import run_rl
@@ -49,7 +50,8 @@ LOSS_FLAGS = define_flags(  # One flag per LossConfig field, as in experiments.t
 flags.DEFINE_string(
     "start",
     "data/warm_start",
-    "Training run to start from (its model, vocabulary and data settings); '' from scratch.",
+    "Training run to start from (its model, vocabulary and data settings), or a Hugging Face "
+    "checkpoint folder (docs/models.md); '' from scratch.",
 )
 flags.DEFINE_enum("model_size", "tiny", list(C.MODEL_PRESETS), "From scratch: model preset.")
 flags.DEFINE_list("data", list(C.DEFAULT_DATA), "From scratch: the data that builds the vocab.")
@@ -85,7 +87,9 @@ def rl_config_from_flags() -> C.RLConfig:
 
 def run_config_from_flags() -> C.Config:
     """The start run's config (or a fresh one) with the loss flags applied."""
-    if FLAGS.start:
+    if FLAGS.start and is_hf_folder(FLAGS.start):  # A checkpoint folder: default settings.
+        base = C.Config(model=C.ModelConfig(hf_path=os.path.abspath(FLAGS.start)))
+    elif FLAGS.start:
         path = RunDir(FLAGS.start).file(RunDir.CONFIG)
         if not os.path.exists(path):
             raise C.ConfigError(f"--start={FLAGS.start}: no {RunDir.CONFIG}; is it a run?")

@@ -135,6 +135,7 @@ def evaluate_checkpoint(
     seed: int = 0,
     out: str | None = None,
     step: int | None = None,
+    max_len: int | None = None,
 ) -> dict[str, Any]:
     """Runs the checkpoint's agent on the split's tasks; returns (and writes) its metrics.
 
@@ -149,6 +150,8 @@ def evaluate_checkpoint(
     out          folder for rollouts.jsonl.gz and metrics.json
                  (default WORKDIR/closed_loop/<split>_step<step>)
     step         checkpoint step (default: the latest)
+    max_len      tokens per cache row (default: the run's max_len); a longer one holds long
+                 tool lists, at positions the model never trained on (docs/models.md)
 
     Metrics: pass@1_greedy, pass@1..pass@K, mean_steps, mean_reward, format_error_share and
     its parts, teacher_forced_{tool_name_acc, call_acc, parse_error_rate, positions},
@@ -170,6 +173,7 @@ def evaluate_checkpoint(
     pool.prestart(scenario for scenario, _ in tasks)  # While the model loads.
     try:
         cfg, vocab, graphdef, params, ckpt_step = load_run(workdir, step)
+        max_len = max_len or cfg.data.max_len
     except BaseException:
         pool.close()
         raise
@@ -192,7 +196,7 @@ def evaluate_checkpoint(
         for scenario, task_idx in tasks
         for sample in range(GREEDY, samples)
     ]
-    engine = RolloutEngine(graphdef, params, vocab, cfg.data.max_len, loaded, engine_config,
+    engine = RolloutEngine(graphdef, params, vocab, max_len, loaded, engine_config,
                            cfg.data.canonical_json, pool)  # fmt: skip
     with engine:
         episodes = engine.run(requests)
@@ -201,7 +205,7 @@ def evaluate_checkpoint(
     metrics: dict[str, Any] = {"split": split, "checkpoint_step": ckpt_step, "samples": samples}
     metrics.update(summarize(episodes, samples))
     if tool_call_positions != 0 and corpus_dir is not None:
-        decoder = Decoder(graphdef, params, vocab, cfg.data.max_len, agent.max_new_tokens)
+        decoder = Decoder(graphdef, params, vocab, max_len, agent.max_new_tokens)
         chosen = set(tasks)
         recorded = [
             ep

@@ -7,8 +7,8 @@ logits after each row's last one; `decode` then samples up to M tokens per activ
 at temperature 0, otherwise softmax(logits / temperature) restricted to the top-p nucleus; PAD is
 never sampled -- each row with its own key, temperature and top-p, so a row's tokens do not
 depend on which other rows share the call. A row stops once its decoded text contains the stop
-string (the call's closing marker, `render.END_CALL`), when its token budget is spent, or when
-its row is full.
+string (the call's closing marker, the vocabulary layout's END_CALL), when its token budget is
+spent, or when its row is full.
 
 The stop test runs on device: the stop string's KMP automaton is folded over every compact
 token's bytes once, on the host, into a [V, states] transition table; each row carries its
@@ -30,8 +30,6 @@ from flax import nnx
 from jax import Array
 
 from echo_jax.agent.sampling import sample_tokens
-from echo_jax.data import tokenizer
-from echo_jax.data.render import END_CALL
 from echo_jax.data.vocab import PAD_ID, Vocab
 from echo_jax.model.transformer import KVCache
 
@@ -76,14 +74,11 @@ def token_stop_transitions(vocab: Vocab, stop: str) -> np.ndarray:
     """int32 [V, FOUND + 1]: the stop automaton's state after reading each compact token's
     bytes from each state, so the device loop needs one lookup per token. PAD keeps the state."""
     delta = stop_automaton(stop)
-    table = tokenizer.byte_table()
-    ids = vocab.cl100k_ids
-    length_V = np.where(ids >= 0, table.length[np.maximum(ids, 0)], 0)
-    start_V = table.start[np.maximum(ids, 0)]
-    state_VS = np.tile(np.arange(delta.shape[0], dtype=np.int32), (ids.size, 1))
+    flat, start_V, length_V = vocab.token_byte_table()
+    state_VS = np.tile(np.arange(delta.shape[0], dtype=np.int32), (length_V.size, 1))
     for k in range(int(length_V.max(initial=0))):  # Byte position within the token.
         live = np.flatnonzero(length_V > k)
-        byte = table.flat[start_V[live] + k]
+        byte = flat[start_V[live] + k]
         state_VS[live] = delta[state_VS[live], byte[:, None]]
     return state_VS
 
@@ -211,9 +206,7 @@ PROMPT_CHUNK = 128  # Tokens per row per `extend` call of `Decoder.generate`.
 def decode_text(vocab: Vocab, compact_ids: np.ndarray) -> str:
     """Text of compact ids; a model can emit bytes that are not UTF-8, which are replaced."""
     ids = np.asarray(compact_ids)
-    ids = ids[ids != PAD_ID]
-    raw = tokenizer.encoding().decode_bytes(vocab.cl100k_ids[ids].tolist())
-    return raw.decode("utf-8", errors="replace")
+    return vocab.decode_bytes(ids[ids != PAD_ID]).decode("utf-8", errors="replace")
 
 
 @dataclasses.dataclass(eq=False, repr=False)
@@ -229,10 +222,11 @@ class Decoder:
     vocab: Vocab
     max_len: int
     max_new_tokens: int
-    stop: str = END_CALL
+    stop: str | None = None  # None: the vocabulary's layout's END_CALL.
     block: int | None = None
 
     def __post_init__(self) -> None:
+        self.stop = self.stop or self.vocab.layout.END_CALL
         self.stop_VS = jnp.asarray(token_stop_transitions(self.vocab, self.stop))
         self.extend_fn = make_extend_fn(self.graphdef)
         self.decode_fn = make_decode_fn(self.graphdef, self.max_new_tokens)

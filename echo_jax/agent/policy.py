@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 import jax
@@ -20,18 +21,19 @@ from flax import nnx
 from jax.sharding import Sharding
 
 from echo_jax.agent.decoding import Decoder
-from echo_jax.config import Config
-from echo_jax.data import roles
+from echo_jax.config import Config, ModelConfig
+from echo_jax.data import chat, render, roles
 from echo_jax.data.episodes import Episode, Step
+from echo_jax.data.hf_tokenizer import HFVocab
 from echo_jax.data.packing import to_compact
-from echo_jax.data.render import CALL_MARK, END_CALL, Rendered, render_episode
-from echo_jax.data.tokenizer import tokenize_rendered
-from echo_jax.data.vocab import Vocab
+from echo_jax.data.render import Rendered
+from echo_jax.data.vocab import Vocab, load_vocab
+from echo_jax.model.hf_config import read_config
+from echo_jax.model.hf_io import abstract_decoder, is_hf_folder, load_hf
 from echo_jax.model.transformer import Transformer
 from echo_jax.train.run_dir import RunDir
 from echo_jax.train.trainer import init_state, make_optimizer
 
-CALL_KEYS = ("tool_name", "arguments")
 POLICY_KEY = "policy"  # Step key under which the rollout engine stores a generated call's record.
 
 
@@ -39,15 +41,25 @@ class ActionParseError(ValueError):
     """Generated text that is not one well-formed tool call; the message says why."""
 
 
-def parse_action(text: str) -> dict[str, Any]:
+def parse_action(text: str, layout: ModuleType = render) -> dict[str, Any]:
     """Generated call text (up to its closing marker) -> {"tool_name", "arguments"}.
 
-    The format is `render.render_action`'s: one JSON object with a non-empty string tool_name
-    and an object of arguments, then END_CALL. Raises ActionParseError otherwise.
+    The format is the layout's `render_action`: one JSON object with a non-empty string name
+    (`layout.NAME_KEY`) and an object of arguments, then `layout.PARSE_END` (data.render:
+    <|end_call|>; data.chat: Qwen3's </tool_call>). Raises ActionParseError otherwise.
     """
-    end = text.find(END_CALL)
+    return _parse_call(text, layout.PARSE_END, layout.PARSE_END.strip(), layout.NAME_KEY)
+
+
+def parse_chat_action(text: str) -> dict[str, Any]:
+    """`parse_action` in the chat layout (Qwen3's `<tool_call>` JSON)."""
+    return parse_action(text, chat)
+
+
+def _parse_call(text: str, end_mark: str, end_name: str, name_key: str) -> dict[str, Any]:
+    end = text.find(end_mark)
     if end < 0:
-        raise ActionParseError("the call was not closed with <|end_call|>")
+        raise ActionParseError(f"the call was not closed with {end_name}")
     body = text[:end]
     try:
         call = json.loads(body)
@@ -56,12 +68,12 @@ def parse_action(text: str) -> dict[str, Any]:
         raise ActionParseError(why) from None
     if not isinstance(call, dict):
         raise ActionParseError(f"the call must be a JSON object, got {type(call).__name__}")
-    extra = sorted(set(call) - set(CALL_KEYS))
+    extra = sorted(set(call) - {name_key, "arguments"})
     if extra:
         raise ActionParseError(f"the call has unexpected keys {extra}")
-    name, arguments = call.get("tool_name"), call.get("arguments", {})
+    name, arguments = call.get(name_key), call.get("arguments", {})
     if not isinstance(name, str) or not name:
-        raise ActionParseError("the call needs a non-empty string 'tool_name'")
+        raise ActionParseError(f"the call needs a non-empty string {name_key!r}")
     if not isinstance(arguments, dict):
         raise ActionParseError("the call's 'arguments' must be a JSON object")
     return {"tool_name": name, "arguments": arguments}
@@ -101,13 +113,14 @@ def build_prompt(
         reward=0.0,
         source="agent",
     )
-    rendered = render_episode(episode, canonical_json)
+    layout = vocab.layout
+    rendered = layout.render_episode(episode, canonical_json)
     rendered = Rendered(
-        segments=(*rendered.segments, (CALL_MARK, roles.CONTEXT)),
+        segments=(*rendered.segments, (layout.CALL_MARK, roles.CONTEXT)),
         prefix_segments=rendered.prefix_segments,
         step_starts=(*rendered.step_starts, len(rendered.segments)),
     )
-    compact = to_compact(tokenize_rendered(rendered), vocab)
+    compact = to_compact(vocab.tokenize(rendered), vocab)
     ids, n, prefix = compact.ids, compact.ids.size, compact.prefix_len
     if n <= max_prompt_len:
         return ids, False
@@ -127,12 +140,17 @@ def load_run(
     workdir: str | os.PathLike, step: int | None = None, sharding: Sharding | None = None
 ) -> tuple[Config, Vocab, Any, Any, int]:
     """(config, vocab, graphdef, params, checkpoint step) of a training run's latest (or given)
-    checkpoint. Nothing is initialised: the restore template is shapes only, each array laid
-    out by `sharding` if given (a run as several processes: replicated over all of them)."""
+    checkpoint, or of a Hugging Face checkpoint folder (step 0, default run settings). Nothing
+    is initialised: the restore template is shapes only, each array laid out by `sharding` if
+    given (a run as several processes: replicated over all of them)."""
+    if is_hf_folder(workdir):  # A checkpoint folder itself: the run settings' defaults.
+        cfg = Config(model=ModelConfig(hf_path=os.path.abspath(workdir)))
+        _, graphdef, params = load_hf(workdir, cfg.model.dtype, cfg.model.attention, sharding)
+        return cfg, HFVocab(workdir), graphdef, params, 0
     run = RunDir(workdir)
     with open(run.file(RunDir.CONFIG)) as f:
         cfg = Config.from_dict(json.load(f))
-    vocab = Vocab.load(run.file(RunDir.VOCAB))
+    vocab = load_vocab(run.file(RunDir.VOCAB))
     step = run.latest_checkpoint_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{run.checkpoint_dir} holds no checkpoint")
@@ -148,9 +166,16 @@ def load_run(
 
 def _abstract_model(cfg: Config, vocab_size: int) -> tuple[Any, Any]:
     """The model's graph and its parameters' shapes, without running any initialiser."""
+    if cfg.model.hf_path:
+        return abstract_decoder(hf_model_config(cfg), cfg.model.attention)
     abstract = nnx.eval_shape(lambda: Transformer(cfg.model, vocab_size, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     return graphdef, nnx.to_pure_dict(state)
+
+
+def hf_model_config(cfg: Config):
+    """The HFConfig of a run from a checkpoint folder, computing in the run's dtype."""
+    return read_config(cfg.model.hf_path, cfg.model.dtype)
 
 
 def _same_call(parsed: dict[str, Any], step: Step) -> tuple[bool, bool]:
@@ -193,7 +218,8 @@ def tool_call_accuracy(
         gens = decoder.generate(prompts, jax.random.key(0), temperature=0.0)
         for (ep, i), gen in zip(chunk, gens, strict=False):
             try:
-                name_ok, call_ok = _same_call(parse_action(gen.text), ep.steps[i])
+                parsed = parse_action(gen.text, decoder.vocab.layout)
+                name_ok, call_ok = _same_call(parsed, ep.steps[i])
             except ActionParseError:
                 errors += 1
                 continue

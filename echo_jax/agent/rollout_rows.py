@@ -18,18 +18,10 @@ import numpy as np
 from echo_jax.agent.decoding import Generation
 from echo_jax.agent.policy import POLICY_KEY, ActionParseError, parse_action
 from echo_jax.awm.harness import PARSE_ERROR_KEY
-from echo_jax.data import roles
-from echo_jax.data.episodes import WARNING_FIELD
+from echo_jax.data import render, roles
+from echo_jax.data.episodes import ENV_OUTPUT_FIELDS, WARNING_FIELD
 from echo_jax.data.packing import to_compact
-from echo_jax.data.render import (
-    CALL_MARK,
-    FIELD_MARKS,
-    Rendered,
-    render_action,
-    render_observation,
-    render_prefix,
-)
-from echo_jax.data.tokenizer import tokenize_rendered
+from echo_jax.data.render import Rendered
 from echo_jax.data.vocab import Vocab
 
 EPISODE_ROWS = "rows"  # Episode key of the token-exact rows (a list of `RowRecord.as_dict`s).
@@ -37,21 +29,28 @@ EPISODE_ROWS = "rows"  # Episode key of the token-exact rows (a list of `RowReco
 
 # The kind of each observation token, for per-kind env-term weights (RLConfig.weight_*).
 NO_KIND, TOOL_RESULT, TOOL_ERROR, VERIFIER, WARNING_TEXT = range(5)
-_KIND_OF_MARK = {
-    FIELD_MARKS["tool_result"]: TOOL_RESULT,
-    FIELD_MARKS["error"]: TOOL_ERROR,
-    FIELD_MARKS["verify_result"]: VERIFIER,
-    FIELD_MARKS[WARNING_FIELD]: WARNING_TEXT,
+_KIND_OF_FIELD = {
+    "tool_result": TOOL_RESULT,
+    "error": TOOL_ERROR,
+    "verify_result": VERIFIER,
+    WARNING_FIELD: WARNING_TEXT,
 }
 _KINDS = 8  # Roles and kinds travel through the tokenizer as role * _KINDS + kind.
 
 
-def observation_segments(observation: dict[str, Any], canonical_json: bool):
-    """`render_observation`'s segments, each body tagged with its kind: (text, role, kind)."""
-    out, kind = [], NO_KIND
-    for text, role in render_observation(observation, canonical_json):
-        kind = _KIND_OF_MARK.get(text, kind) if role == roles.CONTEXT else kind
-        out.append((text, role, NO_KIND if role == roles.CONTEXT else kind))
+def observation_segments(observation: dict[str, Any], canonical_json: bool, layout=None):
+    """The layout's `render_observation` segments (default data.render's), each body tagged
+    with its kind: (text, role, kind). Both layouts render one body segment per field present,
+    in the order of ENV_OUTPUT_FIELDS then the warning."""
+    layout = layout or render
+    fields = [k for k in (*ENV_OUTPUT_FIELDS, WARNING_FIELD) if observation.get(k) is not None]
+    out, bodies = [], 0
+    for text, role in layout.render_observation(observation, canonical_json):
+        if role == roles.CONTEXT:
+            out.append((text, role, NO_KIND))
+        else:
+            out.append((text, role, _KIND_OF_FIELD[fields[bodies]]))
+            bodies += 1
     return out
 
 
@@ -59,7 +58,7 @@ def segments_to_tokens(segments: Sequence[tuple], vocab: Vocab):
     """(compact ids, roles, kinds) of (text, role[, kind]) segments, tokenized as training
     tokenizes them."""
     tagged = tuple((s[0], s[1] * _KINDS + (s[2] if len(s) > 2 else NO_KIND)) for s in segments)
-    compact = to_compact(tokenize_rendered(Rendered(tagged, 0, ())), vocab)
+    compact = to_compact(vocab.tokenize(Rendered(tagged, 0, ())), vocab)
     tags = compact.roles.astype(np.int32)
     return compact.ids.tolist(), (tags // _KINDS).tolist(), (tags % _KINDS).tolist()
 
@@ -144,12 +143,13 @@ class RecordingPolicy:
         self.slot = slot
         self.request = request
         self.vocab = engine.vocab
+        self.layout = layout = engine.vocab.layout  # data.render or data.chat
         self.canonical = engine.canonical_json
         self.max_new = engine.config.max_new_tokens
         task = engine.worlds[request.scenario].tasks[request.task_idx]
-        prefix, _, _ = segments_to_tokens(render_prefix(task, list(tools)), self.vocab)
+        prefix, _, _ = segments_to_tokens(layout.render_prefix(task, list(tools)), self.vocab)
         self.trace = EpisodeTokens(prefix, engine.decoder.max_len)
-        marker, _, _ = segments_to_tokens([(CALL_MARK, roles.CONTEXT)], self.vocab)
+        marker, _, _ = segments_to_tokens([(layout.CALL_MARK, roles.CONTEXT)], self.vocab)
         if len(prefix) + len(marker) > self.trace.max_len - self.max_new:
             raise ValueError(
                 f"{request.scenario} task {request.task_idx}: the task and tool list take "
@@ -164,23 +164,27 @@ class RecordingPolicy:
 
     def _unread(self, steps: Sequence[dict[str, Any]]) -> list[tuple[str, int]]:
         """Segments of the steps the stream does not hold yet: the last sampled call's
-        observation (after a newline closing an unclosed call), then any call the harness
-        made itself (the forced verify, as CONTEXT) with its observation."""
+        observation (after the layout's `after_call`: a newline closing an unclosed call, or
+        the chat turn's end), then any call the harness made itself (the forced verify, as
+        CONTEXT) with its observation."""
+        layout = self.layout
         segments: list[tuple[str, int]] = []
         for i in range(self.consumed_steps, len(steps)):
             step = steps[i]
             if i >= len(self.records):
                 action = step["action"]
-                text = render_action(action["tool_name"], action.get("arguments", {}))
-                segments += [(CALL_MARK, roles.CONTEXT), (text, roles.CONTEXT)]
-            elif not self.last_text.endswith("\n"):
-                segments.append(("\n", roles.CONTEXT))
-            segments.extend(observation_segments(step["observation"], self.canonical))
+                text = layout.render_action(action["tool_name"], action.get("arguments", {}))
+                segments += [(layout.CALL_MARK, roles.CONTEXT), (text, roles.CONTEXT)]
+            else:
+                text = self.last_text
+            if layout.after_call(text):
+                segments.append((layout.after_call(text), roles.CONTEXT))
+            segments.extend(observation_segments(step["observation"], self.canonical, layout))
         self.consumed_steps = len(steps)
         return segments
 
     def next_action(self, steps: list[dict[str, Any]]) -> dict[str, Any]:
-        segments = [*self._unread(steps), (CALL_MARK, roles.CONTEXT)]
+        segments = [*self._unread(steps), (self.layout.CALL_MARK, roles.CONTEXT)]
         tokens, token_roles, kinds = segments_to_tokens(segments, self.vocab)
         new_row = self.trace.append(tokens, token_roles, kinds, self.trace.max_len - self.max_new)
         self.trace.start_step(self.marker_len)
@@ -194,7 +198,7 @@ class RecordingPolicy:
         self.trace.sampled(gen)
         self.last_text = gen.text
         try:
-            action = parse_action(gen.text)
+            action = parse_action(gen.text, self.layout)
             error = None
         except ActionParseError as e:
             error = str(e)

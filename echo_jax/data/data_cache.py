@@ -78,8 +78,8 @@ def _source_digest() -> str:
 def cache_key(cfg: DataConfig, vocab: Vocab | None) -> str | None:
     """The entry's hex key, or None when caching is off or the inputs cannot be listed (the
     uncached path then reports the problem)."""
-    if not cfg.cache_dir:
-        return None
+    if not cfg.cache_dir or (vocab is not None and not isinstance(vocab, Vocab)):
+        return None  # A checkpoint's own tokenizer (HFVocab): not cached.
     try:
         files = input_files(cfg)
         digests = [(os.path.abspath(p), _file_digest(p)) for p in files]

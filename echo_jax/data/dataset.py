@@ -32,7 +32,8 @@ def load_data_episodes(cfg: DataConfig) -> list[Episode]:
 
 
 def load_packed(cfg: DataConfig, vocab: Vocab | None = None) -> tuple[PackedData, Vocab]:
-    """Packs cfg.paths; builds the vocabulary from them unless one is given (a resumed run's).
+    """Packs cfg.paths; builds the vocabulary from them unless one is given (a resumed run's,
+    or a checkpoint's own: data.hf_tokenizer.HFVocab, whose rows are never cached).
 
     The result is cached under cfg.cache_dir by a hash of the inputs and settings.
     """
@@ -42,7 +43,7 @@ def load_packed(cfg: DataConfig, vocab: Vocab | None = None) -> tuple[PackedData
     episodes = load_data_episodes(cfg)
     if not episodes:
         raise EpisodeError(",".join(cfg.paths), f"<split {cfg.split}>", "holds no episodes")
-    tokenized = tokenize_episodes(episodes, cfg.canonical_json)
+    tokenized = tokenize_episodes(episodes, cfg.canonical_json, vocab)
     if vocab is None and cfg.vocab_size == 0:
         vocab = full_vocab()
     elif vocab is None:

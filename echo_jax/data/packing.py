@@ -66,7 +66,13 @@ class CompactEpisode:
     straddles: int
 
 
-def tokenize_episodes(episodes: Sequence[Episode], canonical_json: bool) -> list[TokenizedEpisode]:
+def tokenize_episodes(
+    episodes: Sequence[Episode], canonical_json: bool, vocab=None
+) -> list[TokenizedEpisode]:
+    """Rendered and tokenized by `vocab`'s layout and tokenizer (data.hf_tokenizer.HFVocab:
+    the chat layout under the checkpoint's tokenizer); None or a compact Vocab: cl100k."""
+    if vocab is not None:
+        return [vocab.tokenize(vocab.layout.render_episode(ep, canonical_json)) for ep in episodes]
     return [tokenize_rendered(render_episode(ep, canonical_json)) for ep in episodes]
 
 

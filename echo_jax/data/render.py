@@ -30,6 +30,10 @@ TASK_MARK = "<|task|>\n"
 TOOLS_MARK = "<|tools|>\n"
 CALL_MARK = "<|call|>\n"
 END_CALL = "\n<|end_call|>\n"
+# What the agent's parser (agent.policy.parse_action) reads: the call's name key, and the
+# marker up to which the call's JSON runs.
+NAME_KEY = "tool_name"
+PARSE_END = END_CALL
 FIELD_MARKS = {
     "tool_result": "<|result|>\n",
     "error": "<|error|>\n",
@@ -53,6 +57,12 @@ def render_action(tool_name: str, arguments: dict[str, Any]) -> str:
     """The text the policy emits for a tool call, closing marker included."""
     call = {"tool_name": tool_name, "arguments": arguments}
     return json.dumps(call, ensure_ascii=False) + END_CALL
+
+
+def after_call(text: str) -> str:
+    """CONTEXT text between a call's generated text and its observation: a newline closing an
+    unclosed call (a closed one ends with END_CALL's)."""
+    return "" if text.endswith("\n") else "\n"
 
 
 def _canonical(text: str) -> str:

@@ -11,10 +11,12 @@ import dataclasses
 import functools
 import json
 import os
+from types import ModuleType
 
 import numpy as np
 
-from echo_jax.data import tokenizer
+from echo_jax.data import render, tokenizer
+from echo_jax.data.render import Rendered
 from echo_jax.util.atomic import atomic_write_text
 
 PAD_ID = 0
@@ -29,6 +31,30 @@ class Vocab:
     @property
     def size(self) -> int:
         return int(self.cl100k_ids.size)
+
+    # --- What the data pipeline, the agent and the decoder ask of a vocabulary; the other one
+    # is data.hf_tokenizer.HFVocab (a checkpoint's own tokenizer). ---
+
+    @property
+    def layout(self) -> ModuleType:
+        """How episodes are rendered as text: data.render's markers."""
+        return render
+
+    def tokenize(self, rendered: Rendered) -> tokenizer.TokenizedEpisode:
+        """cl100k ids and roles of a rendering (`expand` maps them to this vocabulary)."""
+        return tokenizer.tokenize_rendered(rendered)
+
+    def token_byte_table(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(flat bytes, start [V], length [V]) of each compact id's bytes (PAD: none)."""
+        table = tokenizer.byte_table()
+        ids = np.maximum(self.cl100k_ids, 0)
+        length = np.where(self.cl100k_ids >= 0, table.length[ids], 0)
+        return table.flat, table.start[ids], length
+
+    def decode_bytes(self, compact_ids: np.ndarray) -> bytes:
+        ids = np.asarray(compact_ids)
+        ids = ids[ids != PAD_ID]
+        return tokenizer.encoding().decode_bytes(self.cl100k_ids[ids].tolist())
 
     @functools.cached_property
     def lookup(self) -> np.ndarray:
@@ -56,9 +82,7 @@ class Vocab:
 
     def decode(self, compact_ids: np.ndarray) -> str:
         """Text of compact ids, PAD skipped."""
-        ids = np.asarray(compact_ids)
-        ids = ids[ids != PAD_ID]
-        return tokenizer.encoding().decode_bytes(self.cl100k_ids[ids].tolist()).decode("utf-8")
+        return self.decode_bytes(compact_ids).decode("utf-8")
 
     def to_json(self) -> str:
         return json.dumps(
@@ -100,3 +124,14 @@ def full_vocab() -> Vocab:
     singles = tokenizer.byte_table().single_byte_ids
     rest = np.setdiff1d(np.arange(n_vocab, dtype=np.int32), singles)
     return Vocab(np.concatenate([[-1], singles, rest]).astype(np.int32))
+
+
+def load_vocab(path: str | os.PathLike):
+    """A run's saved vocabulary: a compact Vocab, or the HFVocab of the checkpoint it names."""
+    with open(path) as f:
+        data = json.load(f)
+    if "hf_path" in data:
+        from echo_jax.data.hf_tokenizer import HFVocab
+
+        return HFVocab(data["hf_path"], data["size"])
+    return Vocab.load(path)

@@ -14,11 +14,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from echo_jax.config import Config, LossConfig, TrainConfig, pick, validate
+from echo_jax.config import Config, ConfigError, LossConfig, TrainConfig, pick, validate
 from echo_jax.data import roles
 from echo_jax.data.dataset import load_packed
+from echo_jax.data.hf_tokenizer import HFVocab
 from echo_jax.data.packing import PackedData
-from echo_jax.data.vocab import Vocab
+from echo_jax.data.vocab import load_vocab
+from echo_jax.model.hf_config import read_config
+from echo_jax.model.hf_io import load_hf, save_hf
 from echo_jax.model.transformer import Transformer
 from echo_jax.objective.batch import Batch, batch_rows
 from echo_jax.objective.fused_loss import model_loss
@@ -32,6 +35,9 @@ class TrainState(NamedTuple):
     step: jax.Array  # int32 scalar: optimiser updates applied
     params: Any  # pure-dict pytree of the model's parameters
     opt_state: Any
+
+
+HF_EXPORT = "hf"  # Run subfolder of the trained model in the HF format (cfg.model.hf_path).
 
 
 class TrainingDiverged(RuntimeError):
@@ -60,7 +66,15 @@ def make_optimizer(
 
 
 def init_model(cfg: Config, vocab_size: int, seed: int) -> tuple[nnx.GraphDef, Any]:
-    """The model's static graph and its parameters as a pure dict (what optax and orbax see)."""
+    """The model's static graph and its parameters as a pure dict (what optax and orbax see):
+    the checkpoint's (cfg.model.hf_path, computing in cfg.model.dtype), else freshly
+    initialised from `seed`."""
+    if cfg.model.hf_path:
+        hf_cfg, graphdef, params = load_hf(cfg.model.hf_path, cfg.model.dtype, cfg.model.attention)
+        if hf_cfg.vocab_size != vocab_size:
+            raise ConfigError(f"{cfg.model.hf_path}: vocab_size {hf_cfg.vocab_size}, but the "
+                              f"run's vocabulary has {vocab_size} ids")  # fmt: skip
+        return graphdef, params
     model = Transformer(cfg.model, vocab_size, rngs=nnx.Rngs(seed))
     graphdef, state = nnx.split(model)
     return graphdef, nnx.to_pure_dict(state)
@@ -295,6 +309,11 @@ def train(
             if saves_at(step):
                 run.save(state, step, {"data_position": step * b, "seed": tcfg.seed})
     wall = time.perf_counter() - t_start
+    if cfg.model.hf_path and distributed.is_primary():  # Back out in the checkpoint's format.
+        hf_cfg = read_config(cfg.model.hf_path)
+        save_hf(os.path.join(run.path, HF_EXPORT), hf_cfg, distributed.to_host(state.params),
+                source=cfg.model.hf_path)  # fmt: skip
+        log(f"saved the trained model as a checkpoint folder: {run.path}/{HF_EXPORT}")
     summary = {
         "steps": tcfg.steps,
         "resumed_from": start,
@@ -333,10 +352,15 @@ def run_experiment(cfg: Config, workdir: str, resume: bool = False, log=print) -
     data_parallel(cfg.train.batch_size)  # A batch the devices cannot split fails here, early.
     run = RunDir.open(workdir, cfg, resume)
     vocab_path = run.file(RunDir.VOCAB)
-    saved_vocab = Vocab.load(vocab_path) if os.path.exists(vocab_path) else None
+    if os.path.exists(vocab_path):
+        saved_vocab = load_vocab(vocab_path)
+    elif cfg.model.hf_path:
+        saved_vocab = HFVocab(cfg.model.hf_path)  # The checkpoint's own tokenizer.
+    else:
+        saved_vocab = None
     data, vocab = load_packed(cfg.data, saved_vocab)
     run.claim()
-    if saved_vocab is None and primary:
+    if not os.path.exists(vocab_path) and primary:
         vocab.save(vocab_path)
     stats = data.stats.as_dict()
     log(

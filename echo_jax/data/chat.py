@@ -1,0 +1,113 @@
+"""An episode rendered as a Qwen-style chat with tool calls, as role-tagged segments.
+
+The text is exactly what the checkpoint's chat template (tests/fixtures/hf/tiny-qwen3's
+chat_template.jinja, the layout of Qwen2.5/Qwen3's tool calls without thinking blocks) makes of
+the episode's messages: a system turn listing the tools, the task as the user turn, each call
+as an assistant turn holding `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`, and
+each observation's fields as `<tool_response>` blocks of one user turn. Building the text here,
+segment by segment, is what gives every character its role exactly (a template engine gives
+only the whole string); tests/test_hf_chat.py checks the text against `transformers`' rendering.
+
+Roles: the call's JSON and its closing `</tool_call>` are ACTION (the model writes them and
+stops there); tool results, errors and verifier output are ENV_OUTPUT, harness warnings
+WARNING; every piece of template scaffolding (turn markers, tags, the tool list) is CONTEXT.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from echo_jax.data import roles
+from echo_jax.data.episodes import ENV_OUTPUT_FIELDS, WARNING_FIELD, Episode
+from echo_jax.data.render import Rendered, _field_text
+
+SYSTEM_HEAD = (
+    "<|im_start|>system\n# Tools\n\nYou may call one or more functions to assist with the user "
+    "query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n"
+    "<tools>"
+)
+SYSTEM_TAIL = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and "
+    "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
+)
+CALL_MARK = "<|im_start|>assistant\n<tool_call>\n"  # The prompt ends here; the model writes on.
+END_CALL = "\n</tool_call>"  # Closes the ACTION: where generation stops.
+END_TURN = "<|im_end|>\n"
+TOOL_TURN = "<|im_start|>user"
+RESPONSE_OPEN = "\n<tool_response>\n"
+RESPONSE_CLOSE = "</tool_response>"
+NAME_KEY = "name"  # agent.policy.parse_action reads {"name", "arguments"} ...
+PARSE_END = "</tool_call>"  # ... up to the closing tag.
+
+
+def render_tool(name: str) -> str:
+    return json.dumps({"type": "function", "function": {"name": name}}, ensure_ascii=False)
+
+
+def render_action(tool_name: str, arguments: dict[str, Any]) -> str:
+    """The text the policy emits for a call, closing tag included (ACTION)."""
+    call = {"name": tool_name, "arguments": arguments}
+    return json.dumps(call, ensure_ascii=False) + END_CALL
+
+
+def after_call(text: str) -> str:
+    """CONTEXT text between a call's generated text and its observation: the turn's end."""
+    return END_TURN
+
+
+def render_prefix(task: str, tools: Sequence[str]) -> list[tuple[str, int]]:
+    """The CONTEXT prefix every row starts with: the tool list, then the task."""
+    tool_lines = "".join("\n" + render_tool(name) for name in tools)
+    return [
+        (SYSTEM_HEAD + tool_lines + SYSTEM_TAIL, roles.CONTEXT),
+        ("<|im_start|>user\n" + task + END_TURN, roles.CONTEXT),
+    ]
+
+
+def render_observation(observation: dict[str, Any], canonical_json: bool = False):
+    """One user turn of `<tool_response>` blocks: world output first, harness warning last."""
+    segments: list[tuple[str, int]] = []
+    for key in (*ENV_OUTPUT_FIELDS, WARNING_FIELD):
+        value = observation.get(key)
+        if value is None:
+            continue
+        role = roles.WARNING if key == WARNING_FIELD else roles.ENV_OUTPUT
+        opener = (TOOL_TURN if not segments else "") + RESPONSE_OPEN
+        segments.append((opener, roles.CONTEXT))
+        # The newline before the closing tag belongs to the body: the pre-tokeniser joins a
+        # trailing punctuation run with the newlines after it ("}\n"), so it must not straddle.
+        segments.append((_field_text(key, value, canonical_json) + "\n", role))
+        segments.append((RESPONSE_CLOSE, roles.CONTEXT))
+    if segments:
+        segments.append((END_TURN, roles.CONTEXT))
+    return segments
+
+
+def render_chat(
+    episode: Episode,
+    canonical_json: bool = False,
+    actions: Sequence[Sequence[tuple[str, int]] | None] | None = None,
+) -> Rendered:
+    """`render.render_episode` in the chat layout; `actions` as there (the generated text)."""
+    if actions is not None and len(actions) != len(episode.steps):
+        raise ValueError(f"{len(actions)} action overrides for {len(episode.steps)} steps")
+    segments = render_prefix(episode.task, episode.tools)
+    prefix_segments = len(segments)
+    step_starts = []
+    for i, step in enumerate(episode.steps):
+        step_starts.append(len(segments))
+        segments.append((CALL_MARK, roles.CONTEXT))
+        override = actions[i] if actions is not None else None
+        if override is None:
+            segments.append((render_action(step.tool_name, step.arguments), roles.ACTION))
+        else:
+            segments.extend(override)
+        segments.append((END_TURN, roles.CONTEXT))
+        segments.extend(render_observation(step.observation, canonical_json))
+    return Rendered(tuple(segments), prefix_segments, tuple(step_starts))
+
+
+render_episode = render_chat  # The name both layouts give it (data.render is the other).
