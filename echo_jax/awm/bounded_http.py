@@ -20,15 +20,25 @@ import urllib.parse
 from dataclasses import dataclass
 
 _READ_PIECE = 1 << 16
+# What a request on a connection the server has closed meets, before any reply byte.
+_CLOSED = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
+# A kept-alive connection idle longer than this is not reused: servers close idle ones (uvicorn
+# after 5 s), and a request sent as the server closes is lost with the connection.
+REUSE_IDLE_S = 2.0
 
 
 class ReplyFailed(RuntimeError):
     """No whole reply within the deadline and the size cap."""
 
-    def __init__(self, why: str, *, never_sent: bool = False, timed_out: bool = False):
+    def __init__(
+        self, why: str, *, never_sent: bool = False, timed_out: bool = False, closed: bool = False
+    ):
         super().__init__(why)
         self.never_sent = never_sent
         self.timed_out = timed_out
+        self.closed = closed  # The server closed the connection before any reply.
 
 
 @dataclass(frozen=True)
@@ -63,25 +73,44 @@ class BoundedHttp:
         self._path = parts.path or "/"
         self.max_reply_bytes = max_reply_bytes
         self._idle: http.client.HTTPConnection | None = None
+        self._idle_since = 0.0
         self._lock = threading.Lock()
 
     def post(self, body: bytes, headers: dict[str, str], timeout_s: float) -> Reply:
+        """One request and its whole reply. A kept-alive connection the server closed just as
+        the request went out (no reply byte came back) is retried once on a new connection,
+        within the same deadline: the server closes only idle connections, so it never saw
+        the request."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
-            connection, self._idle = self._idle, None
-        if connection is not None and _dropped(connection):
+            connection, idle_since, self._idle = self._idle, self._idle_since, None
+        fresh = (
+            connection is None
+            or time.monotonic() - idle_since > REUSE_IDLE_S
+            or _dropped(connection)
+        )
+        if fresh and connection is not None:
             connection.close()
-            connection = None
-        if connection is None:
+        if fresh:
             connection = http.client.HTTPConnection(self._host, self._port, timeout=timeout_s)
         try:
             reply = self._exchange(connection, body, headers, deadline, timeout_s)
+        except ReplyFailed as error:
+            connection.close()
+            if fresh or not error.closed:
+                raise
+            connection = http.client.HTTPConnection(self._host, self._port, timeout=timeout_s)
+            try:
+                reply = self._exchange(connection, body, headers, deadline, timeout_s)
+            except BaseException:
+                connection.close()
+                raise
         except BaseException:
             connection.close()
             raise
         with self._lock:
             if self._idle is None and reply.headers.get("connection") != "close":
-                connection, self._idle = None, connection
+                connection, self._idle, self._idle_since = None, connection, time.monotonic()
         if connection is not None:
             connection.close()
         return reply
@@ -105,9 +134,11 @@ class BoundedHttp:
         watchdog = threading.Timer(max(deadline - time.monotonic(), 0.0), cut_off)
         watchdog.daemon = True
         watchdog.start()
+        answered = False  # Whether a status line came back.
         try:
             connection.request("POST", self._path, body=body, headers=headers)
             response = connection.getresponse()
+            answered = True
             reply = Reply(
                 response.status,
                 {name.lower(): value for name, value in response.getheaders()},
@@ -121,7 +152,8 @@ class BoundedHttp:
         except (OSError, http.client.HTTPException, ValueError) as error:
             if expired.is_set() or isinstance(error, TimeoutError):
                 raise ReplyFailed(f"no whole reply within {timeout_s:g}s", timed_out=True) from None
-            raise ReplyFailed(f"broken reply: {error!r}") from None
+            closed = isinstance(error, _CLOSED) and not answered
+            raise ReplyFailed(f"broken reply: {error!r}", closed=closed) from None
         finally:
             watchdog.cancel()
 
