@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from echo_jax.awm.capped_tmpfs import owned_mounts
 from echo_jax.awm.mcp_client import McpClient, WorldUnavailable
 from echo_jax.awm.warm_verifier import VerifierPool
 from echo_jax.awm.world_format import WorldFormatError, load_worlds
@@ -47,8 +48,10 @@ def canary(tmp_path_factory):
 def guard(canary):
     """The checks after every attack."""
     before_files, before_children = snapshot(canary), descendants()
+    before_mounts = set(owned_mounts())
     yield canary
     assert snapshot(canary) == before_files
+    assert set(owned_mounts()) <= before_mounts  # Every tmpfs mounted for it is gone.
     assert settle(lambda: not marked_processes()), marked_processes()
     assert settle(lambda: descendants() <= before_children), descendants() - before_children
 
@@ -494,3 +497,73 @@ def test_a_server_fills_only_its_own_capped_folder(guard):
         WorldServer(hostile, ServerLimits(folder_bytes=8 << 20)).start()
     written = [line for line in str(raised.value).splitlines() if line.startswith("written")]
     assert written and int(written[0].split()[1]) <= 8 << 20
+
+
+INODE_FLOOD = """
+made, why = 0, 'none'
+for i in B['range'](20000):
+    try:
+        B['open'](f'/tmp/f{i}', 'w').close()
+        made += 1
+    except OSError as error:
+        why = B['__import__']('errno').errorcode[error.errno]
+        break
+probe('made', lambda: made)
+probe('why', lambda: why)
+probe('dev', lambda: B['open']('/dev/f', 'w') and 'opened')
+"""
+
+
+def test_an_inode_flood_stops_at_the_tmpfs_cap(verify, guard, dbs):
+    """Empty files cost no bytes: only nr_inodes (`capped_tmpfs`) stops them."""
+    from echo_jax.awm import sandbox
+
+    started = time.monotonic()
+    flood = _found(verify(_hostile_verifier(INODE_FLOOD), *dbs))
+    assert flood["why"] == "ENOSPC" and flood["made"] < sandbox.VERIFIER_TMP_INODES, flood
+    assert flood["dev"] == "failed: OSError"  # /dev is read-only: no second tmpfs to fill.
+    assert verify(HONEST_VERIFIER, *dbs)["result"] == "complete"
+    assert time.monotonic() - started < 10
+
+
+SERVER_INODE_FLOOD = r"""
+import os
+here = os.path.dirname(os.environ["DATABASE_PATH"].removeprefix("sqlite:///"))
+for folder in (here, "/tmp", "/dev"):
+    made, why = 0, "none"
+    for i in range(20000):
+        try:
+            open(os.path.join(folder, f"f{i}"), "w").close()
+            made += 1
+        except OSError as error:
+            why = type(error).__name__
+            break
+    print("made", folder == here and "folder" or folder, made, why, flush=True)
+raise SystemExit('attack done')
+"""
+
+
+def test_a_server_inode_flood_stops_at_its_caps(guard, monkeypatch):
+    import dataclasses
+
+    from echo_jax.awm import sandbox
+    from echo_jax.awm.world_server import ServerLimits, WorldServer, WorldServerError
+
+    monkeypatch.setattr(sandbox, "SERVER_TMP_INODES", 1000)
+    world = load_worlds(TINY)["tiny_shop"]
+    hostile = dataclasses.replace(world, full_code=SERVER_INODE_FLOOD + world.full_code)
+    started = time.monotonic()
+    with pytest.raises(WorldServerError, match="attack done") as raised:
+        WorldServer(hostile, ServerLimits(folder_inodes=1000)).start()
+    made = {
+        line.split()[1]: (int(line.split()[2]), line.split()[3])
+        for line in str(raised.value).splitlines()
+        if line.startswith("made ")
+    }
+    assert made["folder"][0] < 1000 and made["folder"][1] == "OSError", made
+    assert made["/tmp"][0] < 1000 and made["/tmp"][1] == "OSError", made
+    assert made["/dev"][0] == 0, made
+    with WorldServer(world) as server, McpClient(server.mcp_url, timeout_s=5) as client:
+        client.initialize()
+        assert not client.call_tool("create_order", {"item_id": 1, "quantity": 2}).is_error
+    assert time.monotonic() - started < 20
