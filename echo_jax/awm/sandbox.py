@@ -229,8 +229,16 @@ def _isolated(binary: str, tmp: list[str], seccomp_fd: int) -> list[str]:
     bind, since a later mount covers an earlier one: a Python install under /tmp must stay
     visible."""
     return [binary, *_COMMON, "--seccomp", str(seccomp_fd), "--unshare-net", "--proc", "/proc",
-            "--dev", "/dev", *tmp]  # fmt: skip
+            *PID_1_MASK, "--dev", "/dev", *tmp]  # fmt: skip
 
+
+# bwrap's PID 1 in the sandbox stays dumpable by the sandbox's user (bubblewrap issue 367): code
+# inside could write its memory through /proc/1/mem (FOLL_FORCE writes its code too), take it
+# over and keep the sandbox alive past its end. /dev/null bound read-only over both paths to
+# that file (bwrap mounts /proc while it is PID 1 itself) leaves nothing to write; ptrace and
+# process_vm_writev are refused by the filter, and mount/umount too.
+PID_1_MASK = ("--ro-bind", "/dev/null", "/proc/1/mem", "--ro-bind", "/dev/null",
+              "/proc/1/task/1/mem")  # fmt: skip
 
 _SANDBOX_ENV = ("--setenv", "PATH", os.defpath, "--setenv", "LANG", "C.UTF-8",
                 "--setenv", "HOME", "/tmp", "--chdir", "/tmp")  # fmt: skip

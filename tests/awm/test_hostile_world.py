@@ -347,6 +347,11 @@ tried('process_vm_readv', lambda: libc.process_vm_readv(1, 0, 0, 0, 0, 0))
 tried('shmget', lambda: libc.shmget(0, 4096, 0o1000 | 0o600))
 tried('keyctl', lambda: libc.syscall(250, 0, -3, 0, 0))  # the session keyring
 tried('unshare', lambda: libc.unshare(0x10000000))
+try:
+    open('/proc/1/mem', 'r+b')
+    print('pid 1 mem opened', flush=True)
+except OSError as error:
+    print('pid 1 mem', type(error).__name__, flush=True)
 raise SystemExit('attack done')
 """
 
@@ -365,6 +370,7 @@ def test_ptrace_shared_memory_keyrings_and_namespaces_are_refused_inside(guard):
     assert lines == dict.fromkeys(
         ["ptrace", "process_vm_readv", "shmget", "keyctl", "unshare"], eperm
     )
+    assert "pid 1 mem PermissionError" in str(raised.value)  # `sandbox.PID_1_MASK`
 
 
 def _hostile_verifier(body: str) -> str:
@@ -567,3 +573,19 @@ def test_a_server_inode_flood_stops_at_its_caps(guard, monkeypatch):
         client.initialize()
         assert not client.call_tool("create_order", {"item_id": 1, "quantity": 2}).is_error
     assert time.monotonic() - started < 20
+
+
+REACH_PID_1 = """
+probe('mem', lambda: B['open']('/proc/1/mem', 'r+b') and 'opened')
+probe('task', lambda: B['open']('/proc/1/task/1/mem', 'r+b') and 'opened')
+probe('read', lambda: B['open']('/proc/1/mem', 'rb').read(16).hex())
+"""
+
+
+def test_bwraps_pid_1_memory_cannot_be_opened_for_writing(verify, guard, dbs):
+    """/proc/1/mem of bwrap's PID 1 is /dev/null bound read-only and without devices
+    (`sandbox.PID_1_MASK`): it opens neither for writing nor for reading."""
+    reached = _found(verify(_hostile_verifier(REACH_PID_1), *dbs))
+    assert reached == {"mem": "failed: PermissionError", "task": "failed: PermissionError",
+                       "read": "failed: PermissionError"}  # fmt: skip
+    assert verify(HONEST_VERIFIER, *dbs)["result"] == "complete"
