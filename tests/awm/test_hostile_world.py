@@ -575,6 +575,54 @@ def test_a_server_inode_flood_stops_at_its_caps(guard, monkeypatch):
     assert time.monotonic() - started < 20
 
 
+# A verifier that takes over bwrap's PID 1 through /proc/1/mem: its code after the wait4 that
+# waits for the verifier becomes prctl(PR_SET_PDEATHSIG, 0); setsid(); for (;;) pause(); so PID 1
+# outlives the verifier, leaves the host's process group and survives its parent, and with it
+# the sandbox and a child that left the group too (x86-64 machine code).
+PID_1_TAKEOVER = f"""
+Time = B['__import__']('time')
+if os['fork']() == 0:
+    os['setsid']()
+    B['open']('/proc/self/comm', 'w').write('{MARKER}')
+    Time.sleep(3600)
+    os['_exit'](0)
+pc = B['int'](B['open']('/proc/1/syscall').read().split()[-1], 16)
+code = B['bytes'].fromhex('bf01000000 31f6 b89d000000 0f05 b870000000 0f05 b822000000 0f05 ebf7')
+mem = B['open']('/proc/1/mem', 'r+b', buffering=0)
+mem.seek(pc)
+probe('wrote', lambda: mem.write(code))
+"""
+
+x86_64_only = pytest.mark.skipif(
+    __import__("platform").machine() != "x86_64", reason="the takeover is x86-64 machine code"
+)
+
+
+@x86_64_only
+def test_the_cgroup_kill_ends_a_sandbox_that_outlives_its_pid_1_teardown(guard, dbs, monkeypatch):
+    """Without a PID 1 of its own, nothing in a sandbox outlives bwrap's PID 1 (the kernel kills
+    a PID namespace with it). With PID 1 taken over (its /proc/1/mem mask removed here, as
+    another way in would), only the cgroup's kill ends the sandbox."""
+    from echo_jax.awm import sandbox
+    from echo_jax.awm.cgroup import SandboxCgroup
+    from echo_jax.awm.verifier import VerifierLimits, run_verifier
+
+    probe = SandboxCgroup.create("a test", 16, 64 << 20)
+    if probe is None:
+        pytest.skip("no cgroup here (not root)")
+    probe.kill()
+    monkeypatch.setattr(sandbox, "PID_1_MASK", ())
+    started = time.monotonic()
+    outcome = run_verifier(_hostile_verifier(PID_1_TAKEOVER), *dbs, None,
+                           VerifierLimits(timeout_s=1.0))  # fmt: skip
+    assert outcome["execution_status"] == "timeout", (
+        outcome
+    )  # PID 1 never reported the verifier's end.
+    assert not marked_processes()  # Gone when run_verifier returned: the cgroup was killed.
+    assert run_verifier(HONEST_VERIFIER, *dbs)["result"] == "complete"
+    assert time.monotonic() - started < 10
+
+
 REACH_PID_1 = """
 probe('mem', lambda: B['open']('/proc/1/mem', 'r+b') and 'opened')
 probe('task', lambda: B['open']('/proc/1/task/1/mem', 'r+b') and 'opened')
