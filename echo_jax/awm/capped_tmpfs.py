@@ -49,12 +49,16 @@ def _umount(path: str) -> bool:
     return _libc.umount2(os.fsencode(path), _MNT_DETACH) == 0
 
 
-def _sweep() -> None:
-    """Detach the capped tmpfs mounts of earlier host processes that are gone."""
+def sweep() -> None:
+    """Detach the capped tmpfs mounts of host processes that are gone (a killed host leaves
+    them), and remove the folders they made for them."""
     for point, source in _mounts():
         owner = source[len(_PREFIX) :] if source.startswith(_PREFIX) else ""
         if owner.isdigit() and not Path(f"/proc/{owner}").exists():
             _umount(point)
+            if os.path.basename(point).startswith(_PREFIX):
+                with contextlib.suppress(OSError):
+                    os.rmdir(point)
 
 
 class CappedTmpfs:
@@ -73,7 +77,7 @@ class CappedTmpfs:
         a new folder in `parent`; None, with a warning once, where mounting is refused."""
         number = next(_names)
         if number == 0:
-            _sweep()
+            sweep()
         made = at is None
         path = Path(at) if at is not None else Path(parent) / f"{_PREFIX}{os.getpid()}_{number}"
         if made:
