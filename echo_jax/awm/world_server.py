@@ -144,8 +144,9 @@ class WorldServer:
     @property
     def folder(self) -> Path:
         """The one folder the server can write (its database, scratch, HOME). Under the sandbox
-        it is a tmpfs of the sandbox's own mounted at this path (the host's folder stays empty);
-        the host opens nothing in it either way."""
+        it is a tmpfs mounted at this path while the server runs: by the host where it may mount
+        (`capped_tmpfs`: then the host sees its files here too), else by bwrap in the sandbox
+        only; the host opens nothing in it either way."""
         return self._require_dir() / "world"
 
     @property

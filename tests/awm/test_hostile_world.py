@@ -532,6 +532,24 @@ def test_an_inode_flood_stops_at_the_tmpfs_cap(verify, guard, dbs):
     assert time.monotonic() - started < 10
 
 
+def test_where_mounting_is_refused_a_tmpfs_is_capped_in_size_only_and_says_so(
+    guard, dbs, monkeypatch, caplog
+):
+    """Without root the host cannot mount: bwrap's own tmpfs (bytes capped), and a warning."""
+    from echo_jax.awm import capped_tmpfs
+    from echo_jax.awm.verifier import run_verifier
+
+    class Refusing:
+        @staticmethod
+        def mount(*args):
+            return -1
+
+    monkeypatch.setattr(capped_tmpfs, "_libc", Refusing)
+    monkeypatch.setattr(capped_tmpfs, "_warned", [])
+    assert run_verifier(HONEST_VERIFIER, *dbs)["result"] == "complete"
+    assert "gets a tmpfs capped in size only, not in inodes" in caplog.text
+
+
 SERVER_INODE_FLOOD = r"""
 import os
 here = os.path.dirname(os.environ["DATABASE_PATH"].removeprefix("sqlite:///"))
