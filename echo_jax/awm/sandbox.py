@@ -8,7 +8,8 @@ session (no controlling terminal), a parent-death kill, and a seccomp filter
 own (`cgroup`).
 
 * A verifier (`verifier_argv`) gets a private network namespace (no network at all), a private
-  PID namespace, a private 16 MB tmpfs as /tmp, and read-only binds of nothing but the folders
+  PID namespace, a private 16 MB tmpfs as /tmp (capped in inodes where the host mounted it:
+  `capped_tmpfs`), a read-only /dev, and read-only binds of nothing but the folders
   the Python interpreter loads its libraries from, the standard library (its site-packages
   hidden) and its two database copies. Its payload comes on stdin and its result goes to an
   inherited file descriptor, so neither is a file it can see.
@@ -38,12 +39,16 @@ import sys
 import sysconfig
 import threading
 
-from echo_jax.awm import seccomp_filter
+from echo_jax.awm import capped_tmpfs, seccomp_filter
+from echo_jax.awm.capped_tmpfs import CappedTmpfs
 
 MODE_ENV = "ECHO_JAX_SANDBOX"
 PROCESS_ONLY = "process"
 VERIFIER_TMP_BYTES = 16 << 20
 SERVER_TMP_BYTES = 1 << 30
+# Each writable tmpfs is capped in inodes too (`capped_tmpfs`): files without content.
+VERIFIER_TMP_INODES = 4096
+SERVER_TMP_INODES = 65536
 VERIFIER_COMMAND_LENGTH = 5  # python -I -S runner fd, at the end of verifier_argv
 WORKER_COMMAND_LENGTH = 5  # python -I -S worker fd, at the end of worker_argv
 SANDBOX_INITIAL_DB = "/db/initial.db"
@@ -218,34 +223,47 @@ def _hidden_site_packages(folders) -> list[str]:
     return sorted(set(args), key=args.index)
 
 
-def _isolated(binary: str, tmp_bytes: int, seccomp_fd: int) -> list[str]:
+def _isolated(binary: str, tmp: list[str], seccomp_fd: int) -> list[str]:
     """The namespaces, the seccomp filter (`seccomp_filter`, read by bwrap from `seccomp_fd`),
-    /proc, /dev and a private /tmp. They come before any bind, since a later mount covers an
-    earlier one: a Python install under /tmp must stay visible."""
+    /proc, /dev and a private /tmp (`tmp`: `capped_tmpfs.bwrap_args`). They come before any
+    bind, since a later mount covers an earlier one: a Python install under /tmp must stay
+    visible."""
     return [binary, *_COMMON, "--seccomp", str(seccomp_fd), "--unshare-net", "--proc", "/proc",
-            "--dev", "/dev", "--size", str(tmp_bytes), "--tmpfs", "/tmp"]  # fmt: skip
+            *PID_1_MASK, "--dev", "/dev", *tmp]  # fmt: skip
 
+
+# bwrap's PID 1 in the sandbox stays dumpable by the sandbox's user (bubblewrap issue 367): code
+# inside could write its memory through /proc/1/mem (FOLL_FORCE writes its code too), take it
+# over and keep the sandbox alive past its end. /dev/null bound read-only over both paths to
+# that file (bwrap mounts /proc while it is PID 1 itself) leaves nothing to write; ptrace and
+# process_vm_writev are refused by the filter, and mount/umount too.
+PID_1_MASK = ("--ro-bind", "/dev/null", "/proc/1/mem", "--ro-bind", "/dev/null",
+              "/proc/1/task/1/mem")  # fmt: skip
 
 _SANDBOX_ENV = ("--setenv", "PATH", os.defpath, "--setenv", "LANG", "C.UTF-8",
                 "--setenv", "HOME", "/tmp", "--chdir", "/tmp")  # fmt: skip
 
 
-def _verifier_wall(binary: str, imports: str, seccomp_fd: int) -> list[str]:
+def _verifier_wall(
+    binary: str, imports: str, seccomp_fd: int, tmp: CappedTmpfs | None
+) -> list[str]:
     with _lock:
         folders = _verifier_folders(imports)
     return [
-        *_isolated(binary, VERIFIER_TMP_BYTES, seccomp_fd),
+        *_isolated(binary, capped_tmpfs.bwrap_args(tmp, VERIFIER_TMP_BYTES, "/tmp"), seccomp_fd),
         *_links_and_binds(folders),
         *_hidden_site_packages(folders),
     ]
 
 
 def verifier_argv(
-    binary: str, runner: str, initial_db: str, final_db: str, result_fd: int, seccomp_fd: int
-) -> list[str]:
-    """bwrap command line running `runner` on the two databases, seen at /db/initial.db etc."""
+    binary: str, runner: str, initial_db: str, final_db: str, result_fd: int, seccomp_fd: int,
+    tmp: CappedTmpfs | None = None,
+) -> list[str]:  # fmt: skip
+    """bwrap command line running `runner` on the two databases, seen at /db/initial.db etc.;
+    `tmp` its /tmp (`capped_tmpfs`; None: bwrap's own, capped in size only)."""
     return [
-        *_verifier_wall(binary, _VERIFIER_IMPORTS, seccomp_fd),
+        *_verifier_wall(binary, _VERIFIER_IMPORTS, seccomp_fd, tmp),
         "--ro-bind",
         initial_db,
         SANDBOX_INITIAL_DB,
@@ -257,6 +275,8 @@ def verifier_argv(
         "/sandbox/verifier_runner.py",
         "--remount-ro",
         "/",
+        "--remount-ro",  # Its /tmp is the one place it can write: a tmpfs capped in inodes.
+        "/dev",
         *_SANDBOX_ENV,
         base_python(),
         "-I",
@@ -267,12 +287,13 @@ def verifier_argv(
 
 
 def worker_argv(
-    binary: str, runner: str, worker: str, requests_dir: str, response_fd: int, seccomp_fd: int
-) -> list[str]:
+    binary: str, runner: str, worker: str, requests_dir: str, response_fd: int, seccomp_fd: int,
+    tmp: CappedTmpfs | None = None,
+) -> list[str]:  # fmt: skip
     """bwrap command line of a warm verifier worker (`verifier_worker`): a verifier's wall, with
     the host's request folders (each request's two databases) read-only at /sandbox/requests."""
     return [
-        *_verifier_wall(binary, _WORKER_IMPORTS, seccomp_fd),
+        *_verifier_wall(binary, _WORKER_IMPORTS, seccomp_fd, tmp),
         "--ro-bind",
         requests_dir,
         "/sandbox/requests",
@@ -313,20 +334,23 @@ def server_argv(
     seccomp_fd: int,
     folder_bytes: int,
     extra_ro=(),
+    tmp: CappedTmpfs | None = None,
+    folder_tmpfs: CappedTmpfs | None = None,
 ) -> list[str]:
-    """bwrap command line running a world server: `folder` a writable tmpfs (empty at start),
-    no network of its own."""
+    """bwrap command line running a world server: `folder` a writable tmpfs (empty at start;
+    `folder_tmpfs`, or bwrap's own of `folder_bytes`), /tmp another (`tmp`), no network of its
+    own."""
     setenv = [arg for key, value in env.items() for arg in ("--setenv", key, value)]
     binds = _links_and_binds([*_server_folders(), *extra_ro])
     return [
-        *_isolated(binary, SERVER_TMP_BYTES, seccomp_fd),
+        *_isolated(binary, capped_tmpfs.bwrap_args(tmp, SERVER_TMP_BYTES, "/tmp"), seccomp_fd),
         *binds,
-        "--size",  # Its folder: a tmpfs of its own, so the disk it can fill is capped.
-        str(folder_bytes),
-        "--tmpfs",
-        folder,
+        # Its folder: a tmpfs of its own, so the disk (and inodes) it can fill are capped.
+        *capped_tmpfs.bwrap_args(folder_tmpfs, folder_bytes, folder),
         "--remount-ro",
         "/",
+        "--remount-ro",
+        "/dev",
         *setenv,
         "--chdir",
         folder,

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from echo_jax.awm import sandbox, seccomp_filter, verifier_runner
+from echo_jax.awm.capped_tmpfs import CappedTmpfs
 from echo_jax.awm.cgroup import SandboxCgroup
 from echo_jax.awm.child_process import (
     ChildLimits,
@@ -205,8 +206,18 @@ def run_verifier(
             else:
                 seccomp_fd = files.enter_context(open(seccomp_filter.bpf_fd(), "rb")).fileno()
                 pass_fds.append(seccomp_fd)
+                scratch = CappedTmpfs.create("a verifier", sandbox.VERIFIER_TMP_BYTES,
+                                         sandbox.VERIFIER_TMP_INODES, parent=folder)  # fmt: skip
+                if scratch is not None:  # Unmounted after the cgroup's kill (a callback below).
+                    files.callback(scratch.close)
                 inner = sandbox.verifier_argv(
-                    binary, verifier_runner.__file__, str(initial), str(final), fd, seccomp_fd
+                    binary,
+                    verifier_runner.__file__,
+                    str(initial),
+                    str(final),
+                    fd,
+                    seccomp_fd,
+                    scratch,
                 )
                 # The options go through a file (--args), so the sandbox's PID 1 (bwrap) shows
                 # no host path in /proc/1/cmdline.

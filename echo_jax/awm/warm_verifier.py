@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from echo_jax.awm import sandbox, seccomp_filter, verifier_runner, verifier_worker
+from echo_jax.awm.capped_tmpfs import CappedTmpfs
 from echo_jax.awm.cgroup import SandboxCgroup
 from echo_jax.awm.child_process import ChildLimits, kill_process_group, limiting_preexec, read_tail
 from echo_jax.awm.verifier import (
@@ -89,6 +90,10 @@ class WarmWorker:
         self._reader: threading.Thread | None = None
         self._group = SandboxCgroup.create("a warm verifier worker", _WORKER_PROCESSES,
                                            _WORKER_MEMORY_BYTES)  # fmt: skip
+        # Its /tmp, shared by its verifications, capped in bytes and inodes.
+        self._tmp = CappedTmpfs.create("a warm verifier worker", sandbox.VERIFIER_TMP_BYTES,
+                                       sandbox.VERIFIER_TMP_INODES,
+                                       parent=self.folder.parent)  # fmt: skip
         try:
             self._process, self._answers = _starter.submit(self._spawn, binary).result()
             self._await_ready()
@@ -107,7 +112,8 @@ class WarmWorker:
             seccomp_fd = seccomp_filter.bpf_fd()
             on_failure.callback(os.close, seccomp_fd)
             inner = sandbox.worker_argv(binary, verifier_runner.__file__, verifier_worker.__file__,
-                                        str(self.folder), write_end, seccomp_fd)  # fmt: skip
+                                        str(self.folder), write_end, seccomp_fd,
+                                        self._tmp)  # fmt: skip
             # bwrap's options through a file (--args), as for a cold verifier.
             split = len(inner) - sandbox.WORKER_COMMAND_LENGTH
             with tempfile.TemporaryFile() as args, self._log_path.open("wb") as output:
@@ -242,6 +248,8 @@ class WarmWorker:
                 kill_process_group(self._process, grace_s=0.0)
         if self._group is not None:
             self._group.kill()
+        if self._tmp is not None:
+            self._tmp.close()
         if self._reader is None and self._answers >= 0:
             os.close(self._answers)  # Else the reader closes it, at the stream's end.
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 import requests
 
 from echo_jax.awm import sandbox, seccomp_filter
+from echo_jax.awm.capped_tmpfs import CappedTmpfs
 from echo_jax.awm.cgroup import SandboxCgroup
 from echo_jax.awm.child_process import (
     ChildLimits,
@@ -71,6 +72,7 @@ class ServerLimits(ChildLimits):
     max_processes: int = 512
     memory_bytes: int = 6 << 30
     folder_bytes: int = 1 << 30  # Its writable folder, a tmpfs (in memory: within memory_bytes).
+    folder_inodes: int = 65536  # and its files and folders (`capped_tmpfs`; where root).
 
 
 def build_database(world: World, path: str | Path) -> None:
@@ -123,6 +125,7 @@ class WorldServer:
         self._bridge: LoopbackBridge | None = None
         self._agent: AgentChannel | None = None
         self._group: SandboxCgroup | None = None
+        self._mounts: list[CappedTmpfs] = []
 
     @property
     def base_url(self) -> str:
@@ -141,8 +144,9 @@ class WorldServer:
     @property
     def folder(self) -> Path:
         """The one folder the server can write (its database, scratch, HOME). Under the sandbox
-        it is a tmpfs of the sandbox's own mounted at this path (the host's folder stays empty);
-        the host opens nothing in it either way."""
+        it is a tmpfs mounted at this path while the server runs: by the host where it may mount
+        (`capped_tmpfs`: then the host sees its files here too), else by bwrap in the sandbox
+        only; the host opens nothing in it either way."""
         return self._require_dir() / "world"
 
     @property
@@ -233,6 +237,12 @@ class WorldServer:
             env["ECHO_JAX_SERVER_FD"] = str(listener.fileno())
             pass_fds.append(listener.fileno())
             command[2] = AGENT_PRELUDE + UNIX_SOCKET_PRELUDE + LOOPBACK_LAUNCHER
+            what = f"world server {self.world.name!r}"
+            tmp = CappedTmpfs.create(what, sandbox.SERVER_TMP_BYTES, sandbox.SERVER_TMP_INODES,
+                                     parent=self._require_dir())  # fmt: skip
+            folder_tmpfs = CappedTmpfs.create(what, self.limits.folder_bytes,
+                                              self.limits.folder_inodes, at=home)  # fmt: skip
+            self._mounts = [mount for mount in (tmp, folder_tmpfs) if mount is not None]
             # The host's folder read-only (initial database, server code), the server's own
             # writable inside it.
             command = sandbox.server_argv(
@@ -243,6 +253,8 @@ class WorldServer:
                 seccomp_fd,
                 self.limits.folder_bytes,
                 extra_ro=[str(self._require_dir())],
+                tmp=tmp,
+                folder_tmpfs=folder_tmpfs,
             )
             env = {"PATH": os.defpath}  # bwrap clears it and sets the server's own.
         self._group = SandboxCgroup.create(
@@ -343,6 +355,9 @@ class WorldServer:
         if self._group is not None:
             self._group.kill()
             self._group = None
+        for mount in self._mounts:  # Nothing of the sandbox is left to hold them.
+            mount.close()
+        self._mounts = []
 
     def _close_bridge(self) -> None:
         if self._bridge is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from echo_jax.awm.capped_tmpfs import owned_mounts
 from echo_jax.awm.mcp_client import McpClient, WorldUnavailable
 from echo_jax.awm.warm_verifier import VerifierPool
 from echo_jax.awm.world_format import WorldFormatError, load_worlds
@@ -47,8 +48,10 @@ def canary(tmp_path_factory):
 def guard(canary):
     """The checks after every attack."""
     before_files, before_children = snapshot(canary), descendants()
+    before_mounts = set(owned_mounts())
     yield canary
     assert snapshot(canary) == before_files
+    assert set(owned_mounts()) <= before_mounts  # Every tmpfs mounted for it is gone.
     assert settle(lambda: not marked_processes()), marked_processes()
     assert settle(lambda: descendants() <= before_children), descendants() - before_children
 
@@ -344,6 +347,11 @@ tried('process_vm_readv', lambda: libc.process_vm_readv(1, 0, 0, 0, 0, 0))
 tried('shmget', lambda: libc.shmget(0, 4096, 0o1000 | 0o600))
 tried('keyctl', lambda: libc.syscall(250, 0, -3, 0, 0))  # the session keyring
 tried('unshare', lambda: libc.unshare(0x10000000))
+try:
+    open('/proc/1/mem', 'r+b')
+    print('pid 1 mem opened', flush=True)
+except OSError as error:
+    print('pid 1 mem', type(error).__name__, flush=True)
 raise SystemExit('attack done')
 """
 
@@ -362,6 +370,7 @@ def test_ptrace_shared_memory_keyrings_and_namespaces_are_refused_inside(guard):
     assert lines == dict.fromkeys(
         ["ptrace", "process_vm_readv", "shmget", "keyctl", "unshare"], eperm
     )
+    assert "pid 1 mem PermissionError" in str(raised.value)  # `sandbox.PID_1_MASK`
 
 
 def _hostile_verifier(body: str) -> str:
@@ -494,3 +503,155 @@ def test_a_server_fills_only_its_own_capped_folder(guard):
         WorldServer(hostile, ServerLimits(folder_bytes=8 << 20)).start()
     written = [line for line in str(raised.value).splitlines() if line.startswith("written")]
     assert written and int(written[0].split()[1]) <= 8 << 20
+
+
+INODE_FLOOD = """
+made, why = 0, 'none'
+for i in B['range'](20000):
+    try:
+        B['open'](f'/tmp/f{i}', 'w').close()
+        made += 1
+    except OSError as error:
+        why = B['__import__']('errno').errorcode[error.errno]
+        break
+probe('made', lambda: made)
+probe('why', lambda: why)
+probe('dev', lambda: B['open']('/dev/f', 'w') and 'opened')
+"""
+
+
+def test_an_inode_flood_stops_at_the_tmpfs_cap(verify, guard, dbs):
+    """Empty files cost no bytes: only nr_inodes (`capped_tmpfs`) stops them."""
+    from echo_jax.awm import sandbox
+
+    started = time.monotonic()
+    flood = _found(verify(_hostile_verifier(INODE_FLOOD), *dbs))
+    assert flood["why"] == "ENOSPC" and flood["made"] < sandbox.VERIFIER_TMP_INODES, flood
+    assert flood["dev"] == "failed: OSError"  # /dev is read-only: no second tmpfs to fill.
+    assert verify(HONEST_VERIFIER, *dbs)["result"] == "complete"
+    assert time.monotonic() - started < 10
+
+
+def test_where_mounting_is_refused_a_tmpfs_is_capped_in_size_only_and_says_so(
+    guard, dbs, monkeypatch, caplog
+):
+    """Without root the host cannot mount: bwrap's own tmpfs (bytes capped), and a warning."""
+    from echo_jax.awm import capped_tmpfs
+    from echo_jax.awm.verifier import run_verifier
+
+    class Refusing:
+        @staticmethod
+        def mount(*args):
+            return -1
+
+    monkeypatch.setattr(capped_tmpfs, "_libc", Refusing)
+    monkeypatch.setattr(capped_tmpfs, "_warned", [])
+    assert run_verifier(HONEST_VERIFIER, *dbs)["result"] == "complete"
+    assert "gets a tmpfs capped in size only, not in inodes" in caplog.text
+
+
+SERVER_INODE_FLOOD = r"""
+import os
+here = os.path.dirname(os.environ["DATABASE_PATH"].removeprefix("sqlite:///"))
+for folder in (here, "/tmp", "/dev"):
+    made, why = 0, "none"
+    for i in range(20000):
+        try:
+            open(os.path.join(folder, f"f{i}"), "w").close()
+            made += 1
+        except OSError as error:
+            why = type(error).__name__
+            break
+    print("made", folder == here and "folder" or folder, made, why, flush=True)
+raise SystemExit('attack done')
+"""
+
+
+def test_a_server_inode_flood_stops_at_its_caps(guard, monkeypatch):
+    import dataclasses
+
+    from echo_jax.awm import sandbox
+    from echo_jax.awm.world_server import ServerLimits, WorldServer, WorldServerError
+
+    monkeypatch.setattr(sandbox, "SERVER_TMP_INODES", 1000)
+    world = load_worlds(TINY)["tiny_shop"]
+    hostile = dataclasses.replace(world, full_code=SERVER_INODE_FLOOD + world.full_code)
+    started = time.monotonic()
+    with pytest.raises(WorldServerError, match="attack done") as raised:
+        WorldServer(hostile, ServerLimits(folder_inodes=1000)).start()
+    made = {
+        line.split()[1]: (int(line.split()[2]), line.split()[3])
+        for line in str(raised.value).splitlines()
+        if line.startswith("made ")
+    }
+    assert made["folder"][0] < 1000 and made["folder"][1] == "OSError", made
+    assert made["/tmp"][0] < 1000 and made["/tmp"][1] == "OSError", made
+    assert made["/dev"][0] == 0, made
+    with WorldServer(world) as server, McpClient(server.mcp_url, timeout_s=5) as client:
+        client.initialize()
+        assert not client.call_tool("create_order", {"item_id": 1, "quantity": 2}).is_error
+    assert time.monotonic() - started < 20
+
+
+# A verifier that takes over bwrap's PID 1 through /proc/1/mem: its code after the wait4 that
+# waits for the verifier becomes prctl(PR_SET_PDEATHSIG, 0); setsid(); for (;;) pause(); so PID 1
+# outlives the verifier, leaves the host's process group and survives its parent, and with it
+# the sandbox and a child that left the group too (x86-64 machine code).
+PID_1_TAKEOVER = f"""
+Time = B['__import__']('time')
+if os['fork']() == 0:
+    os['setsid']()
+    B['open']('/proc/self/comm', 'w').write('{MARKER}')
+    Time.sleep(3600)
+    os['_exit'](0)
+pc = B['int'](B['open']('/proc/1/syscall').read().split()[-1], 16)
+code = B['bytes'].fromhex('bf01000000 31f6 b89d000000 0f05 b870000000 0f05 b822000000 0f05 ebf7')
+mem = B['open']('/proc/1/mem', 'r+b', buffering=0)
+mem.seek(pc)
+probe('wrote', lambda: mem.write(code))
+"""
+
+x86_64_only = pytest.mark.skipif(
+    __import__("platform").machine() != "x86_64", reason="the takeover is x86-64 machine code"
+)
+
+
+@x86_64_only
+def test_the_cgroup_kill_ends_a_sandbox_that_outlives_its_pid_1_teardown(guard, dbs, monkeypatch):
+    """Without a PID 1 of its own, nothing in a sandbox outlives bwrap's PID 1 (the kernel kills
+    a PID namespace with it). With PID 1 taken over (its /proc/1/mem mask removed here, as
+    another way in would), only the cgroup's kill ends the sandbox."""
+    from echo_jax.awm import sandbox
+    from echo_jax.awm.cgroup import SandboxCgroup
+    from echo_jax.awm.verifier import VerifierLimits, run_verifier
+
+    probe = SandboxCgroup.create("a test", 16, 64 << 20)
+    if probe is None:
+        pytest.skip("no cgroup here (not root)")
+    probe.kill()
+    monkeypatch.setattr(sandbox, "PID_1_MASK", ())
+    started = time.monotonic()
+    outcome = run_verifier(_hostile_verifier(PID_1_TAKEOVER), *dbs, None,
+                           VerifierLimits(timeout_s=1.0))  # fmt: skip
+    assert outcome["execution_status"] == "timeout", (
+        outcome
+    )  # PID 1 never reported the verifier's end.
+    assert not marked_processes()  # Gone when run_verifier returned: the cgroup was killed.
+    assert run_verifier(HONEST_VERIFIER, *dbs)["result"] == "complete"
+    assert time.monotonic() - started < 10
+
+
+REACH_PID_1 = """
+probe('mem', lambda: B['open']('/proc/1/mem', 'r+b') and 'opened')
+probe('task', lambda: B['open']('/proc/1/task/1/mem', 'r+b') and 'opened')
+probe('read', lambda: B['open']('/proc/1/mem', 'rb').read(16).hex())
+"""
+
+
+def test_bwraps_pid_1_memory_cannot_be_opened_for_writing(verify, guard, dbs):
+    """/proc/1/mem of bwrap's PID 1 is /dev/null bound read-only and without devices
+    (`sandbox.PID_1_MASK`): it opens neither for writing nor for reading."""
+    reached = _found(verify(_hostile_verifier(REACH_PID_1), *dbs))
+    assert reached == {"mem": "failed: PermissionError", "task": "failed: PermissionError",
+                       "read": "failed: PermissionError"}  # fmt: skip
+    assert verify(HONEST_VERIFIER, *dbs)["result"] == "complete"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from echo_jax.awm import sandbox, warm_verifier
+from echo_jax.awm import capped_tmpfs, sandbox, warm_verifier
 from echo_jax.awm.verifier import VerifierLimits
 from echo_jax.awm.warm_verifier import VerifierPool, WarmWorker
 from echo_jax.awm.world_format import load_worlds
@@ -344,3 +344,8 @@ def test_no_worker_or_verification_outlives_a_killed_parent(databases):
             parent.kill()
         shutil.rmtree(folder, ignore_errors=True)  # What a SIGKILLed parent cannot remove.
         Path(folder).with_suffix(".log").unlink(missing_ok=True)
+    # Its worker's /tmp stayed mounted (`capped_tmpfs`); the next host's first mount detaches it.
+    left = [m for m in capped_tmpfs.owned_mounts() if f"_{parent.pid}_" in m]
+    capped_tmpfs.sweep()
+    assert not set(left) & set(capped_tmpfs.owned_mounts())
+    assert not [m for m in left if Path(m).exists()]
