@@ -16,12 +16,13 @@ WARNING; every piece of template scaffolding (turn markers, tags, the tool list)
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 from echo_jax.data import roles
 from echo_jax.data.episodes import ENV_OUTPUT_FIELDS, WARNING_FIELD, Episode
-from echo_jax.data.render import Rendered, _field_text
+from echo_jax.data.render import Rendered, _field_text, render_in
 
 SYSTEM_HEAD = (
     "<|im_start|>system\n# Tools\n\nYou may call one or more functions to assist with the user "
@@ -36,6 +37,7 @@ SYSTEM_TAIL = (
 CALL_MARK = "<|im_start|>assistant\n<tool_call>\n"  # The prompt ends here; the model writes on.
 END_CALL = "\n</tool_call>"  # Closes the ACTION: where generation stops.
 END_TURN = "<|im_end|>\n"
+AFTER_ACTION = END_TURN  # Closes the assistant's turn after its call.
 TOOL_TURN = "<|im_start|>user"
 RESPONSE_OPEN = "\n<tool_response>\n"
 RESPONSE_CLOSE = "</tool_response>"
@@ -91,23 +93,8 @@ def render_chat(
     canonical_json: bool = False,
     actions: Sequence[Sequence[tuple[str, int]] | None] | None = None,
 ) -> Rendered:
-    """`render.render_episode` in the chat layout; `actions` as there (the generated text)."""
-    if actions is not None and len(actions) != len(episode.steps):
-        raise ValueError(f"{len(actions)} action overrides for {len(episode.steps)} steps")
-    segments = render_prefix(episode.task, episode.tools)
-    prefix_segments = len(segments)
-    step_starts = []
-    for i, step in enumerate(episode.steps):
-        step_starts.append(len(segments))
-        segments.append((CALL_MARK, roles.CONTEXT))
-        override = actions[i] if actions is not None else None
-        if override is None:
-            segments.append((render_action(step.tool_name, step.arguments), roles.ACTION))
-        else:
-            segments.extend(override)
-        segments.append((END_TURN, roles.CONTEXT))
-        segments.extend(render_observation(step.observation, canonical_json))
-    return Rendered(tuple(segments), prefix_segments, tuple(step_starts))
+    """`render.render_in` the chat layout; `actions` as there (the generated text)."""
+    return render_in(sys.modules[__name__], episode, canonical_json, actions)
 
 
 render_episode = render_chat  # The name both layouts give it (data.render is the other).

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 from echo_jax.data import roles
@@ -34,6 +36,7 @@ END_CALL = "\n<|end_call|>\n"
 # marker up to which the call's JSON runs.
 NAME_KEY = "tool_name"
 PARSE_END = END_CALL
+AFTER_ACTION = ""  # CONTEXT closing the agent's turn after its call: none in this layout.
 FIELD_MARKS = {
     "tool_result": "<|result|>\n",
     "error": "<|error|>\n",
@@ -103,26 +106,41 @@ def render_observation(observation: dict[str, Any], canonical_json: bool = False
     return segments
 
 
+def render_in(
+    layout: ModuleType,
+    episode: Episode,
+    canonical_json: bool = False,
+    actions: Sequence[Sequence[tuple[str, int]] | None] | None = None,
+) -> Rendered:
+    """The episode's segments in `layout` (this module, or `data.chat`): its prefix, then per
+    step the call mark, the call, what closes the agent's turn, and the observation.
+
+    `actions`, when given, holds per step the segments that replace its rendered call (None
+    keeps it): on-policy data renders the text the model generated, not a re-serialisation of
+    what the harness parsed from it, and a call the harness made itself as CONTEXT."""
+    if actions is not None and len(actions) != len(episode.steps):
+        raise ValueError(f"{len(actions)} action overrides for {len(episode.steps)} steps")
+    segments = layout.render_prefix(episode.task, episode.tools)
+    prefix_segments = len(segments)
+    step_starts = []
+    for i, step in enumerate(episode.steps):
+        step_starts.append(len(segments))
+        segments.append((layout.CALL_MARK, roles.CONTEXT))
+        override = actions[i] if actions is not None else None
+        if override is None:
+            segments.append((layout.render_action(step.tool_name, step.arguments), roles.ACTION))
+        else:
+            segments.extend(override)
+        if layout.AFTER_ACTION:
+            segments.append((layout.AFTER_ACTION, roles.CONTEXT))
+        segments.extend(layout.render_observation(step.observation, canonical_json))
+    return Rendered(tuple(segments), prefix_segments, tuple(step_starts))
+
+
 def render_episode(
     episode: Episode,
     canonical_json: bool = False,
     actions: Sequence[Sequence[tuple[str, int]] | None] | None = None,
 ) -> Rendered:
-    """`actions`, when given, holds per step the segments that replace its rendered call (None
-    keeps it): on-policy data renders the text the model generated, not a re-serialisation of
-    what the harness parsed from it, and a call the harness made itself as CONTEXT."""
-    if actions is not None and len(actions) != len(episode.steps):
-        raise ValueError(f"{len(actions)} action overrides for {len(episode.steps)} steps")
-    segments = render_prefix(episode.task, episode.tools)
-    prefix_segments = len(segments)
-    step_starts = []
-    for i, step in enumerate(episode.steps):
-        step_starts.append(len(segments))
-        segments.append((CALL_MARK, roles.CONTEXT))
-        override = actions[i] if actions is not None else None
-        if override is None:
-            segments.append((render_action(step.tool_name, step.arguments), roles.ACTION))
-        else:
-            segments.extend(override)
-        segments.extend(render_observation(step.observation, canonical_json))
-    return Rendered(tuple(segments), prefix_segments, tuple(step_starts))
+    """`render_in` this module's layout."""
+    return render_in(sys.modules[__name__], episode, canonical_json, actions)

@@ -17,6 +17,7 @@ from echo_jax.awm.capture import CaptureConfig, run_capture
 from echo_jax.awm.capture_shards import read_shard, shard_is_complete, shard_path
 from echo_jax.awm.mcp_client import WorldUnavailable
 from echo_jax.data.episode_files import load_episodes
+from tests.awm.hostile import descendants
 
 FIXTURES = Path(__file__).parent / "fixtures"
 WORLDS = FIXTURES / "tiny_world"
@@ -122,24 +123,6 @@ def test_episode_failing_every_attempt_is_left_out_and_reported(tmp_path, monkey
     )  # So the next run redoes this shard.
 
 
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if stat[0] != "Z":
-                children.setdefault(int(stat[1]), []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -173,7 +156,7 @@ def test_killed_capture_leaves_no_process_and_resumes_without_duplicates(referen
         deadline = time.monotonic() + 120
         servers: set[int] = set()
         while time.monotonic() < deadline and victim.poll() is None:
-            tree = _descendants(victim.pid)
+            tree = descendants(victim.pid)
             # The server's Python itself, not the bwrap processes around it (same arguments).
             servers = {
                 p
@@ -184,7 +167,7 @@ def test_killed_capture_leaves_no_process_and_resumes_without_duplicates(referen
                 break
             time.sleep(0.02)
         assert len(servers) == 2, "the capture never had two world servers up"
-        tree = _descendants(victim.pid)
+        tree = descendants(victim.pid)
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
     finally:

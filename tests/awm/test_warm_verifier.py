@@ -20,6 +20,7 @@ from echo_jax.awm.verifier import VerifierLimits
 from echo_jax.awm.warm_verifier import VerifierPool, WarmWorker
 from echo_jax.awm.world_format import load_worlds
 from echo_jax.awm.world_server import build_database
+from tests.awm.hostile import descendants
 from tests.awm.test_sandbox import OS, REAL_BUILTINS
 from tests.awm.test_sandbox import verifier as plain_verifier
 from tests.awm.test_wall import verifier
@@ -62,17 +63,6 @@ def live_pids() -> dict[int, int]:
         if stat[0] != "Z":
             parents[int(entry)] = int(stat[1])
     return parents
-
-
-def descendants(pid: int) -> set[int]:
-    """The live processes below `pid`."""
-    parents = live_pids()
-    below, grew = {pid}, True
-    while grew:
-        more = {child for child, parent in parents.items() if parent in below} - below
-        below |= more
-        grew = bool(more)
-    return below - {pid}
 
 
 # What the first verifier leaves in its interpreter, with its audit hook on (none of it is an
