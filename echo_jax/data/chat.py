@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from echo_jax.data import roles
-from echo_jax.data.episodes import ENV_OUTPUT_FIELDS, WARNING_FIELD, Episode
-from echo_jax.data.render import Rendered, _field_text, render_in
+from echo_jax.data.episodes import Episode
+from echo_jax.data.render import Rendered, observation_fields, render_in
 
 SYSTEM_HEAD = (
     "<|im_start|>system\n# Tools\n\nYou may call one or more functions to assist with the user "
@@ -72,16 +72,12 @@ def render_prefix(task: str, tools: Sequence[str]) -> list[tuple[str, int]]:
 def render_observation(observation: dict[str, Any], canonical_json: bool = False):
     """One user turn of `<tool_response>` blocks: world output first, harness warning last."""
     segments: list[tuple[str, int]] = []
-    for key in (*ENV_OUTPUT_FIELDS, WARNING_FIELD):
-        value = observation.get(key)
-        if value is None:
-            continue
-        role = roles.WARNING if key == WARNING_FIELD else roles.ENV_OUTPUT
+    for _, text, role in observation_fields(observation, canonical_json):
         opener = (TOOL_TURN if not segments else "") + RESPONSE_OPEN
         segments.append((opener, roles.CONTEXT))
         # The newline before the closing tag belongs to the body: the pre-tokeniser joins a
         # trailing punctuation run with the newlines after it ("}\n"), so it must not straddle.
-        segments.append((_field_text(key, value, canonical_json) + "\n", role))
+        segments.append((text, role))
         segments.append((RESPONSE_CLOSE, roles.CONTEXT))
     if segments:
         segments.append((END_TURN, roles.CONTEXT))

@@ -93,16 +93,25 @@ def render_prefix(task: str, tools: tuple[str, ...] | list[str]) -> list[tuple[s
     ]
 
 
+def observation_fields(
+    observation: dict[str, Any], canonical_json: bool = False
+) -> list[tuple[str, str, int]]:
+    """(field, body text, role) of each field an observation has: world output first, harness
+    warning last; the body ends with a newline (every layout puts it inside the field's role)."""
+    return [
+        (key, _field_text(key, observation[key], canonical_json) + "\n",
+         roles.WARNING if key == WARNING_FIELD else roles.ENV_OUTPUT)
+        for key in (*ENV_OUTPUT_FIELDS, WARNING_FIELD)
+        if observation.get(key) is not None
+    ]  # fmt: skip
+
+
 def render_observation(observation: dict[str, Any], canonical_json: bool = False):
-    """Segments for one observation: world output first, harness warning last."""
+    """Segments for one observation: each field's mark, then its body."""
     segments: list[tuple[str, int]] = []
-    for key in (*ENV_OUTPUT_FIELDS, WARNING_FIELD):
-        value = observation.get(key)
-        if value is None:
-            continue
-        role = roles.WARNING if key == WARNING_FIELD else roles.ENV_OUTPUT
+    for key, text, role in observation_fields(observation, canonical_json):
         segments.append((FIELD_MARKS[key], roles.CONTEXT))
-        segments.append((_field_text(key, value, canonical_json) + "\n", role))
+        segments.append((text, role))
     return segments
 
 
