@@ -93,8 +93,13 @@ def kill_process_group(process: subprocess.Popen, grace_s: float = _STOP_GRACE_S
 
 
 def read_tail(path: Path, max_bytes: int) -> str:
-    """The last `max_bytes` of a child's output file as text (undecodable bytes replaced)."""
-    with path.open("rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        handle.seek(max(0, handle.tell() - max_bytes))
-        return handle.read().decode("utf-8", errors="replace")
+    """The last `max_bytes` of a child's output file as text (undecodable bytes replaced), or
+    "" once the file is gone: it is read on failure paths, which may race the close that
+    removes it, and a failure must still be reported."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - max_bytes))
+            return handle.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""

@@ -160,7 +160,7 @@ class WarmWorker:
                     raise ValueError(f"an answer to no request in flight: {header.get('id')!r}")
                 future.set_result((header, body))
         except Exception as error:  # noqa: BLE001 -- whatever the worker sent, it is done
-            tail = read_tail(self._log_path, 2000) if self._log_path.exists() else ""
+            tail = read_tail(self._log_path, 2000)
             self._fail(f"verifier worker stopped answering ({error}); output: {tail}")
         finally:
             os.close(self._answers)

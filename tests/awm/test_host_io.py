@@ -1,4 +1,4 @@
-"""A kept-alive connection that the server closes as the next request goes out (what uvicorn
+"""The host's own I/O with world processes under load. A kept-alive connection that the server closes as the next request goes out (what uvicorn
 does to an idle one): the request is sent again on a new connection, once, within its deadline."""
 
 import socket
@@ -54,3 +54,15 @@ def test_a_request_on_a_connection_the_server_closes_goes_out_again_on_a_new_one
         server.join(timeout=5)
         listener.close()
     assert len(connections) == 2 and not server.is_alive()
+
+
+def test_the_tail_of_an_output_file_that_is_gone_is_empty(tmp_path):
+    """A worker's failure path reads its log while a close may be removing it: the failure is
+    still reported (an exception there left the worker's requests waiting forever)."""
+    from echo_jax.awm.child_process import read_tail
+
+    log = tmp_path / "worker.log"
+    log.write_bytes(b"x" * 100 + b"last words")
+    assert read_tail(log, 10) == "last words"
+    log.unlink()
+    assert read_tail(log, 10) == ""
