@@ -1,5 +1,5 @@
-"""The host's own I/O with world processes under load. A kept-alive connection that the server closes as the next request goes out (what uvicorn
-does to an idle one): the request is sent again on a new connection, once, within its deadline."""
+"""The host's own I/O with world processes, where load opens race windows: a kept-alive
+connection the server closes as the next request goes out, a log removed while it is read."""
 
 import socket
 import threading
@@ -27,6 +27,8 @@ def _reply(conn: socket.socket, text: bytes) -> None:
 
 
 def test_a_request_on_a_connection_the_server_closes_goes_out_again_on_a_new_one():
+    """What uvicorn does to an idle connection: the request goes out once more on a new one,
+    within its deadline."""
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     connections = []
