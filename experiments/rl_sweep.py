@@ -27,7 +27,7 @@ import sys
 from absl import app, flags, logging
 
 from echo_jax import config as C
-from echo_jax.reports import rl_report, rl_sweep
+from echo_jax.reports import rl_markdown, rl_report, rl_sweep
 from echo_jax.rl.pool import make_pool
 from echo_jax.util.atomic import atomic_write_text
 from experiments import rl as rl_cli  # Defines the per-run flags, forwarded to every run.
@@ -146,7 +146,7 @@ def main(argv: list[str]) -> None:
         for p in glob.glob(os.path.join(FLAGS.results, "rl", "*", rl_report.GRID_FILE))
     )
     if FLAGS.report_only:
-        for path in rl_report.write(grids, FLAGS.results):
+        for path in rl_markdown.write(grids, FLAGS.results):
             print(f"wrote {path}")
         return
     given = [f"--{name}" for name in _PER_RUN if FLAGS[name].present]
@@ -217,7 +217,7 @@ def main(argv: list[str]) -> None:
     if failed:
         print(f"failed runs (see their .log): {', '.join(failed)}", flush=True)
     grids = sorted({*grids, results_dir})
-    for path in rl_report.write(grids, FLAGS.results):
+    for path in rl_markdown.write(grids, FLAGS.results):
         print(f"wrote {path}")
 
 

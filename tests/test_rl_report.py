@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from echo_jax.reports import rl_report, rl_stats, rl_sweep
+from echo_jax.reports import rl_markdown, rl_report, rl_stats, rl_sweep
 from echo_jax.util.choices import ConfigError
 
 
@@ -91,7 +91,7 @@ def test_report_from_made_up_runs_and_byte_for_byte_again(tmp_path):
     runs["grpo_seed0"].append(dict(runs["grpo_seed0"][-1], iteration=5))  # Past the budget.
     folder = _grid(tmp_path / "results" / "rl" / "sparse", arms, runs)
     out = tmp_path / "results"
-    written = rl_report.write([folder], str(out))
+    written = rl_markdown.write([folder], str(out))
     summary = json.loads((out / "rl_summary.json").read_text())["sparse"]
     assert summary["budget_iterations"] == 4 and summary["heldout_tasks"] == [["h", 0], ["h", 1]]
     echo = summary["arms"]["echo_lam0.1"]
@@ -112,7 +112,7 @@ def test_report_from_made_up_runs_and_byte_for_byte_again(tmp_path):
     again = tmp_path / "clone" / "results"
     copy = again / "rl" / "sparse"
     shutil.copytree(folder, copy)
-    rl_report.write([str(copy)], str(again))
+    rl_markdown.write([str(copy)], str(again))
     for path in written:
         name = os.path.basename(path)
         assert (again / name).read_bytes() == (out / name).read_bytes(), name
