@@ -11,10 +11,13 @@
      rows it spans); per-target env-term weights (filters, observation kinds).
   3. `score_rows` at the sampling parameters: the gap between the recorded log-probs and the
      update's forward pass (`logp_gap_*`, the check that the update sees what the sampler saw)
-     and the env CE of fresh rollouts.
+     and the env CE of fresh rollouts; `term_gradients`, how hard each term pulls and in which
+     direction (`grad_norm_pg`, `grad_norm_env`, `grad_cos`).
   4. `update`: `epochs` passes of minibatch PPO-clip steps of `echo_loss`, old log-probs the
-     recorded ones; then the KL to the sampling policy on the sampled tokens, a checkpoint, and
-     every `eval_every` iterations greedy pass@1 on the pool and on held-out tasks.
+     recorded ones (a minibatch without gradient makes no step); then the KL to the sampling
+     policy on the sampled tokens, a checkpoint, per-task and per-band success, and at the
+     start, the end and every `eval_every` iterations greedy pass@1 on the pool and on one fixed
+     held-out set (at the start and the end also teacher-forced held-out CE).
 
 Workdir: config.json and vocab.json (so `experiments.evaluate` reads an RL run like any
 other), rl_config.json, pool.json, metrics.jsonl (one line per iteration; the same scalars in
