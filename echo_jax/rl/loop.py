@@ -32,7 +32,6 @@ process 0 alone writes the workdir's files (checkpoints are saved by all togethe
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import shutil
@@ -58,8 +57,8 @@ from echo_jax.rl.pool import (
     choose_pool,
     greedy_pass,
     group_requests,
-    load_pool,
     pool_by_band,
+    read_pool,
     success_rate,
 )
 from echo_jax.rl.processes import SharedEngine
@@ -240,10 +239,9 @@ def task_pool(
     """The pool of rl.pool_file, one drawn by band from rl.pool_difficulty, or one chosen here
     by probing candidates from the start checkpoint."""
     if rl.pool_file:
-        with open(rl.pool_file, encoding="utf-8") as f:
-            bands = json.load(f).get("bands", {})
-        pool = {"tasks": load_pool(rl.pool_file), "from": os.path.abspath(rl.pool_file)}
-        pool |= {"bands": bands} if bands else {}
+        saved = read_pool(rl.pool_file)
+        pool = {"tasks": saved["tasks"], "from": os.path.abspath(rl.pool_file)}
+        pool |= {"bands": saved["bands"]} if saved["bands"] else {}
     elif rl.pool_difficulty:
         if not start:
             raise ConfigError("pool_difficulty reads the start checkpoint's table: give a start")

@@ -64,9 +64,11 @@ def greedy_pass(engine: RolloutEngine | SharedEngine, tasks, seed: int) -> float
     return success_rate(engine.run(group_requests(tasks, 0, seed, 1, 0.0)))
 
 
-def load_pool(path: str) -> list[tuple[str, int]]:
-    with open(path) as f:
-        return [(s, int(t)) for s, t in json.load(f)["tasks"]]
+def read_pool(path: str) -> dict[str, Any]:
+    """A pool.json: its tasks as (scenario, task_idx), and its bands if it was drawn by band."""
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    return {"tasks": [(s, int(t)) for s, t in saved["tasks"]], "bands": saved.get("bands", {})}
 
 
 def make_pool(
