@@ -40,9 +40,11 @@ def _mounts() -> list[tuple[str, str]]:
     return found
 
 
-def owned_mounts() -> list[str]:
-    """The mount points of capped tmpfs mounts of any host process here (what a test counts)."""
-    return [point for point, source in _mounts() if source.startswith(_PREFIX)]
+def owned_mounts(owner: int | None = None) -> list[str]:
+    """The mount points of capped tmpfs mounts of host process `owner`, or of any host process
+    here (what a test counts)."""
+    ours = [(point, source) for point, source in _mounts() if source.startswith(_PREFIX)]
+    return [point for point, source in ours if owner is None or source == f"{_PREFIX}{owner}"]
 
 
 def _umount(path: str) -> bool:

@@ -8,6 +8,7 @@ and the next honest request gives its normal result."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -48,10 +49,10 @@ def canary(tmp_path_factory):
 def guard(canary):
     """The checks after every attack."""
     before_files, before_children = snapshot(canary), descendants()
-    before_mounts = set(owned_mounts())
+    before_mounts = set(owned_mounts(os.getpid()))
     yield canary
     assert snapshot(canary) == before_files
-    assert set(owned_mounts()) <= before_mounts  # Every tmpfs mounted for it is gone.
+    assert set(owned_mounts(os.getpid())) <= before_mounts  # Every tmpfs mounted for it is gone.
     assert settle(lambda: not marked_processes()), marked_processes()
     assert settle(lambda: descendants() <= before_children), descendants() - before_children
 
