@@ -34,7 +34,9 @@ SYSTEM_TAIL = (
     "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
     '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
 )
-CALL_MARK = "<|im_start|>assistant\n<tool_call>\n"  # The prompt ends here; the model writes on.
+GENERATION_PROMPT = "<|im_start|>assistant\n"  # The template's own prompt for the next turn.
+# The prompt ends here, the call's opening tag written by the harness; the model writes on.
+CALL_MARK = GENERATION_PROMPT + "<tool_call>\n"
 END_CALL = "\n</tool_call>"  # Closes the ACTION: where generation stops.
 END_TURN = "<|im_end|>\n"
 AFTER_ACTION = END_TURN  # Closes the assistant's turn after its call.

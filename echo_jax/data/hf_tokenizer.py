@@ -18,6 +18,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from echo_jax.data import chat
+from echo_jax.data.chat_template import check_chat_template
 from echo_jax.data.render import Rendered
 from echo_jax.data.tokenizer import TokenizedEpisode
 from echo_jax.util.atomic import atomic_write_text
@@ -89,6 +90,7 @@ class HFVocab:
                 f"{self.folder}: tokenizer decoder type {decoder.get('type')!r} is not "
                 "supported (only byte-level BPE, as Qwen3 and Llama 3 use)"
             )
+        check_chat_template(self.folder)  # Episodes render as this model's chat would.
 
     @property
     def layout(self) -> ModuleType:

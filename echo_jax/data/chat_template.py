@@ -1,0 +1,187 @@
+"""A checkpoint's own chat template, held against the chat layout (data.chat) before any use.
+
+data.chat builds an episode's text segment by segment, which is what gives every character its
+role; a template engine gives only the whole string. So the checkpoint's template is not what
+renders the rows: it is what checks them. `check_chat_template` renders a probe episode (one
+call, then every observation field: a result, an error, the verifier's output, a harness
+warning) through the checkpoint's Jinja template, as `transformers`' `apply_chat_template`
+would (a sandboxed Jinja environment with its `tojson`, `raise_exception` and `strftime_now`),
+and refuses the checkpoint, naming the first character that differs, unless both the whole
+conversation and the prompt before a call are exactly the layout's. A checkpoint without a
+template (a base model) gets the layout with a warning.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import logging
+import os
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from echo_jax.data import chat
+from echo_jax.data.episodes import Episode, Step
+from echo_jax.data.render import observation_fields
+from echo_jax.util.choices import ConfigError
+
+TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+_log = logging.getLogger(__name__)
+
+# One call and one observation of every field kind, with the characters a template might
+# escape or reorder (quotes, a newline, non-ASCII, nested arguments).
+PROBE = Episode(
+    scenario="probe",
+    task='Set the "quantity" of item 7 to 2.\nThen check the cart.',
+    task_idx=0,
+    tools=("cart_update", "get_cart"),
+    steps=(
+        Step(
+            "cart_update",
+            {"item_id": 7, "fields": {"quantity": 2, "note": "für Zoë"}},
+            {
+                "tool_result": '{"ok": true, "items": [7]}',
+                "error": "HTTP 409: conflict",
+                "verify_result": {"passed": False, "reason": "quantity is 1"},
+                "warning": "Call a tool next.",
+            },
+        ),  # fmt: skip
+        Step("get_cart", {}, {"tool_result": "[]"}),
+    ),
+    reward=0.0,
+    source="echo_jax.data.chat_template.PROBE",
+)
+
+
+class ChatTemplateError(ConfigError):
+    """A checkpoint whose chat template does not render episodes as data.chat does."""
+
+
+def read_template(folder: str) -> str | None:
+    """The template of chat_template.jinja, else tokenizer_config.json's `chat_template` (a
+    list of named ones: "tool_use" if present, else "default"), else None."""
+    path = os.path.join(folder, TEMPLATE_FILE)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    path = os.path.join(folder, TOKENIZER_CONFIG)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        template = json.load(f).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("tool_use") or named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _special_tokens(folder: str) -> dict[str, str]:
+    """bos_token and eos_token of tokenizer_config.json (templates may print them)."""
+    path = os.path.join(folder, TOKENIZER_CONFIG)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    out = {}
+    for name in ("bos_token", "eos_token"):
+        token = config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(token, str):
+            out[name] = token
+    return out
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)  # fmt: skip
+
+
+def _raise(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+@functools.cache
+def _compile(template: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def episode_messages(episode: Episode) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The episode as chat messages and tools: the task as the user turn, each call as an
+    assistant turn of one tool call, each observation field as a tool message."""
+    tools = [json.loads(chat.render_tool(name)) for name in episode.tools]
+    messages: list[dict[str, Any]] = [{"role": "user", "content": episode.task}]
+    for step in episode.steps:
+        call = {"name": step.tool_name, "arguments": step.arguments}
+        messages.append(
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"type": "function", "function": call}],
+            }
+        )
+        for _, text, _ in observation_fields(step.observation):
+            messages.append({"role": "tool", "content": text[:-1]})  # The layout's own newline.
+    return messages, tools
+
+
+def render_template(
+    template: str, episode: Episode, calls: int | None = None, special: dict | None = None
+) -> str:
+    """The template's text of the episode, or of its prompt before call `calls` (0-based:
+    the messages before that call, and the generation prompt)."""
+    messages, tools = episode_messages(episode)
+    if calls is not None:
+        starts = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        messages = messages[: starts[calls]]
+    return _compile(template).render(
+        messages=messages, tools=tools, add_generation_prompt=calls is not None, **(special or {})
+    )
+
+
+def _first_difference(a: str, b: str) -> int:
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def check_chat_template(folder: str, episode: Episode = PROBE) -> None:
+    """Raises ChatTemplateError unless the checkpoint's template renders `episode`, and the
+    prompt before each of its calls, exactly as data.chat does."""
+    template = read_template(folder)
+    if template is None:
+        _log.warning("%s has no chat template: episodes render in data.chat's layout", folder)
+        return
+    special = _special_tokens(folder)
+    rendered = chat.render_chat(episode)
+    # The layout's prompt before call i: every segment before the step, then the template's
+    # generation prompt (CALL_MARK adds the call's opening tag, the harness's, after it).
+    checks = [("the episode", None, rendered.text)]
+    checks += [
+        (f"the prompt before call {i}", i,
+         "".join(text for text, _ in rendered.segments[:start]) + chat.GENERATION_PROMPT)
+        for i, start in enumerate(rendered.step_starts)
+    ]  # fmt: skip
+    for what, calls, want in checks:
+        try:
+            got = render_template(template, episode, calls, special)
+        except jinja2.exceptions.TemplateError as e:
+            raise ChatTemplateError(f"{folder}: its chat template fails on {what}: {e}") from e
+        if got != want:
+            at = _first_difference(got, want)
+            raise ChatTemplateError(
+                f"{folder}: its chat template renders {what} differently from the chat layout "
+                f"echo_jax.data.chat (Qwen2.5/Qwen3 tool calls, no thinking block) at character "
+                f"{at}: template {got[max(at - 40, 0) : at + 40]!r}, layout "
+                f"{want[max(at - 40, 0) : at + 40]!r}. Only templates that render as that "
+                "layout are supported."
+            )
