@@ -72,6 +72,11 @@ flags.DEFINE_bool(
     "Only probe every task of --split from --start (--pool_probe samples each, --pool_seed) "
     "and write its difficulty table into --difficulty_out; no training.",
 )
+flags.DEFINE_bool(
+    "resume",
+    False,
+    "Continue the run in --workdir from its last finished iteration (same settings).",
+)
 flags.DEFINE_string(
     "difficulty_out", "results/task_difficulty.json", "--probe_only: the file of the tables."
 )
@@ -140,6 +145,7 @@ def main(argv: list[str]) -> None:
             cfg=cfg,
             worlds=FLAGS.worlds,
             corpus_dir=FLAGS.corpus or None,
+            resume=FLAGS.resume,
         )
     except (C.ConfigError, EpisodeError, RunDirError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -9,7 +9,7 @@ The pool is drawn once by difficulty band (--pool_difficulty, made by `experimen
 L (or L/k): the λ of the rule λ·|∇L_env| = 0.5·|∇L_pg|, measured before any grid run by
 one-iteration runs at the start (--calibration_seeds) and written into grid.json. The primary
 arms run on --seeds, then the secondary ones on --secondary_seeds, seed by seed. Finished runs
-are skipped and an interrupted one restarts, so the grid resumes where it stopped; each finished
+are skipped and an interrupted one resumes from its last finished iteration; each finished
 run's small files go to results/rl/<grid>/<run>/ (commit them), the rollouts and checkpoints
 stay in ROOT. Every flag of experiments.rl is passed to each run.
 """

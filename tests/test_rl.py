@@ -3,7 +3,9 @@
 import dataclasses
 import gzip
 import json
+import shutil
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -17,10 +19,10 @@ from echo_jax.data.episode_files import load_episodes
 from echo_jax.data.render import END_CALL
 from echo_jax.objective.batch import Batch
 from echo_jax.objective.loss import echo_loss_from_logprobs
-from echo_jax.rl.loop import lam_at, run_rl
+from echo_jax.rl.loop import SUMMARY, lam_at, run_rl
 from echo_jax.rl.rows import env_term_kept, rollout_batch, rollout_stats, training_reward
 from echo_jax.rl.update import approx_kl
-from echo_jax.train.run_dir import RunDir
+from echo_jax.train.run_dir import RunDir, RunDirError
 from echo_jax.train.trainer import init_state, make_optimizer
 from tests.cli import run_module
 from tests.test_agent import MAX_LEN, TINY, WORLDS, random_model
@@ -265,6 +267,27 @@ def test_two_iterations_against_a_running_world(tmp_path, start_run):
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(start_params), strict=True)
     ]
     assert any(moved)
+
+    # Cut as a kill between iteration 2's metrics line and its checkpoint leaves a run:
+    # resumed, it drops that line, samples iteration 2's rollouts again from the same keys and
+    # ends on the same parameters (the random model fails every task, so the policy term, the
+    # one place the sampler's last-bit log-probs enter, is 0).
+    cut = tmp_path / "cut"
+    shutil.copytree(workdir, cut)
+    (cut / SUMMARY).unlink()
+    shutil.rmtree(cut / "checkpoints" / "2")
+    other = dataclasses.replace(rl, learning_rate=2e-2)
+    with pytest.raises(RunDirError, match=r"other settings \(rl.learning_rate: 0.01 -> 0.02\)"):
+        run_rl(str(cut), other, start=start, cfg=cfg, worlds=str(WORLDS), corpus_dir=None,
+               resume=True)  # fmt: skip
+    again = run_rl(str(cut), rl, start=start, cfg=cfg, worlds=str(WORLDS), corpus_dir=None,
+                   resume=True)  # fmt: skip
+    assert again["env_steps"] == summary["env_steps"] and again["first"] == summary["first"]
+    assert [line["iteration"] for line in RunDir(cut).read_metrics()] == [0, 1, 2]
+    chex.assert_trees_all_equal(load_run(str(cut))[3], params)
+    for name in ("iter_0001.jsonl.gz", "iter_0002.jsonl.gz"):
+        want, got = (load_episodes([str(d / "rollouts" / name)]) for d in (workdir, cut))
+        assert [e.steps for e in got] == [e.steps for e in want]
 
 
 def test_reward_weights_imitate_rewarded_episodes_only(tmp_path):

@@ -3,8 +3,8 @@ pool, each finished run's small files copied into the repository's results.
 
 Each run is a subprocess with its own workdir `<root>/<grid>/<run>` (rollouts, checkpoints:
 never committed), so every run names the exact command that made it. A run with summary.json
-is finished and skipped; one without restarts from scratch (an iteration is not resumable
-midway). Once finished, its small files (`rl_report.RUN_FILES`) are copied to
+is finished and skipped; one without continues from its last finished iteration (every
+command carries `--resume`). Once finished, its small files (`rl_report.RUN_FILES`) are copied to
 `results/rl/<grid>/<run>/`, which is what the report reads: a grid can run in pieces, across
 sessions and machines, and a reader regenerates every table from the committed files.
 """
@@ -26,7 +26,7 @@ import numpy as np
 
 from echo_jax.objective.objectives import objective_spec
 from echo_jax.reports.rl_report import RUN_FILES
-from echo_jax.rl.loop import SUMMARY, remove_unfinished
+from echo_jax.rl.loop import SUMMARY
 from echo_jax.train.run_dir import RunDir
 from echo_jax.util.choices import ConfigError
 
@@ -102,6 +102,7 @@ def spec_for(arm: RLArm, seed: int, root: str, common: Sequence[str]) -> RLRunSp
         f"--lam={arm.lam:g}",
         f"--seed={seed}",
         f"--workdir={workdir}",
+        "--resume",
         *common,
         *(f"--{f}" for f in arm.flags),
     )
@@ -153,13 +154,13 @@ def run_all(
             export_run(spec.workdir, dest)
             log(f"{spec.name}: done, skipped")
             return {"name": spec.name, "returncode": 0, "wall_s": 0.0, "skipped": True}
-        if remove_unfinished(spec.workdir):
-            log(f"{spec.name}: interrupted earlier; restarting")
+        if os.path.isdir(spec.workdir):
+            log(f"{spec.name}: interrupted earlier; resuming")
         os.makedirs(os.path.dirname(spec.workdir) or ".", exist_ok=True)
         log(f"{spec.name}: {spec.command}")
         t0 = time.perf_counter()
         argv = [sys.executable, *spec.argv[1:]]
-        with open(f"{spec.workdir}.log", "w") as out:
+        with open(f"{spec.workdir}.log", "a") as out:  # A resumed run's log goes on.
             code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT).returncode
         wall = time.perf_counter() - t0
         if code == 0:

@@ -32,9 +32,9 @@ process 0 alone writes the workdir's files (checkpoints are saved by all togethe
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -62,6 +62,7 @@ from echo_jax.rl.pool import (
     success_rate,
 )
 from echo_jax.rl.processes import SharedEngine
+from echo_jax.rl.resume import check_same_settings, resume_point, rl_settings, update_rng
 from echo_jax.rl.rows import RolloutBatch, rollout_batch, rollout_stats
 from echo_jax.rl.update import (
     approx_kl,
@@ -102,11 +103,12 @@ def lam_at(rl: RLConfig, lam: float, iteration: int) -> float:
 
 
 def start_run(
-    workdir: str, start: str | None, cfg: Config | None, rl: RLConfig, dp: DataParallel
-) -> tuple[Config, Vocab, nnx.GraphDef, Any, RunDir]:
-    """Claims the workdir; the model and vocabulary come from `start` (a training run's
-    workdir; its parameters restored replicated over dp's devices) or, with start=None,
-    from `cfg` and a vocabulary built from its data."""
+    workdir: str, start: str | None, cfg: Config | None, rl: RLConfig, dp: DataParallel,
+    resume: bool = False,
+) -> tuple[Config, Vocab, nnx.GraphDef, Any, RunDir]:  # fmt: skip
+    """Claims the workdir (with `resume`, one of the same run may be there); the model and
+    vocabulary come from `start` (a training run's workdir; its parameters restored replicated
+    over dp's devices) or, with start=None, from `cfg` and a vocabulary built from its data."""
     if start:
         start_cfg, vocab, graphdef, params, _ = load_run(start, sharding=dp.replicated)
         cfg = dataclasses.replace(start_cfg, loss=cfg.loss) if cfg else start_cfg
@@ -118,11 +120,12 @@ def start_run(
         _, vocab = load_packed(cfg.data)
         graphdef, params = init_model(cfg, vocab.size, rl.seed)
     validate(cfg)
-    run = RunDir.open(workdir, cfg, resume=False)
+    run = RunDir.open(workdir, cfg, resume=resume)
+    check_same_settings(run.file(RL_CONFIG), rl, start)
     run.claim()
     if distributed.is_primary():
         vocab.save(run.file(RunDir.VOCAB))
-    run.write_json(RL_CONFIG, {"rl": dataclasses.asdict(rl), "start": start})
+    run.write_json(RL_CONFIG, rl_settings(rl, start))
     return cfg, vocab, graphdef, params, run
 
 
@@ -136,11 +139,14 @@ def run_rl(
     corpus_dir: str | None = "data/corpus",
     scenarios: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """The whole on-policy run; returns its summary (also in WORKDIR/summary.json).
 
     start   a training run's workdir to start from (its model, vocabulary and data settings;
             `cfg`, if given, supplies the loss), or None to start from scratch with `cfg`.
+    resume  continue the run in `workdir` from its last finished iteration (`rl.resume`), if
+            any: the same settings, the same samples and updates as without the interruption.
 
     Several processes (after `distributed.initialize`) each call it alike, with one workdir;
     only process 0 logs and writes files.
@@ -153,7 +159,11 @@ def run_rl(
     if not primary:
         log = _silent
     dp = data_parallel(rl.minibatch_size)  # A minibatch the devices cannot split fails here.
-    cfg, vocab, graphdef, params, run = start_run(workdir, start, cfg, rl, dp)
+    if resume and os.path.exists(os.path.join(workdir, SUMMARY)):
+        with open(os.path.join(workdir, SUMMARY)) as f:
+            log(f"{workdir} is finished; nothing to resume")
+            return json.load(f)
+    cfg, vocab, graphdef, params, run = start_run(workdir, start, cfg, rl, dp, resume)
     loaded = load_worlds(worlds, scenarios)
     tx = make_optimizer(cfg.train, schedule=optax.constant_schedule(rl.learning_rate))
     state = distributed.replicate(init_state(params, tx), dp.replicated)
@@ -161,7 +171,6 @@ def run_rl(
     score = make_score_fn(graphdef, cfg.loss.impl, cfg.loss.chunk_size)
     grad_fns = make_term_gradients_fn(graphdef, cfg.loss)
     max_len = cfg.data.max_len
-    rng = np.random.default_rng([rl.seed, 1])
     rollout_dir = Path(run.path) / ROLLOUT_DIR
     if primary:
         rollout_dir.mkdir(exist_ok=True)
@@ -169,21 +178,33 @@ def run_rl(
                           loaded, EngineConfig.of(rl), cfg.data.canonical_json)  # fmt: skip
     with local:
         engine = SharedEngine(local)
-        pool = task_pool(engine, loaded, corpus_dir, rl, start)
-        held = heldout_tasks(loaded, corpus_dir, rl)
-        run.write_json(POOL, pool | {"heldout": [list(t) for t in held]})
+        resumed = resume_point(run, state) if resume else None
+        if resumed:  # The pool and held-out set this run chose when it started.
+            with open(run.file(POOL)) as f:
+                pool = json.load(f)
+            held = [tuple(t) for t in pool.pop("heldout")]
+        else:
+            pool = task_pool(engine, loaded, corpus_dir, rl, start)
+            held = heldout_tasks(loaded, corpus_dir, rl)
+            run.write_json(POOL, pool | {"heldout": [list(t) for t in held]})
         tasks = [tuple(x) for x in pool["tasks"]]
         bands = pool.get("bands", {})
         teacher = heldout_ce(cfg, vocab, corpus_dir, rl, log)
-        env_steps = 0
         started = time.perf_counter()
-        run.save(state, 0, {"iteration": 0, "env_steps": 0})
-        lines = [{"iteration": 0, "env_steps": 0, "pool_tasks": len(tasks),
-                  **evaluations(engine, tasks, held, 0, rl),
-                  **teacher(graphdef, state.params)}]  # fmt: skip
-        run.append_metrics(lines[0])
-        run.scalars.write(0, lines[0])
-        for it in range(1, rl.iterations + 1):
+        if resumed:
+            state, env_steps, lines = resumed.state, resumed.env_steps, resumed.lines
+            engine.set_params(state.params)
+            started -= resumed.wall_s
+            log(f"resumed after iteration {resumed.iteration} of {rl.iterations}")
+        else:
+            env_steps = 0
+            lines = [{"iteration": 0, "env_steps": 0, "pool_tasks": len(tasks),
+                      **evaluations(engine, tasks, held, 0, rl),
+                      **teacher(graphdef, state.params)}]  # fmt: skip
+            run.append_metrics(lines[0])  # Before the checkpoint: a saved iteration has a line.
+            run.scalars.write(0, lines[0])
+            run.save(state, 0, {"iteration": 0, "env_steps": 0, "wall_s": 0.0})
+        for it in range(lines[-1]["iteration"] + 1, rl.iterations + 1):
             t0 = time.perf_counter()
             records = engine.run(group_requests(tasks, it, rl.seed, rl.group_size, 1.0))
             if primary:
@@ -197,13 +218,13 @@ def run_rl(
             grads = (term_gradients(grad_fns, state.params, batch, lam, cfg.loss,
                                     rl.minibatch_size, dp)
                      if rl.measure_gradients else {})  # fmt: skip
-            state, upd = update(train_step, state, batch, lam, rl, cfg.loss, rng, dp)
+            state, upd = update(train_step, state, batch, lam, rl, cfg.loss, update_rng(rl, it),
+                                dp)  # fmt: skip
             updated = score_rows(score, state.params, batch.tokens, rl.minibatch_size, dp)
             engine.set_params(state.params)  # The update donated the sampling parameters.
             timing["update_s"] = time.perf_counter() - t1
 
             env_steps += sum(len(r["steps"]) for r in records)
-            run.save(state, it, {"iteration": it, "env_steps": env_steps})
             line = {"iteration": it, "env_steps": env_steps, "lam": lam,
                     **iteration_metrics(records, batch, sampled, updated, timing), **upd,
                     **grads, **task_metrics(records, bands),
@@ -211,6 +232,8 @@ def run_rl(
                     **(teacher(graphdef, state.params) if it == rl.iterations else {})}  # fmt: skip
             run.append_metrics(line)
             run.scalars.write(it, line)
+            run.save(state, it, {"iteration": it, "env_steps": env_steps,
+                                 "wall_s": time.perf_counter() - started})  # fmt: skip
             lines.append(line)
             log(format_line(line))
     summary = {
@@ -363,12 +386,3 @@ def format_line(line: dict[str, Any]) -> str:
         f"gap {line['logp_gap_mean']:.1e}  "
         f"rollout {line['rollout_s']:.0f}s  update {line['update_s']:.0f}s" + evals
     )
-
-
-def remove_unfinished(workdir: str) -> bool:
-    """An RL run without summary.json was interrupted; it restarts from scratch (rollouts are
-    not resumable mid-iteration). Returns whether it was removed."""
-    if os.path.isdir(workdir) and not os.path.exists(os.path.join(workdir, SUMMARY)):
-        shutil.rmtree(workdir)
-        return True
-    return False

@@ -165,14 +165,15 @@ class RunDir:
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.file(self.METRICS))
 
-    def truncate_metrics(self, after_step: int) -> None:
-        """Keeps only complete lines up to `after_step`, so a resumed run logs each step once;
-        TensorBoard likewise hides what earlier events files logged after it (`scalars`)."""
+    def truncate_metrics(self, after_step: int, key: str = "step") -> None:
+        """Keeps only complete lines up to `after_step` (of `key`: an RL run counts iterations),
+        so a resumed run logs each step once; TensorBoard likewise hides what earlier events
+        files logged after it (`scalars`)."""
         self.close()
         self._purge_step = after_step + 1  # For the events file that the next write opens.
         if not distributed.is_primary():
             return
-        kept = [m for m in self.read_metrics() if m["step"] <= after_step]
+        kept = [m for m in self.read_metrics() if m[key] <= after_step]
         with atomic_open(self.file(self.METRICS)) as f:
             f.writelines(json.dumps(m) + "\n" for m in kept)
 
