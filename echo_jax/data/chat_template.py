@@ -2,13 +2,13 @@
 
 data.chat builds an episode's text segment by segment, which is what gives every character its
 role; a template engine gives only the whole string. So the checkpoint's template is not what
-renders the rows: it is what checks them. `check_chat_template` renders a probe episode (one
-call, then every observation field: a result, an error, the verifier's output, a harness
-warning) through the checkpoint's Jinja template, as `transformers`' `apply_chat_template`
-would (a sandboxed Jinja environment with its `tojson`, `raise_exception` and `strftime_now`),
-and refuses the checkpoint, naming the first character that differs, unless both the whole
-conversation and the prompt before a call are exactly the layout's. A checkpoint without a
-template (a base model) gets the layout with a warning.
+renders the rows: it is what checks them. `check_chat_template` renders a probe episode (two
+calls, the first answered by every observation field: a result, an error, the verifier's
+output, a harness warning) through the checkpoint's Jinja template, as `transformers`'
+`apply_chat_template` would (a sandboxed Jinja environment with its `tojson`,
+`raise_exception` and `strftime_now`), and refuses the checkpoint, naming the first character
+that differs, unless both the whole conversation and the prompt before each call are exactly
+the layout's. A checkpoint without a template (a base model) gets the layout with a warning.
 """
 
 from __future__ import annotations
@@ -68,24 +68,24 @@ def read_template(folder: str) -> str | None:
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             return f.read()
-    path = os.path.join(folder, TOKENIZER_CONFIG)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        template = json.load(f).get("chat_template")
+    template = _tokenizer_config(folder).get("chat_template")
     if isinstance(template, list):
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("tool_use") or named.get("default")
     return template if isinstance(template, str) else None
 
 
-def _special_tokens(folder: str) -> dict[str, str]:
-    """bos_token and eos_token of tokenizer_config.json (templates may print them)."""
+def _tokenizer_config(folder: str) -> dict[str, Any]:
     path = os.path.join(folder, TOKENIZER_CONFIG)
     if not os.path.isfile(path):
         return {}
     with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+        return json.load(f)
+
+
+def _special_tokens(folder: str) -> dict[str, str]:
+    """bos_token and eos_token of tokenizer_config.json (templates may print them)."""
+    config = _tokenizer_config(folder)
     out = {}
     for name in ("bos_token", "eos_token"):
         token = config.get(name)

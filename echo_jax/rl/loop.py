@@ -145,8 +145,8 @@ def run_rl(
 
     start   a training run's workdir to start from (its model, vocabulary and data settings;
             `cfg`, if given, supplies the loss), or None to start from scratch with `cfg`.
-    resume  continue the run in `workdir` from its last finished iteration (`rl.resume`), if
-            any: the same settings, the same samples and updates as without the interruption.
+    resume  continue the run in `workdir` from its last finished iteration, if any
+            (`echo_jax.rl.resume`): the same settings, samples and updates as uninterrupted.
 
     Several processes (after `distributed.initialize`) each call it alike, with one workdir;
     only process 0 logs and writes files.

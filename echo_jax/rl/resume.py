@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from echo_jax.config import RLConfig
-from echo_jax.train.run_dir import RunDir, RunDirError, config_diff, flatten
+from echo_jax.train.run_dir import RunDir, RunDirError, config_changes, flatten
 
 ITERATION = "iteration"
 
@@ -38,11 +38,10 @@ def check_same_settings(path: str, rl: RLConfig, start: str | None) -> None:
     with open(path) as f:
         saved = flatten(json.load(f))
     wanted = flatten(json.loads(json.dumps(rl_settings(rl, start))))
-    diff = config_diff(saved, wanted)
-    if diff:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in diff)
+    changes = config_changes(saved, wanted)
+    if changes:
         where = os.path.dirname(path)
-        raise RunDirError(f"{where} holds an RL run with other settings ({details})")
+        raise RunDirError(f"{where} holds an RL run with other settings ({changes})")
 
 
 @dataclasses.dataclass

@@ -44,6 +44,12 @@ def config_diff(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     )
 
 
+def config_changes(saved: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """ "key: saved -> wanted" of each differing flattened key (config_diff), or ""."""
+    diff = config_diff(saved, wanted)
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in diff)
+
+
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dicts as one level: {"loss": {"lam": 0.1}} -> {"loss.lam": 0.1}."""
     out: dict[str, Any] = {}
@@ -87,10 +93,9 @@ class RunDir:
             with open(config_path) as f:
                 saved = flatten(json.load(f))
             wanted = flatten(json.loads(cfg.to_json()))
-            diff = config_diff(saved, wanted)
-            if diff:
-                details = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in diff)
-                raise RunDirError(f"{run.path} holds a run with a different config ({details})")
+            changes = config_changes(saved, wanted)
+            if changes:
+                raise RunDirError(f"{run.path} holds a run with a different config ({changes})")
         run._keep = cfg.train.keep_checkpoints
         run._config_json = cfg.to_json()
         return run
