@@ -1,5 +1,5 @@
-"""A Hugging Face checkpoint (the tiny random Qwen3 fixture) through the rollout engine and
-the training entry point: the chat layout and the checkpoint's tokenizer end to end."""
+"""Hugging Face checkpoints (the tiny random Qwen3 and Llama fixtures) through the rollout engine
+and the training entry point: each family's chat layout and tokenizer end to end."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from echo_jax.agent.rollout import EngineConfig, EpisodeRequest, RolloutEngine
 from echo_jax.agent.rollout_rows import EPISODE_ROWS, RecordingPolicy
 from echo_jax.awm.harness import run_episode
 from echo_jax.config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
-from echo_jax.data import chat, roles
+from echo_jax.data import roles
 from echo_jax.data.episodes import parse_episode
 from echo_jax.data.hf_tokenizer import HFVocab
 from echo_jax.model.hf_io import load_hf
@@ -24,19 +24,21 @@ from tests.test_rollout import FakeEngine
 from tests.test_rollout import live as live  # noqa: F401  (fixture)
 from tests.test_rollout import world as world  # noqa: F401  (fixture)
 
-QWEN = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "tiny-qwen3")
+HF = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
+QWEN = os.path.join(HF, "tiny-qwen3")
 A = roles.ACTION
 
 
-@pytest.fixture(scope="module")
-def vocab():
-    return HFVocab(QWEN)
+@pytest.fixture(scope="module", params=["tiny-qwen3", "tiny-llama"])
+def vocab(request):
+    return HFVocab(os.path.join(HF, request.param))
 
 
 def test_rows_are_the_chat_rendering_of_the_episode(live, world, vocab):
-    """Canned calls in Qwen3's format through the harness: the row the engine recorded decodes
-    to exactly `render_chat` of the resulting episode (what offline training would read), and
-    an unclosed call is a parse error naming </tool_call>."""
+    """Canned calls in the family's format through the harness: the row the engine recorded
+    decodes to exactly the layout's rendering of the resulting episode (what offline training
+    would read), and an unclosed call is a parse error naming the layout's closing mark."""
+    chat = vocab.layout
     texts = [
         chat.render_action("get_item", {"item_id": 1}),
         chat.render_action("create_order", {"item_id": 1, "quantity": 2}),
@@ -55,16 +57,22 @@ def test_rows_are_the_chat_rendering_of_the_episode(live, world, vocab):
     want_roles = vocab.tokenize(rendered).roles.tolist()
     assert row["roles"] == want_roles
 
-    engine = FakeEngine(vocab, world, '{"name": "get_item", "arguments": {}', *texts[1:])
+    unclosed = texts[0][: -len(chat.END_CALL)]
+    engine = FakeEngine(vocab, world, unclosed, *texts[1:])
     policy = RecordingPolicy(engine, 0, EpisodeRequest("tiny_shop", 0, seed=0), tools)
     ep = policy.finish(run_episode(live.server, live.client, world, 0, policy))
-    assert "not closed with </tool_call>" in ep["steps"][0]["observation"]["error"]
+    closing = chat.PARSE_END.strip()  # </tool_call>, <|eot_id|>
+    assert f"not closed with {closing}" in ep["steps"][0]["observation"]["error"]
+    (row,) = ep[EPISODE_ROWS]  # The turn is closed after the cut call, as CONTEXT.
+    text = vocab.decode(np.array(row["tokens"]))
+    opening = chat.render_observation(ep["steps"][0]["observation"])[0][0]
+    assert unclosed + chat.END_TURN + opening in text
 
 
 def test_engine_rows_reproduce_the_sampling_logprobs(world, vocab):
-    """A random Qwen3 sampling in the tiny world: every sampled token's recorded log-prob is
-    the training forward pass's over the recorded row (the RL update's logp_gap)."""
-    _, graphdef, params = load_hf(QWEN, attention="xla")
+    """A random checkpoint sampling in the tiny world: every sampled token's recorded log-prob
+    is the training forward pass's over the recorded row (the RL update's logp_gap)."""
+    _, graphdef, params = load_hf(vocab.folder, attention="xla")
     max_len = 512
     config = EngineConfig(slots=2, max_new_tokens=16, max_steps=2, decode_block=8)
     requests = [EpisodeRequest(world.name, 0, seed=s, temperature=1.0) for s in range(2)]

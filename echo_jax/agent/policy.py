@@ -45,10 +45,11 @@ def parse_action(text: str, layout: ModuleType = render) -> dict[str, Any]:
     """Generated call text (up to its closing marker) -> {"tool_name", "arguments"}.
 
     The format is the layout's `render_action`: one JSON object with a non-empty string name
-    (`layout.NAME_KEY`) and an object of arguments, then `layout.PARSE_END` (data.render:
-    <|end_call|>; data.chat: Qwen3's </tool_call>). Raises ActionParseError otherwise.
+    (`layout.NAME_KEY`) and an object of arguments (`layout.ARGS_KEY`), then `layout.PARSE_END`
+    (data.render: <|end_call|>; data.chat: Qwen3's </tool_call>; data.chat_llama3:
+    <|eot_id|>). Raises ActionParseError otherwise.
     """
-    return _parse_call(text, layout.PARSE_END, layout.PARSE_END.strip(), layout.NAME_KEY)
+    return _parse_call(text, layout.PARSE_END, layout.NAME_KEY, layout.ARGS_KEY)
 
 
 def parse_chat_action(text: str) -> dict[str, Any]:
@@ -56,10 +57,10 @@ def parse_chat_action(text: str) -> dict[str, Any]:
     return parse_action(text, chat)
 
 
-def _parse_call(text: str, end_mark: str, end_name: str, name_key: str) -> dict[str, Any]:
+def _parse_call(text: str, end_mark: str, name_key: str, args_key: str) -> dict[str, Any]:
     end = text.find(end_mark)
     if end < 0:
-        raise ActionParseError(f"the call was not closed with {end_name}")
+        raise ActionParseError(f"the call was not closed with {end_mark.strip()}")
     body = text[:end]
     try:
         call = json.loads(body)
@@ -68,14 +69,14 @@ def _parse_call(text: str, end_mark: str, end_name: str, name_key: str) -> dict[
         raise ActionParseError(why) from None
     if not isinstance(call, dict):
         raise ActionParseError(f"the call must be a JSON object, got {type(call).__name__}")
-    extra = sorted(set(call) - {name_key, "arguments"})
+    extra = sorted(set(call) - {name_key, args_key})
     if extra:
         raise ActionParseError(f"the call has unexpected keys {extra}")
-    name, arguments = call.get(name_key), call.get("arguments", {})
+    name, arguments = call.get(name_key), call.get(args_key, {})
     if not isinstance(name, str) or not name:
         raise ActionParseError(f"the call needs a non-empty string {name_key!r}")
     if not isinstance(arguments, dict):
-        raise ActionParseError("the call's 'arguments' must be a JSON object")
+        raise ActionParseError(f"the call's {args_key!r} must be a JSON object")
     return {"tool_name": name, "arguments": arguments}
 
 

@@ -143,7 +143,7 @@ class RecordingPolicy:
         self.slot = slot
         self.request = request
         self.vocab = engine.vocab
-        self.layout = layout = engine.vocab.layout  # data.render or data.chat
+        self.layout = layout = engine.vocab.layout  # data.render, data.chat or data.chat_llama3
         self.canonical = engine.canonical_json
         self.max_new = engine.config.max_new_tokens
         task = engine.worlds[request.scenario].tasks[request.task_idx]
@@ -154,7 +154,8 @@ class RecordingPolicy:
             raise ValueError(
                 f"{request.scenario} task {request.task_idx}: the task and tool list take "
                 f"{len(prefix)} tokens; with the call marker they do not fit a prompt of "
-                f"{self.trace.max_len - self.max_new} (max_len minus max_new_tokens)"
+                f"{self.trace.max_len - self.max_new} (max_len minus max_new_tokens); raise "
+                "max_len (experiments.train and experiments.evaluate: --max_len)"
             )
         self.marker_len = len(marker)
         self.records: list[dict[str, Any]] = []

@@ -34,6 +34,8 @@ SYSTEM_TAIL = (
     "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
     '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call><|im_end|>\n'
 )
+DESCRIPTION = "Qwen2.5/Qwen3 tool calls, no thinking block"
+TEMPLATE_VARS: dict[str, str] = {}  # Template variables the rendering assumes: none.
 GENERATION_PROMPT = "<|im_start|>assistant\n"  # The template's own prompt for the next turn.
 # The prompt ends here, the call's opening tag written by the harness; the model writes on.
 CALL_MARK = GENERATION_PROMPT + "<tool_call>\n"
@@ -44,6 +46,7 @@ TOOL_TURN = "<|im_start|>user"
 RESPONSE_OPEN = "\n<tool_response>\n"
 RESPONSE_CLOSE = "</tool_response>"
 NAME_KEY = "name"  # agent.policy.parse_action reads {"name", "arguments"} ...
+ARGS_KEY = "arguments"
 PARSE_END = "</tool_call>"  # ... up to the closing tag.
 
 
@@ -53,7 +56,7 @@ def render_tool(name: str) -> str:
 
 def render_action(tool_name: str, arguments: dict[str, Any]) -> str:
     """The text the policy emits for a call, closing tag included (ACTION)."""
-    call = {"name": tool_name, "arguments": arguments}
+    call = {NAME_KEY: tool_name, ARGS_KEY: arguments}
     return json.dumps(call, ensure_ascii=False) + END_CALL
 
 

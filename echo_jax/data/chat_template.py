@@ -1,14 +1,16 @@
-"""A checkpoint's own chat template, held against the chat layout (data.chat) before any use.
+"""A checkpoint's own chat template picks the chat layout its episodes render in, and is held
+against that layout before any use.
 
-data.chat builds an episode's text segment by segment, which is what gives every character its
-role; a template engine gives only the whole string. So the checkpoint's template is not what
-renders the rows: it is what checks them. `check_chat_template` renders a probe episode (two
-calls, the first answered by every observation field: a result, an error, the verifier's
-output, a harness warning) through the checkpoint's Jinja template, as `transformers`'
-`apply_chat_template` would (a sandboxed Jinja environment with its `tojson`,
-`raise_exception` and `strftime_now`), and refuses the checkpoint, naming the first character
-that differs, unless both the whole conversation and the prompt before each call are exactly
-the layout's. A checkpoint without a template (a base model) gets the layout with a warning.
+A chat layout (data.chat: Qwen2.5/Qwen3; data.chat_llama3: Llama 3.1-3.3) builds an episode's
+text segment by segment, which is what gives every character its role; a template engine gives
+only the whole string. So the checkpoint's template is not what renders the rows: it is what
+chooses and checks them. `check_chat_template` renders a probe episode (two calls, the first
+answered by every observation field: a result, an error, the verifier's output, a harness
+warning) through the checkpoint's Jinja template, as `transformers`' `apply_chat_template` would
+(a sandboxed Jinja environment with its `tojson`, `raise_exception` and `strftime_now`), and
+returns the layout whose text equals it, whole and as the prompt before each call. Otherwise it
+refuses the checkpoint, naming for each layout the first character that differs. A checkpoint
+without a template (a base model) gets data.chat with a warning.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import functools
 import json
 import logging
 import os
+from types import ModuleType
 from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from echo_jax.data import chat
+from echo_jax.data import chat, chat_llama3
 from echo_jax.data.episodes import Episode, Step
 from echo_jax.data.render import observation_fields
 from echo_jax.util.choices import ConfigError
@@ -31,6 +34,7 @@ from echo_jax.util.choices import ConfigError
 TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 _log = logging.getLogger(__name__)
+LAYOUTS: tuple[ModuleType, ...] = (chat, chat_llama3)  # Tried in this order.
 
 # One call and one observation of every field kind, with the characters a template might
 # escape or reorder (quotes, a newline, non-ASCII, nested arguments).
@@ -135,16 +139,20 @@ def episode_messages(episode: Episode) -> tuple[list[dict[str, Any]], list[dict[
 
 
 def render_template(
-    template: str, episode: Episode, calls: int | None = None, special: dict | None = None
+    template: str, episode: Episode, calls: int | None = None, variables: dict | None = None
 ) -> str:
     """The template's text of the episode, or of its prompt before call `calls` (0-based:
-    the messages before that call, and the generation prompt)."""
+    the messages before that call, and the generation prompt); `variables` as
+    `apply_chat_template`'s keyword arguments (special tokens, a layout's TEMPLATE_VARS)."""
     messages, tools = episode_messages(episode)
     if calls is not None:
         starts = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         messages = messages[: starts[calls]]
     return _compile(template).render(
-        messages=messages, tools=tools, add_generation_prompt=calls is not None, **(special or {})
+        messages=messages,
+        tools=tools,
+        add_generation_prompt=calls is not None,
+        **(variables or {}),
     )
 
 
@@ -154,34 +162,50 @@ def _first_difference(a: str, b: str) -> int:
     )
 
 
-def check_chat_template(folder: str, episode: Episode = PROBE) -> None:
-    """Raises ChatTemplateError unless the checkpoint's template renders `episode`, and the
-    prompt before each of its calls, exactly as data.chat does."""
-    template = read_template(folder)
-    if template is None:
-        _log.warning("%s has no chat template: episodes render in data.chat's layout", folder)
-        return
-    special = _special_tokens(folder)
-    rendered = chat.render_chat(episode)
+def _mismatch(
+    folder: str, template: str, special: dict, layout: ModuleType, episode: Episode
+) -> str | None:
+    """Where the template's text first differs from `layout`'s (None: nowhere)."""
+    rendered = layout.render_chat(episode)
     # The layout's prompt before call i: every segment before the step, then the template's
-    # generation prompt (CALL_MARK adds the call's opening tag, the harness's, after it).
+    # generation prompt (a layout's CALL_MARK may add the harness's opening tag after it).
     checks = [("the episode", None, rendered.text)]
     checks += [
         (f"the prompt before call {i}", i,
-         "".join(text for text, _ in rendered.segments[:start]) + chat.GENERATION_PROMPT)
+         "".join(text for text, _ in rendered.segments[:start]) + layout.GENERATION_PROMPT)
         for i, start in enumerate(rendered.step_starts)
     ]  # fmt: skip
     for what, calls, want in checks:
         try:
-            got = render_template(template, episode, calls, special)
+            got = render_template(template, episode, calls, special | layout.TEMPLATE_VARS)
         except jinja2.exceptions.TemplateError as e:
             raise ChatTemplateError(f"{folder}: its chat template fails on {what}: {e}") from e
         if got != want:
             at = _first_difference(got, want)
-            raise ChatTemplateError(
-                f"{folder}: its chat template renders {what} differently from the chat layout "
-                f"echo_jax.data.chat (Qwen2.5/Qwen3 tool calls, no thinking block) at character "
+            return (
+                f"as {layout.__name__} ({layout.DESCRIPTION}), {what} differs at character "
                 f"{at}: template {got[max(at - 40, 0) : at + 40]!r}, layout "
-                f"{want[max(at - 40, 0) : at + 40]!r}. Only templates that render as that "
-                "layout are supported."
+                f"{want[max(at - 40, 0) : at + 40]!r}"
             )
+    return None
+
+
+def check_chat_template(folder: str, episode: Episode = PROBE) -> ModuleType:
+    """The chat layout (of LAYOUTS) whose text of `episode`, and of the prompt before each of
+    its calls, is exactly the checkpoint's template's; raises ChatTemplateError if none is."""
+    template = read_template(folder)
+    if template is None:
+        _log.warning("%s has no chat template: episodes render in data.chat's layout", folder)
+        return chat
+    special = _special_tokens(folder)
+    reasons = []
+    for layout in LAYOUTS:
+        reason = _mismatch(folder, template, special, layout, episode)
+        if reason is None:
+            return layout
+        reasons.append(reason)
+    raise ChatTemplateError(
+        f"{folder}: its chat template renders episodes as no supported chat layout does. "
+        + "; ".join(reasons)
+        + ". A checkpoint of another family needs a layout module of its own (docs/models.md)."
+    )

@@ -17,7 +17,6 @@ from types import ModuleType
 import numpy as np
 from tokenizers import Tokenizer
 
-from echo_jax.data import chat
 from echo_jax.data.chat_template import check_chat_template
 from echo_jax.data.render import Rendered
 from echo_jax.data.tokenizer import TokenizedEpisode
@@ -74,8 +73,9 @@ def _byte_decoder() -> dict[str, int]:
 class HFVocab:
     """A checkpoint's tokenizer as the vocabulary the data pipeline, agent and decoder use (the
     interface of data.vocab.Vocab): ids are the model's own (no compaction), episodes render in
-    the chat layout (data.chat), and `size` is the model's vocabulary (config.json's
-    vocab_size, which may exceed the tokenizer's: those ids decode to nothing)."""
+    the chat layout its chat template matches (data.chat_template), and `size` is the model's
+    vocabulary (config.json's vocab_size, which may exceed the tokenizer's: those ids decode to
+    nothing)."""
 
     def __init__(self, folder: str | os.PathLike, size: int | None = None):
         self.folder = os.path.abspath(folder)
@@ -90,11 +90,7 @@ class HFVocab:
                 f"{self.folder}: tokenizer decoder type {decoder.get('type')!r} is not "
                 "supported (only byte-level BPE, as Qwen3 and Llama 3 use)"
             )
-        check_chat_template(self.folder)  # Episodes render as this model's chat would.
-
-    @property
-    def layout(self) -> ModuleType:
-        return chat
+        self.layout: ModuleType = check_chat_template(self.folder)  # As its chat would.
 
     def tokenize(self, rendered: Rendered) -> TokenizedEpisode:
         return tokenize_chat(rendered, self.tok)

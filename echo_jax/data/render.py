@@ -35,6 +35,7 @@ END_CALL = "\n<|end_call|>\n"
 # What the agent's parser (agent.policy.parse_action) reads: the call's name key, and the
 # marker up to which the call's JSON runs.
 NAME_KEY = "tool_name"
+ARGS_KEY = "arguments"
 PARSE_END = END_CALL
 AFTER_ACTION = ""  # CONTEXT closing the agent's turn after its call: none in this layout.
 FIELD_MARKS = {
@@ -121,8 +122,9 @@ def render_in(
     canonical_json: bool = False,
     actions: Sequence[Sequence[tuple[str, int]] | None] | None = None,
 ) -> Rendered:
-    """The episode's segments in `layout` (this module, or `data.chat`): its prefix, then per
-    step the call mark, the call, what closes the agent's turn, and the observation.
+    """The episode's segments in `layout` (this module, `data.chat` or `data.chat_llama3`): its
+    prefix, then per step the call mark, the call, what closes the agent's turn, and the
+    observation.
 
     `actions`, when given, holds per step the segments that replace its rendered call (None
     keeps it): on-policy data renders the text the model generated, not a re-serialisation of
