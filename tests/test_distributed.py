@@ -20,7 +20,7 @@ import pytest
 from echo_jax.agent.policy import load_run
 from echo_jax.awm.capture_shards import read_shard
 from echo_jax.config import Config, ConfigError
-from echo_jax.data.vocab import Vocab
+from echo_jax.data.vocab import load_vocab
 from echo_jax.rl.loop import TIMING_METRICS
 from echo_jax.train import distributed
 from echo_jax.train.evaluation import EVAL_FILE
@@ -125,27 +125,33 @@ def _final_state(workdir, step: int):
     run = RunDir(workdir)
     with open(run.file(RunDir.CONFIG)) as f:
         cfg = Config.from_dict(json.load(f))
-    vocab = Vocab.load(run.file(RunDir.VOCAB))
+    vocab = load_vocab(run.file(RunDir.VOCAB))
     template = init_state(init_model(cfg, vocab.size, 0)[1], make_optimizer(cfg.train))
     state, meta = run.restore(template, step)
     return state, meta, template.params
 
 
-def test_two_processes_train_as_one(tmp_path):
+# The tiny model, and a Hugging Face checkpoint in its chat layout and tokenizer.
+MODELS = {
+    "tiny": ["--max_len=128", "--d_model=16", "--n_layers=1", "--d_ff=32"],
+    "hf": [f"--model={os.path.join(ROOT, 'tests', 'fixtures', 'hf', 'tiny-qwen3')}",
+           "--max_len=512", "--attention=xla"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_two_processes_train_as_one(tmp_path, model):
     """Each process builds its half of every batch; their run ends where a one-process run on
     the same global batches does. Process 0 via the environment, process 1 via the flags."""
     records = [small_episode(task_idx=i % 3, reward=float(i % 2)) for i in range(6)]
     data = write_jsonl(tmp_path / "eps.jsonl", records)
     args = [
         f"--data={data}",
-        "--max_len=128",
+        *MODELS[model],
         "--steps=4",
         "--batch_size=4",
         "--log_every=1",
         "--checkpoint_every=2",
-        "--d_model=16",
-        "--n_layers=1",
-        "--d_ff=32",
         "--cache_dir=",
         "--eval_splits=train",
     ]
