@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from echo_jax.data import roles
+from echo_jax.data.chat import render_tool  # The tool schema every chat template is given.
 from echo_jax.data.episodes import Episode
 from echo_jax.data.render import Rendered, observation_fields, render_in
 
@@ -53,10 +54,6 @@ TOOL_TURN = header("ipython")
 NAME_KEY = "name"  # agent.policy.parse_action reads {"name", "parameters"} ...
 ARGS_KEY = "parameters"
 PARSE_END = END_CALL  # ... up to the end of the turn.
-
-
-def render_tool(name: str) -> str:
-    return json.dumps({"type": "function", "function": {"name": name}}, ensure_ascii=False)
 
 
 def render_action(tool_name: str, arguments: dict[str, Any]) -> str:
