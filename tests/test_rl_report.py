@@ -37,7 +37,11 @@ def test_paired_endpoint_and_verdicts():
     assert rl_stats.verdict(e, higher_is_better=True) == "helps"
     assert rl_stats.verdict(e, higher_is_better=False) == "hurts"
     five = rl_stats.endpoint({s: arm[s] for s in range(5)}, base)
-    assert rl_stats.verdict(five, True) == "not separable"  # 2/32 > 0.05, however clear.
+    assert five["p_value"] == pytest.approx(2 / 32)  # > 0.05, however clear: 6 pairs needed.
+    assert rl_stats.min_pairs() == 6
+    assert rl_stats.verdict(five, True) == "too few pairs (5 < 6)"
+    six = rl_stats.endpoint({s: -arm[s] if s == 5 else arm[s] for s in range(6)}, base)
+    assert six["p_value"] > 0.05 and rl_stats.verdict(six, True) == "not separable"
     assert rl_stats.paired({0: 1.0, 1: None, 2: 3.0}, {0: 0.5, 1: 1.0, 3: 1.0}) == [0.5]
 
 
@@ -107,7 +111,7 @@ def test_report_from_made_up_runs_and_byte_for_byte_again(tmp_path):
     world = echo["world_model_vs_grpo"]["heldout_env_ce_end"]
     assert world["mean_diff"] == pytest.approx(-0.2) and world["verdict"] == "helps"
     text = (out / "RL.md").read_text()
-    assert text.startswith("# ECHO against GRPO") and "echo λ=0.1 helps" in text.splitlines()[2]
+    assert text.startswith("# ECHO against GRPO") and "echo λ=0.1: helps" in text.splitlines()[2]
     # A copy of the committed files elsewhere (a fresh clone) gives the same bytes.
     again = tmp_path / "clone" / "results"
     copy = again / "rl" / "sparse"

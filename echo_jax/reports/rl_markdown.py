@@ -146,7 +146,7 @@ def verdict_line(s: dict[str, Any]) -> str:
     for a in s["arms"].values():
         c = a.get("primary_vs_grpo")
         if c:
-            parts.append(f"{a['label']} {c['verdict']} on mean pool success ({_diff(c)})")
+            parts.append(f"{a['label']}: {c['verdict']} on mean pool success ({_diff(c)})")
         w = a.get("world_model_vs_grpo", {}).get("env_ce_fresh_last")
         if w:
             world.append(f"{a['label']} {_diff(w)}")

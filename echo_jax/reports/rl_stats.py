@@ -81,11 +81,19 @@ def endpoint(arm: Mapping[int, float], base: Mapping[int, float], seed: int = 0)
     return {"seeds": len(d), "mean_diff": mean, "ci95": [lo, hi], "p_value": sign_flip_p(d)}
 
 
+def min_pairs() -> int:
+    """The fewest pairs whose exact sign-flip test can give p < ALPHA: with n pairs the
+    smallest two-sided p is 2/2^n (every difference of one sign)."""
+    return next(n for n in itertools.count(1) if 2.0 / 2**n < ALPHA)
+
+
 def verdict(result: Mapping[str, object], higher_is_better: bool, p_key: str = "p_value") -> str:
-    """helps / hurts when the interval excludes 0 and the (adjusted) p is below ALPHA,
-    otherwise not separable."""
+    """helps / hurts when the interval excludes 0 and the (adjusted) p is below ALPHA; too few
+    pairs when no outcome of that many could be; otherwise not separable."""
     lo, hi = result["ci95"]
     p = result[p_key]
+    if 0 < result["seeds"] < min_pairs():
+        return f"too few pairs ({result['seeds']} < {min_pairs()})"
     if not result["seeds"] or math.isnan(p) or p >= ALPHA:
         return "not separable"
     if lo > 0 or hi < 0:
