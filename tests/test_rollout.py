@@ -30,6 +30,7 @@ from echo_jax.data import roles
 from echo_jax.data.episodes import parse_episode
 from echo_jax.data.render import CALL_MARK, END_CALL, render_prefix
 from echo_jax.rl.update import make_score_fn
+from echo_jax.util.choices import ConfigError
 from tests.test_agent import TINY, WORLDS, call_text
 from tests.test_agent import episode as episode  # noqa: F401  (fixture)
 from tests.test_agent import vocab as vocab  # noqa: F401  (fixture)
@@ -260,3 +261,18 @@ def test_a_prestarted_server_serves_the_run_and_counts_as_its_start(model, vocab
         engine.run(requests_for(world)[:1])
         assert engine.timing.servers_started == 0
     assert pool.started == 1
+
+
+def test_a_task_whose_prompt_cannot_fit_is_a_config_error_naming_it(world, vocab):
+    """The task and tool list alone leave no room for max_new_tokens: a ConfigError (what the
+    entry points print as one line) naming the task, its prefix's length and what to raise."""
+    engine = FakeEngine(vocab, world)
+    tools = ["get_item", "create_order", "verify"]
+    prefix, _, _ = segments_to_tokens(render_prefix(world.tasks[0], tools), vocab)
+    marker = vocab.encode_text(CALL_MARK).size
+    engine.decoder.max_len = len(prefix) + marker + engine.config.max_new_tokens  # Just fits.
+    RecordingPolicy(engine, 0, EpisodeRequest(world.name, 0, seed=0), tools)
+    engine.decoder.max_len -= 1
+    with pytest.raises(ConfigError, match=rf"{world.name} task 0: .* take {len(prefix)} tokens"
+                       r".*raise max_len"):  # fmt: skip
+        RecordingPolicy(engine, 0, EpisodeRequest(world.name, 0, seed=0), tools)

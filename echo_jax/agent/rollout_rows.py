@@ -23,6 +23,7 @@ from echo_jax.data.episodes import ENV_OUTPUT_FIELDS, WARNING_FIELD
 from echo_jax.data.packing import to_compact
 from echo_jax.data.render import Rendered
 from echo_jax.data.vocab import Vocab
+from echo_jax.util.choices import ConfigError
 
 EPISODE_ROWS = "rows"  # Episode key of the token-exact rows (a list of `RowRecord.as_dict`s).
 
@@ -151,7 +152,7 @@ class RecordingPolicy:
         self.trace = EpisodeTokens(prefix, engine.decoder.max_len)
         marker, _, _ = segments_to_tokens([(layout.CALL_MARK, roles.CONTEXT)], self.vocab)
         if len(prefix) + len(marker) > self.trace.max_len - self.max_new:
-            raise ValueError(
+            raise ConfigError(
                 f"{request.scenario} task {request.task_idx}: the task and tool list take "
                 f"{len(prefix)} tokens; with the call marker they do not fit a prompt of "
                 f"{self.trace.max_len - self.max_new} (max_len minus max_new_tokens); raise "
