@@ -53,6 +53,12 @@ flags.DEFINE_string(
     "Training run to start from (its model, vocabulary and data settings), or a Hugging Face "
     "checkpoint folder (docs/models.md); '' from scratch.",
 )
+flags.DEFINE_integer(
+    "max_len",
+    None,
+    "Tokens per row and cache row (default: the start's; DataConfig's for a checkpoint folder); "
+    "longer holds long tool lists.",
+)
 flags.DEFINE_enum("model_size", "tiny", list(C.MODEL_PRESETS), "From scratch: model preset.")
 flags.DEFINE_list("data", list(C.DEFAULT_DATA), "From scratch: the data that builds the vocab.")
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/rl_<objective>_<time>).")
@@ -146,6 +152,7 @@ def main(argv: list[str]) -> None:
             worlds=FLAGS.worlds,
             corpus_dir=FLAGS.corpus or None,
             resume=FLAGS.resume,
+            max_len=FLAGS.max_len,
         )
     except (C.ConfigError, EpisodeError, RunDirError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -20,7 +20,9 @@ import pytest
 from echo_jax.agent.policy import load_run
 from echo_jax.awm.capture_shards import read_shard
 from echo_jax.config import Config, ConfigError
+from echo_jax.data.hf_tokenizer import HFVocab
 from echo_jax.data.vocab import load_vocab
+from echo_jax.model.hf_io import load_hf
 from echo_jax.rl.loop import TIMING_METRICS
 from echo_jax.train import distributed
 from echo_jax.train.evaluation import EVAL_FILE
@@ -196,10 +198,16 @@ def _logp_tolerance(logp: list[float], vocab_size: int) -> float:
     return vocab_size * EPS32 * max(1.0, max(abs(v) for v in logp))
 
 
-def test_two_processes_run_rl_as_one(tmp_path, start_run, vocab):  # noqa: F811
+@pytest.mark.parametrize("model", ["tiny", "hf"])
+def test_two_processes_run_rl_as_one(tmp_path, start_run, vocab, model):  # noqa: F811
     """Each process runs half of every iteration's rollouts and evaluations and supplies half
-    of every minibatch; their run ends where one process's does, and only process 0 writes."""
+    of every minibatch; their run ends where one process's does, and only process 0 writes.
+    From a tiny-model run, and from a Hugging Face checkpoint folder itself."""
     start, start_params = start_run
+    if model == "hf":
+        start = os.path.join(ROOT, "tests", "fixtures", "hf", "tiny-qwen3")
+        start_params, vocab = load_hf(start)[2], HFVocab(start)
+    max_len = ["--max_len=512"] if model == "hf" else []  # The run's own otherwise.
     pool = tmp_path / "pool.json"
     pool.write_text(json.dumps({"tasks": [["tiny_shop", 0], ["tiny_shop_two", 1]]}))
     args = [
@@ -219,12 +227,16 @@ def test_two_processes_run_rl_as_one(tmp_path, start_run, vocab):  # noqa: F811
         "--slots=3",
         "--servers_per_scenario=1",
         "--eval_split=",
+        *max_len,
     ]
     one, two = tmp_path / "one", tmp_path / "two"
     codes = _run_all(_two_and_one(args, one, two), tmp_path, "experiments.rl")
     for name, code in codes.items():
         assert code == 0, f"{name}: {(tmp_path / f'{name}.err').read_text()[-3000:]}"
 
+    if model == "hf":  # --max_len set the context of a run started from a checkpoint folder.
+        with open(RunDir(two).file(RunDir.CONFIG)) as f:
+            assert json.load(f)["data"]["max_len"] == 512
     here = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # Not the runs' devices.
     *_, want, want_step = load_run(one, sharding=here)
     *_, got, got_step = load_run(two, sharding=here)

@@ -156,7 +156,7 @@ class RecordingPolicy:
                 f"{request.scenario} task {request.task_idx}: the task and tool list take "
                 f"{len(prefix)} tokens; with the call marker they do not fit a prompt of "
                 f"{self.trace.max_len - self.max_new} (max_len minus max_new_tokens); raise "
-                "max_len (experiments.train and experiments.evaluate: --max_len)"
+                "max_len (--max_len of experiments.train, evaluate and rl)"
             )
         self.marker_len = len(marker)
         self.records: list[dict[str, Any]] = []

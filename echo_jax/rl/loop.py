@@ -104,17 +104,20 @@ def lam_at(rl: RLConfig, lam: float, iteration: int) -> float:
 
 def start_run(
     workdir: str, start: str | None, cfg: Config | None, rl: RLConfig, dp: DataParallel,
-    resume: bool = False,
+    resume: bool = False, max_len: int | None = None,
 ) -> tuple[Config, Vocab, nnx.GraphDef, Any, RunDir]:  # fmt: skip
     """Claims the workdir (with `resume`, one of the same run may be there); the model and
-    vocabulary come from `start` (a training run's workdir; its parameters restored replicated
-    over dp's devices) or, with start=None, from `cfg` and a vocabulary built from its data."""
+    vocabulary come from `start` (a training run's workdir or a checkpoint folder; its
+    parameters restored replicated over dp's devices) or, with start=None, from `cfg` and a
+    vocabulary built from its data. `max_len`, if given, replaces the start's."""
     if start:
         start_cfg, vocab, graphdef, params, _ = load_run(start, sharding=dp.replicated)
         cfg = dataclasses.replace(start_cfg, loss=cfg.loss) if cfg else start_cfg
-    else:
-        if cfg is None:
-            raise ValueError("from scratch (no start checkpoint) needs a Config")
+    elif cfg is None:
+        raise ValueError("from scratch (no start checkpoint) needs a Config")
+    if max_len is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_len=max_len))
+    if not start:
         from echo_jax.data.dataset import load_packed
 
         _, vocab = load_packed(cfg.data)
@@ -140,6 +143,7 @@ def run_rl(
     scenarios: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
     resume: bool = False,
+    max_len: int | None = None,
 ) -> dict[str, Any]:
     """The whole on-policy run; returns its summary (also in WORKDIR/summary.json).
 
@@ -147,6 +151,7 @@ def run_rl(
             `cfg`, if given, supplies the loss), or None to start from scratch with `cfg`.
     resume  continue the run in `workdir` from its last finished iteration, if any
             (`echo_jax.rl.resume`): the same settings, samples and updates as uninterrupted.
+    max_len tokens per row and cache row, in place of the start's (long tool lists).
 
     Several processes (after `distributed.initialize`) each call it alike, with one workdir;
     only process 0 logs and writes files.
@@ -163,7 +168,7 @@ def run_rl(
         with open(os.path.join(workdir, SUMMARY)) as f:
             log(f"{workdir} is finished; nothing to resume")
             return json.load(f)
-    cfg, vocab, graphdef, params, run = start_run(workdir, start, cfg, rl, dp, resume)
+    cfg, vocab, graphdef, params, run = start_run(workdir, start, cfg, rl, dp, resume, max_len)
     loaded = load_worlds(worlds, scenarios)
     tx = make_optimizer(cfg.train, schedule=optax.constant_schedule(rl.learning_rate))
     state = distributed.replicate(init_state(params, tx), dp.replicated)
