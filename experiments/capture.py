@@ -20,6 +20,7 @@ from echo_jax.awm.harness import HarnessConfig
 from echo_jax.awm.replay import check_corpus
 from echo_jax.awm.world_format import WorldFormatError, load_worlds
 from echo_jax.data import corpus
+from echo_jax.util import stop_signals
 
 _WORLDS = flags.DEFINE_string("worlds", None, "AWM-format world folder.", required=True)
 _EPISODES = flags.DEFINE_integer("episodes_per_task", 1, "Episodes per (scenario, task).")
@@ -47,6 +48,7 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", _A.max_new_tokens, "Agent toke
 
 
 def main(argv: list[str]) -> None:
+    stop_signals.stop_on_signals()  # SIGTERM cleans up as Ctrl-C does.
     try:
         sandbox.require_sandbox("world code")  # Before any work: bubblewrap, or the opt-in.
         _main(argv)

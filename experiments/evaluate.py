@@ -18,6 +18,7 @@ from echo_jax import config as C
 from echo_jax import config_flags
 from echo_jax.agent.closed_loop import evaluate_checkpoint
 from echo_jax.config_flags import define_flags, from_flags
+from echo_jax.util import stop_signals
 
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", None, "Training run workdir, or a Hugging Face checkpoint folder.", required=True
@@ -43,6 +44,7 @@ _JAX_CACHE = config_flags.define_jax_cache_flag()
 
 
 def main(argv: list[str]) -> None:
+    stop_signals.stop_on_signals()  # SIGTERM cleans up as Ctrl-C does.
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)

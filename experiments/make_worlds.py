@@ -8,6 +8,7 @@ import time
 from absl import app, flags, logging
 
 from echo_jax.awm.worldgen import DOMAINS, write_world
+from echo_jax.util import stop_signals
 
 _OUT = flags.DEFINE_string("out", "data/awm_worlds", "World folder to (re)write atomically.")
 _SEED = flags.DEFINE_integer("seed", 0, "Root seed; the same seed gives byte-identical files.")
@@ -15,6 +16,7 @@ _PER_DOMAIN = flags.DEFINE_integer("scenarios_per_domain", 12, "Scenarios per do
 
 
 def main(argv: list[str]) -> None:
+    stop_signals.stop_on_signals()  # SIGTERM cleans up as Ctrl-C does.
     del argv
     start = time.perf_counter()
     out = write_world(_OUT.value, seed=_SEED.value, scenarios_per_domain=_PER_DOMAIN.value)

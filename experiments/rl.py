@@ -34,6 +34,7 @@ from echo_jax.rl.difficulty import write_task_difficulty
 from echo_jax.rl.loop import run_rl
 from echo_jax.train import distributed
 from echo_jax.train.run_dir import RunDir, RunDirError
+from echo_jax.util import stop_signals
 from experiments import launch  # --coordinator_address, --num_processes, --process_id
 
 LOSS_FLAGS = define_flags(  # One flag per LossConfig field, as in experiments.train.
@@ -131,6 +132,7 @@ def probe(rl: C.RLConfig) -> None:
 
 
 def main(argv: list[str]) -> None:
+    stop_signals.stop_on_signals()  # SIGTERM cleans up as Ctrl-C does.
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)

@@ -29,6 +29,7 @@ from absl import app, flags, logging
 from echo_jax import config as C
 from echo_jax.reports import rl_markdown, rl_report, rl_sweep
 from echo_jax.rl.pool import make_pool
+from echo_jax.util import stop_signals
 from echo_jax.util.atomic import atomic_write_text
 from experiments import rl as rl_cli  # Defines the per-run flags, forwarded to every run.
 
@@ -138,6 +139,7 @@ def setup_text(pool: dict, lam_rule: dict | None) -> str:
 
 
 def main(argv: list[str]) -> None:
+    stop_signals.stop_on_signals()  # SIGTERM cleans up as Ctrl-C does.
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)

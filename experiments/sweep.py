@@ -30,6 +30,7 @@ from echo_jax.data.episodes import EpisodeError
 from echo_jax.objective.objectives import OBJECTIVES
 from echo_jax.reports import ablation_report, results, sweep
 from echo_jax.train.run_dir import RunDirError
+from echo_jax.util import stop_signals
 from experiments import train as train_cli  # Defines the shared training flags.
 
 # Sized for 2 CPU cores (docs/results.md, "Sizing the default sweep").
@@ -123,6 +124,7 @@ def write_page(out: str, rows: list[dict], command: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    stop_signals.stop_on_signals()  # SIGTERM cleans up as Ctrl-C does.
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)

@@ -19,6 +19,7 @@ from echo_jax import config_flags
 from echo_jax.data.episodes import EpisodeError
 from echo_jax.train.run_dir import RunDirError
 from echo_jax.train.trainer import TrainingDiverged, run_experiment
+from echo_jax.util import stop_signals
 from experiments import launch  # --coordinator_address, --num_processes, --process_id
 
 # One flag per field of every Config section, its help the field's comment (--help lists them):
@@ -37,6 +38,7 @@ def config_from_flags() -> C.Config:
 
 
 def main(argv: list[str]) -> None:
+    stop_signals.stop_on_signals()  # SIGTERM cleans up as Ctrl-C does.
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO.

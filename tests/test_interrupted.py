@@ -1,11 +1,15 @@
-"""Interrupted and failing runs: SIGKILL mid-training then --resume; a diverging run."""
+"""Interrupted and failing runs: SIGKILL mid-training then --resume; SIGTERM to an RL run and
+to a sweep; a diverging run."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import chex
 import jax
@@ -23,6 +27,8 @@ from echo_jax.train.trainer import (
     make_optimizer,
     run_experiment,
 )
+from echo_jax.util.stop_signals import STOPPED_BY_SIGTERM
+from tests.test_agent import WORLDS
 from tests.test_data import small_episode, write_jsonl
 from tests.test_train import TINY_MODEL, assert_same_metrics
 
@@ -157,3 +163,110 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(
     state, _ = run.restore(template, 4)
     assert int(state.step) == 4
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+
+def _wait_for(predicate, process, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert process.poll() is None, f"exited early with {process.returncode}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Processes whose command line holds `text` (a sandbox's bwrap names its world folder)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:  # Gone meanwhile.
+            pass
+    return found
+
+
+def _stop(process, signum: int, timeout_s: float = 60) -> int:
+    """Sends `signum`, returns the exit status; a process that outlives timeout_s is killed."""
+    try:
+        process.send_signal(signum)
+        return process.wait(timeout=timeout_s)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def test_sigterm_stops_an_rl_run_with_its_world_servers(tmp_path, request):
+    """A preempted run (SIGTERM) stops as Ctrl-C stops it: every sandboxed server is gone and
+    its folder removed. Python's default would end the host at once and leave them."""
+    tmp = Path(tempfile.mkdtemp(prefix="sigterm_"))  # The run's TMPDIR, for its servers'
+    request.addfinalizer(lambda: shutil.rmtree(tmp))  # folders; short: sockets live there.
+    pool = tmp_path / "pool.json"
+    pool.write_text(json.dumps({"tasks": [["tiny_shop", 0], ["tiny_shop_two", 1]]}))
+    start = os.path.join(ROOT, "tests", "fixtures", "hf", "tiny-qwen3")
+    args = [f"--start={start}", "--max_len=512", f"--worlds={WORLDS}", "--corpus=",
+            f"--pool_file={pool}", "--objective=echo", "--lam=0.5", "--iterations=50",
+            "--group_size=2", "--max_new_tokens=12", "--max_steps=1", "--epochs=1",
+            "--minibatch_size=2", "--slots=3", "--servers_per_scenario=1", "--eval_split=",
+            f"--workdir={tmp_path / 'w'}"]  # fmt: skip
+    with open(tmp_path / "rl.log", "w") as log:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "experiments.rl", *args],
+            cwd=ROOT,
+            env=dict(os.environ, JAX_PLATFORMS="cpu", TMPDIR=str(tmp)),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    _wait_for(lambda: _processes_naming(f"{tmp}/awm_tiny_shop_two_"), run)  # Sandboxes up.
+    code = _stop(run, signal.SIGTERM)
+    assert code == STOPPED_BY_SIGTERM, (tmp_path / "rl.log").read_text()[-3000:]
+    assert sorted(os.listdir(tmp)) == []
+    assert _processes_naming(str(tmp)) == []
+
+
+_CHILD = """
+import os, pathlib, signal, sys, time
+folder = pathlib.Path(sys.argv[1])
+signal.signal(signal.SIGTERM, lambda *_: ((folder / "stopped").touch(), sys.exit(0)))
+(folder / "pid").write_text(str(os.getpid()))
+time.sleep(120)
+"""
+
+_SWEEP = """
+import os, sys
+from echo_jax.reports import rl_sweep
+from echo_jax.util import stop_signals
+stop_signals.stop_on_signals()
+folder, child = sys.argv[1], sys.argv[2]
+runs = []
+for seed in (0, 1):
+    out = os.path.join(folder, f"run{seed}")
+    os.mkdir(out)
+    argv = ("python", "-c", child, out)
+    runs.append(rl_sweep.RLRunSpec(rl_sweep.RLArm("grpo"), seed, os.path.join(out, "w"), argv))
+rl_sweep.run_all(runs, os.path.join(folder, "results"), log=lambda _: None)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_a_stopped_sweep_stops_its_running_run(tmp_path, signum):
+    """The sweep passes its stop to the run it is waiting on, and starts no other; killed
+    outright, it still leaves no run going on alone (the run's parent-death signal)."""
+    sweep = subprocess.Popen(
+        [sys.executable, "-c", _SWEEP, str(tmp_path), _CHILD],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        start_new_session=True,
+    )
+    _wait_for(lambda: (tmp_path / "run0" / "pid").exists(), sweep, timeout_s=60)
+    child = int((tmp_path / "run0" / "pid").read_text())
+    code = _stop(sweep, signum)
+    assert code == (STOPPED_BY_SIGTERM if signum == signal.SIGTERM else -signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{child}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{child}")
+    assert (tmp_path / "run0" / "stopped").exists()  # By its SIGTERM, not killed.
+    assert not (tmp_path / "run1" / "pid").exists()

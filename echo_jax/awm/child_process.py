@@ -33,12 +33,13 @@ def _libc() -> ctypes.CDLL | None:
     return None if name is None else ctypes.CDLL(name, use_errno=True)
 
 
-def parent_death_hook() -> Callable[[], None]:
-    """Return a preexec hook asking Linux to SIGKILL the child when its parent thread dies."""
+def parent_death_hook(signum: int = signal.SIGKILL) -> Callable[[], None]:
+    """Return a preexec hook asking Linux to send the child `signum` when its parent thread
+    dies."""
     libc = _libc()
     if libc is None:
         return lambda: None
-    return lambda: libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    return lambda: libc.prctl(_PR_SET_PDEATHSIG, signum)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from echo_jax.awm.child_process import parent_death_hook
 from echo_jax.objective.objectives import objective_spec
 from echo_jax.reports.rl_report import RUN_FILES
 from echo_jax.rl.loop import SUMMARY
@@ -140,15 +142,21 @@ def run_all(
     log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Runs every unfinished spec and exports each finished one into results_dir/<run>;
-    returns {name, returncode, wall_s} per run attempted."""
+    returns {name, returncode, wall_s} per run attempted.
+
+    Stopped (SIGTERM or Ctrl-C with `stop_signals`, or any error), it stops its running
+    children the same way and waits for their cleanup, so no run goes on without it; a child
+    also gets SIGTERM if the sweep is killed outright."""
     lock = threading.Lock()
     unlocked = log
+    running: set[subprocess.Popen] = set()
+    stopping = threading.Event()
 
     def log(message: str) -> None:  # One whole line at a time from the runner threads.
         with lock:
             unlocked(message)
 
-    def one(spec: RLRunSpec) -> dict:
+    def one(spec: RLRunSpec) -> dict | None:
         dest = os.path.join(results_dir, spec.name)
         if os.path.exists(os.path.join(spec.workdir, SUMMARY)):
             export_run(spec.workdir, dest)
@@ -157,19 +165,36 @@ def run_all(
         if os.path.isdir(spec.workdir):
             log(f"{spec.name}: interrupted earlier; resuming")
         os.makedirs(os.path.dirname(spec.workdir) or ".", exist_ok=True)
-        log(f"{spec.name}: {spec.command}")
         t0 = time.perf_counter()
         argv = [sys.executable, *spec.argv[1:]]
         with open(f"{spec.workdir}.log", "a") as out:  # A resumed run's log goes on.
-            code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT).returncode
+            with lock:  # Either the stop sees this child, or this child is never started.
+                if stopping.is_set():
+                    return None
+                child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                         preexec_fn=parent_death_hook(signal.SIGTERM))  # fmt: skip
+                running.add(child)
+                unlocked(f"{spec.name}: {spec.command}")
+            code = child.wait()
+            with lock:
+                running.discard(child)
         wall = time.perf_counter() - t0
         if code == 0:
             export_run(spec.workdir, dest)
         log(f"{spec.name}: exit {code} after {wall:.0f}s (log {spec.workdir}.log)")
         return {"name": spec.name, "returncode": code, "wall_s": wall, "skipped": False}
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
+    pool = ThreadPoolExecutor(max_workers=parallel)
+    try:
         return list(pool.map(one, run_specs))
+    except BaseException:
+        with lock:
+            stopping.set()
+            for child in running:
+                child.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def lam_by_rule(calibration_workdirs: Sequence[str]) -> dict:
