@@ -76,7 +76,7 @@ def _lines(success, zero_first, heldout_ce):
         lines.append({"iteration": i, "env_steps": 50 * i, "rollouts": 10, "success_rate": s,
                       "env_ce_fresh": heldout_ce, "logp_gap_mean": 1e-7, "all_fail_groups": 0.5,
                       "all_success_groups": 0.0, "grad_norm_pg": 0.1, "grad_norm_env": 0.2,
-                      "grad_cos": 0.0,
+                      "grad_cos": 0.0, "format_error_share": 0.1 * i,
                       "task_successes": {"a/0": int(i >= zero_first), "a/1": 1}})  # fmt: skip
     lines[-1] |= {"heldout_pass@1": 0.5, "tf_heldout_tasks/env_ce": heldout_ce}
     return lines
@@ -130,6 +130,8 @@ def test_run_endpoints_censor_and_read_the_zero_tasks():
     assert e["rollouts_to_half"] == pytest.approx(30 + 10)  # Never: one iteration past.
     assert e["first_success_zero"] == 4 and e["zero_tasks_solved"] == 0.0
     assert np.isclose(e["heldout_env_ce_start"], 2.0) and e["heldout_env_ce_end"] == 1.0
+    five = {"lines": _lines([0.1] * 5, zero_first=9, heldout_ce=1.0), "pool": run["pool"]}
+    assert rl_report.run_endpoints(five, 5)["format_error_last"] == pytest.approx(0.4)  # .3-.5
 
 
 def test_arms_parse_with_the_rules_lambda_and_flags():

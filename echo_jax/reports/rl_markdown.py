@@ -15,6 +15,7 @@ import numpy as np
 from echo_jax.reports import results, rl_stats
 from echo_jax.reports.rl_report import (
     DESCRIBE,
+    LAST,
     MARKDOWN_NAME,
     REGIMES,
     SECONDARY,
@@ -117,9 +118,10 @@ def grid_markdown(s: dict[str, Any], grid: dict[str, Any], plot: str) -> list[st
         "",
         "### How the terms pull, and how much signal the groups carry",
         "",
-        "| arm | all-fail groups | all-success groups | \\|∇L_pg\\| | \\|∇(λ·L_env)\\| | "
-        "cos(∇L_pg, ∇L_env) | max logp_gap_mean |",
-        "|---|---|---|---|---|---|---|",
+        f"| arm | all-fail groups | all-success groups | steps that were format errors, last "
+        f"{LAST} iterations | \\|∇L_pg\\| | \\|∇(λ·L_env)\\| | cos(∇L_pg, ∇L_env) | "
+        "max logp_gap_mean |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for a in arms.values():
         e = a["endpoints"]

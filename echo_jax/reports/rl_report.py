@@ -51,7 +51,14 @@ WORLD = (
     ("heldout_env_ce_end", "held-out tasks env CE, end", False),
     ("heldout_scenarios_env_ce_end", "held-out scenarios env CE, end", False),
 )
-DESCRIBE = ("all_fail_share", "all_success_share", "grad_norm_pg", "grad_norm_env", "grad_cos")
+DESCRIBE = (
+    "all_fail_share",
+    "all_success_share",
+    "format_error_last",
+    "grad_norm_pg",
+    "grad_norm_env",
+    "grad_cos",
+)
 
 
 def read_grid(folder: str) -> dict[str, Any]:
@@ -109,6 +116,7 @@ def run_endpoints(run: dict[str, Any], n: int) -> dict[str, float | None]:
         "heldout_action_ce_end": _at(run["lines"], n, "tf_heldout_tasks/action_ce"),
         "all_fail_share": _mean(m.get("all_fail_groups") for m in its),
         "all_success_share": _mean(m.get("all_success_groups") for m in its),
+        "format_error_last": _mean(m.get("format_error_share") for m in its[-LAST:]),
         "grad_norm_pg": _mean(m.get("grad_norm_pg") for m in its),
         "grad_norm_env": _mean(m.get("grad_norm_env") for m in its),
         "grad_cos": _mean(m.get("grad_cos") for m in its),
