@@ -76,9 +76,13 @@ def _lines(success, zero_first, heldout_ce):
         lines.append({"iteration": i, "env_steps": 50 * i, "rollouts": 10, "success_rate": s,
                       "env_ce_fresh": heldout_ce, "logp_gap_mean": 1e-7, "all_fail_groups": 0.5,
                       "all_success_groups": 0.0, "grad_norm_pg": 0.1, "grad_norm_env": 0.2,
-                      "grad_cos": 0.0, "format_error_share": 0.1 * i,
+                      "grad_cos": 0.0, "format_error_share": 0.1 * i, "action_ce_fresh": 1.0 + i,
                       "task_successes": {"a/0": int(i >= zero_first), "a/1": 1}})  # fmt: skip
-    lines[-1] |= {"heldout_pass@1": 0.5, "tf_heldout_tasks/env_ce": heldout_ce}
+    lines[-1] |= {
+        "heldout_pass@1": 0.5,
+        "tf_heldout_tasks/env_ce": heldout_ce,
+        "tf_heldout_tasks/action_ce": heldout_ce / 2,
+    }
     return lines
 
 
@@ -110,6 +114,8 @@ def test_report_from_made_up_runs_and_byte_for_byte_again(tmp_path):
     assert echo["secondary_vs_grpo"]["rollouts_to_half"]["mean_diff"] == pytest.approx(-10.0)
     world = echo["world_model_vs_grpo"]["heldout_env_ce_end"]
     assert world["mean_diff"] == pytest.approx(-0.2) and world["verdict"] == "helps"
+    action = echo["world_model_vs_grpo"]["heldout_action_ce_end"]
+    assert action["mean_diff"] == pytest.approx(-0.1)  # 0.8 / 2 - 1.0 / 2
     text = (out / "RL.md").read_text()
     assert text.startswith("# ECHO against GRPO") and "echo λ=0.1: helps" in text.splitlines()[2]
     # A copy of the committed files elsewhere (a fresh clone) gives the same bytes.
@@ -131,7 +137,9 @@ def test_run_endpoints_censor_and_read_the_zero_tasks():
     assert e["first_success_zero"] == 4 and e["zero_tasks_solved"] == 0.0
     assert np.isclose(e["heldout_env_ce_start"], 2.0) and e["heldout_env_ce_end"] == 1.0
     five = {"lines": _lines([0.1] * 5, zero_first=9, heldout_ce=1.0), "pool": run["pool"]}
-    assert rl_report.run_endpoints(five, 5)["format_error_last"] == pytest.approx(0.4)  # .3-.5
+    last = rl_report.run_endpoints(five, 5)
+    assert last["format_error_last"] == pytest.approx(0.4)  # (0.3 + 0.4 + 0.5) / 3
+    assert last["action_ce_fresh_last"] == pytest.approx(5.0)  # (4 + 5 + 6) / 3
 
 
 def test_arms_parse_with_the_rules_lambda_and_flags():

@@ -116,12 +116,12 @@ def grid_markdown(s: dict[str, Any], grid: dict[str, Any], plot: str) -> list[st
                 )
     lines += [
         "",
-        "### How the terms pull, and how much signal the groups carry",
+        "### How the terms pull, how much signal the groups carry, and how the calls fail",
         "",
         f"| arm | all-fail groups | all-success groups | steps that were format errors, last "
-        f"{LAST} iterations | \\|∇L_pg\\| | \\|∇(λ·L_env)\\| | cos(∇L_pg, ∇L_env) | "
-        "max logp_gap_mean |",
-        "|---|---|---|---|---|---|---|---|",
+        f"{LAST} iterations | action CE of its own calls, last {LAST} iterations | "
+        "\\|∇L_pg\\| | \\|∇(λ·L_env)\\| | cos(∇L_pg, ∇L_env) | max logp_gap_mean |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for a in arms.values():
         e = a["endpoints"]

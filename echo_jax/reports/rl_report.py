@@ -50,11 +50,13 @@ WORLD = (
     ("env_ce_fresh_last", f"env CE of fresh rollouts, last {LAST} iterations", False),
     ("heldout_env_ce_end", "held-out tasks env CE, end", False),
     ("heldout_scenarios_env_ce_end", "held-out scenarios env CE, end", False),
+    ("heldout_action_ce_end", "held-out tasks action CE, end (what it cost the policy)", False),
 )
 DESCRIBE = (
     "all_fail_share",
     "all_success_share",
     "format_error_last",
+    "action_ce_fresh_last",
     "grad_norm_pg",
     "grad_norm_env",
     "grad_cos",
@@ -108,6 +110,7 @@ def run_endpoints(run: dict[str, Any], n: int) -> dict[str, float | None]:
             rollouts[int(half) - 1] if half <= n else rollouts[-1] + rollouts[-1] / n
         ),
         "env_ce_fresh_last": _mean(m.get("env_ce_fresh") for m in its[-LAST:]),
+        "action_ce_fresh_last": _mean(m.get("action_ce_fresh") for m in its[-LAST:]),
         "heldout_pass_start": _at(run["lines"], 0, "heldout_pass@1"),
         "heldout_pass_end": _at(run["lines"], n, "heldout_pass@1"),
         "heldout_env_ce_start": _at(run["lines"], 0, "tf_heldout_tasks/env_ce"),
